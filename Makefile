@@ -1,0 +1,44 @@
+# Two commands on a fresh machine: `make run` and `make test`. Only python3.11, pip and make needed.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint typecheck bench install system-test-deps clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/weft serve --embedded
+
+# Packages some tests need (nginx, openssh-server, prometheus): installed only as root with apt (CI);
+# elsewhere those tests skip and name the package.
+system-test-deps:
+	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+		missing=""; for p in nginx openssh-server; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+		if [ -n "$$missing" ]; then (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+			|| echo "warning: could not install$$missing; dependent tests will skip"; fi; \
+	fi
+
+lint: install
+	$(BIN)/ruff check weft projections tests bench
+
+typecheck: install
+	$(BIN)/mypy weft projections
+
+test: install system-test-deps lint typecheck
+	$(BIN)/pytest -q
+
+bench: install
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .weft-data .pytest_cache .mypy_cache .ruff_cache

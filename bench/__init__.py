@@ -1,0 +1,12 @@
+"""`make bench`: weft's performance numbers against a fresh embedded nats-server, as one table.
+
+Run as `python -m bench`. Knobs (environment):
+  WEFT_BENCH_EVENTS            events in the restart row's stream (default 1,000,000; ~5 per work item)
+  WEFT_BENCH_SKIP_NO_SNAPSHOT  1: skip the full-rebuild timing of the restart row
+  WEFT_BENCH_RAW_MSGS          messages for the raw publish/replay rows (default 50,000)
+  WEFT_BENCH_REBUILD_ITEMS     work items for the projection-rebuild row (default 10,000 = 50k events)
+  WEFT_BENCH_REST_REQUESTS     POST /api/work requests for the REST row (default 5,000)
+  WEFT_BENCH_REST_CONCURRENCY  concurrent HTTP workers (default 64)
+  WEFT_BENCH_LOAD_SYNC         lazy (default) | always: fsync policy while bulk-loading the 1M stream
+  WEFT_BENCH_PROFILE           1: cProfile the rebuild and restart rows, print the top functions
+"""

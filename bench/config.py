@@ -1,0 +1,43 @@
+"""Bench knobs, read once from the environment (see the package docstring)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip().replace("_", "")
+    return int(raw) if raw else default
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    restart_events: int
+    skip_no_snapshot: bool
+    raw_msgs: int
+    awaited_msgs: int
+    rebuild_items: int
+    rest_requests: int
+    rest_concurrency: int
+    load_sync_always: bool
+    profile: bool
+    no_snapshot_limit_s: float = 120.0
+
+    @classmethod
+    def from_env(cls) -> BenchConfig:
+        return cls(
+            restart_events=max(10, _int("WEFT_BENCH_EVENTS", 1_000_000)),
+            skip_no_snapshot=_flag("WEFT_BENCH_SKIP_NO_SNAPSHOT"),
+            raw_msgs=max(100, _int("WEFT_BENCH_RAW_MSGS", 50_000)),
+            awaited_msgs=max(10, _int("WEFT_BENCH_AWAITED_MSGS", 2_000)),
+            rebuild_items=max(10, _int("WEFT_BENCH_REBUILD_ITEMS", 10_000)),
+            rest_requests=max(10, _int("WEFT_BENCH_REST_REQUESTS", 5_000)),
+            rest_concurrency=max(1, _int("WEFT_BENCH_REST_CONCURRENCY", 64)),
+            load_sync_always=os.environ.get("WEFT_BENCH_LOAD_SYNC", "lazy").strip().lower() == "always",
+            profile=_flag("WEFT_BENCH_PROFILE"),
+        )

@@ -1,0 +1,116 @@
+"""Raw JetStream floors: pipelined and awaited publish, ordered-consumer replay (no weft code)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext, api
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+@dataclass
+class Timed:
+    count: int
+    seconds: float
+    errors: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds if self.seconds > 0 else 0.0
+
+
+async def publish_pipelined(
+    js: JetStreamContext,
+    messages: Iterable[tuple[str, bytes, dict[str, str] | None]],
+    *,
+    time_limit_s: float,
+) -> Timed:
+    """publish_async every message, then publish_async_completed; failed acks are counted."""
+    errors = 0
+    first_error: list[BaseException] = []
+
+    def on_done(fut: asyncio.Future[api.PubAck]) -> None:
+        nonlocal errors
+        if fut.cancelled():
+            errors += 1
+        elif (exc := fut.exception()) is not None:
+            errors += 1
+            if not first_error:
+                first_error.append(exc)
+
+    count = 0
+    start = time.perf_counter()
+    deadline = start + time_limit_s
+    for subject, payload, headers in messages:
+        fut = await js.publish_async(subject, payload, wait_stall=30.0, headers=headers)
+        fut.add_done_callback(on_done)
+        count += 1
+        if not count & 0x3FF and time.perf_counter() > deadline:
+            raise BenchError(f"publishing took longer than {time_limit_s:.0f}s (after {count} messages)")
+    remaining = max(1.0, deadline - time.perf_counter())
+    try:
+        await asyncio.wait_for(js.publish_async_completed(), remaining)
+    except TimeoutError:
+        raise BenchError(f"acks still pending after {time_limit_s:.0f}s") from None
+    elapsed = time.perf_counter() - start
+    if errors and errors == count:
+        raise BenchError(f"every publish failed: {first_error[0]!r}")
+    return Timed(count, elapsed, errors)
+
+
+async def publish_awaited(js: JetStreamContext, subject: str, payload: bytes, n: int) -> Timed:
+    start = time.perf_counter()
+    for _ in range(n):
+        await js.publish(subject, payload, timeout=10.0)
+    return Timed(n, time.perf_counter() - start)
+
+
+async def replay_ordered(
+    js: JetStreamContext, stream: str, subject: str, n: int, *, time_limit_s: float
+) -> Timed:
+    """Read the first n messages of `stream` with one ordered push consumer."""
+    start = time.perf_counter()
+    sub = await js.subscribe(
+        subject,
+        stream=stream,
+        ordered_consumer=True,
+        config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL),
+        pending_msgs_limit=1_000_000,
+        pending_bytes_limit=512 * 1024 * 1024,
+    )
+    count = 0
+    nbytes = 0
+    try:
+        async with asyncio.timeout(time_limit_s):
+            async for msg in sub.messages:
+                nbytes += len(msg.data)
+                count += 1
+                if count >= n:
+                    break
+    except TimeoutError:
+        raise BenchError(f"replay read {count}/{n} messages in {time_limit_s:.0f}s") from None
+    finally:
+        await sub.unsubscribe()
+    return Timed(count, time.perf_counter() - start)
+
+
+async def fresh_stream(js: JetStreamContext, name: str, subjects: list[str]) -> None:
+    try:
+        await js.delete_stream(name)
+    except Exception:
+        pass
+    await js.add_stream(
+        api.StreamConfig(
+            name=name,
+            subjects=subjects,
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            num_replicas=1,
+        )
+    )

@@ -1,0 +1,316 @@
+"""Projection rebuild and restart-to-ready: weft's own read path (EventStore tail -> Replica fold)."""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.client import Client as NATS
+
+from bench import eventgen
+from bench.raw import BenchError, Timed, publish_pipelined, replay_ordered
+from bench.server import connect
+from projections import ProjectState, apply
+from weft.events import decode, stream_name
+from weft.eventstore import EventStore
+from weft.replica import ProjectView, Replica
+
+
+class TimedStore(EventStore):
+    """EventStore that records snapshot sizes and fetch times (and can pretend there is none)."""
+
+    def __init__(self, *args: Any, ignore_snapshots: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ignore_snapshots = ignore_snapshots
+        self.snapshot_fetch_s = 0.0
+        self.snapshot_bytes = 0
+        self.saved_bytes = 0
+        self.save_s = 0.0
+
+    async def load_snapshot(self, project: str) -> bytes | None:
+        if self.ignore_snapshots:
+            return None
+        t = time.perf_counter()
+        raw = await super().load_snapshot(project)
+        self.snapshot_fetch_s += time.perf_counter() - t
+        self.snapshot_bytes = len(raw or b"")
+        return raw
+
+    async def save_snapshot(self, project: str, payload: bytes) -> None:
+        t = time.perf_counter()
+        await super().save_snapshot(project, payload)
+        self.save_s += time.perf_counter() - t
+        self.saved_bytes = len(payload)
+
+
+class TimedReplica(Replica):
+    def __init__(self, store: EventStore, **kwargs: Any) -> None:
+        super().__init__(store, **kwargs)
+        self.snapshot_load_s = 0.0  # fetch + decode
+
+    async def _load_snapshot(self, project: str) -> ProjectState | None:
+        t = time.perf_counter()
+        state = await super()._load_snapshot(project)
+        self.snapshot_load_s += time.perf_counter() - t
+        return state
+
+
+@dataclass
+class Ready:
+    seconds: float
+    connect_s: float
+    attach_s: float  # connect + start() (snapshot fetch/decode, consumer created)
+    snapshot_load_s: float
+    snapshot_fetch_s: float
+    snapshot_bytes: int
+    state: ProjectState
+    replica: TimedReplica
+    nc: NATS
+    store: TimedStore
+    profile: str = ""
+
+
+async def replica_to_ready(
+    url: str,
+    project: str,
+    *,
+    timeout_s: float,
+    ignore_snapshots: bool = False,
+    profile: bool = False,
+) -> Ready:
+    """Time a brand-new replica (new connection) from nothing until `wait_ready`. Caller closes nc."""
+    prof = cProfile.Profile() if profile else None
+    if prof:
+        prof.enable()
+    t0 = time.perf_counter()
+    nc = await connect(url)
+    t_conn = time.perf_counter()
+    store = TimedStore(nc.jetstream(), ignore_snapshots=ignore_snapshots)
+    replica = TimedReplica(store, snapshot_every=0)
+    try:
+        await replica.start()
+        t_attach = time.perf_counter()
+        await replica.wait_ready(timeout=timeout_s)
+    except TimeoutError:
+        if prof:
+            prof.disable()
+        await replica.stop()
+        await nc.close()
+        raise BenchError(f"replica not ready within {timeout_s:.0f}s") from None
+    except BaseException:
+        if prof:
+            prof.disable()
+        await replica.stop()
+        await nc.close()
+        raise
+    t1 = time.perf_counter()
+    if prof:
+        prof.disable()
+    return Ready(
+        seconds=t1 - t0,
+        connect_s=t_conn - t0,
+        attach_s=t_attach - t0,
+        snapshot_load_s=replica.snapshot_load_s,
+        snapshot_fetch_s=store.snapshot_fetch_s,
+        snapshot_bytes=store.snapshot_bytes,
+        state=replica.views[project].state,
+        replica=replica,
+        nc=nc,
+        store=store,
+        profile=profile_text(prof) if prof else "",
+    )
+
+
+async def close_ready(r: Ready) -> None:
+    await r.replica.stop()
+    await r.nc.close()
+
+
+def profile_text(prof: cProfile.Profile, top: int = 22) -> str:
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def in_process_fold(raws: list[bytes]) -> Timed:
+    """decode + apply without NATS: the part of a rebuild that is weft's own code."""
+    state = ProjectState(project="inproc")
+    t = time.perf_counter()
+    for seq, raw in enumerate(raws, 1):
+        apply(state, decode(raw, seq))
+    return Timed(len(raws), time.perf_counter() - t)
+
+
+# --- row 3: projection rebuild ------------------------------------------------------------------
+
+
+@dataclass
+class RebuildResult:
+    events: int
+    publish: Timed
+    raw_replay: Timed  # ordered consumer over the same weft stream (headers and all), no decode
+    inproc: Timed
+    rebuild: Ready | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def bench_rebuild(url: str, project: str, items: int, *, profile: bool) -> RebuildResult:
+    nc = await connect(url)
+    try:
+        js = nc.jetstream()
+        store = EventStore(js)
+        await store.ensure_stream(project)
+        raws: list[bytes] = []
+
+        def keep(msgs: Any) -> Any:
+            for m in msgs:
+                raws.append(m[1])
+                yield m
+
+        total = eventgen.total_events(items)
+        pub = await publish_pipelined(
+            js, keep(eventgen.messages(eventgen.generate(project, items))), time_limit_s=180
+        )
+        if pub.errors:
+            raise BenchError(f"{pub.errors} of {total} weft events were rejected")
+        last = await store.last_seq(project)
+        if last != total:
+            raise BenchError(f"stream holds {last} events, expected {total}")
+        raw = await replay_ordered(js, stream_name(project), f"weft.{project}.ev.>", total, time_limit_s=120)
+    finally:
+        await nc.close()
+    inproc = in_process_fold(raws)
+    res = RebuildResult(events=total, publish=pub, raw_replay=raw, inproc=inproc)
+    ready = await replica_to_ready(url, project, timeout_s=120, profile=profile)
+    try:
+        check_state(ready.state, total, items)
+        res.rebuild = ready
+    finally:
+        await close_ready(ready)
+    return res
+
+
+def check_state(state: ProjectState, events: int, items: int) -> None:
+    if state.events_applied != events or state.work_counts.get("completed") != items:
+        raise BenchError(
+            f"rebuilt state is wrong: {state.events_applied} events applied (want {events}), "
+            f"{state.work_counts.get('completed')} completed (want {items})"
+        )
+
+
+# --- row 4: restart to ready with a snapshot -----------------------------------------------------
+
+
+@dataclass
+class RestartResult:
+    events: int
+    tail_events: int
+    load: Timed | None = None
+    load_sync: str = ""
+    no_snapshot: Ready | None = None
+    no_snapshot_note: str = ""
+    snapshot_seq: int = 0
+    snapshot_bytes: int = 0
+    snapshot_write_s: float = 0.0
+    with_snapshot: Ready | None = None
+
+
+async def load_stream(url: str, project: str, items: int, res: RestartResult) -> None:
+    nc = await connect(url)
+    try:
+        js = nc.jetstream()
+        store = EventStore(js)
+        await store.ensure_stream(project)
+        res.load = await publish_pipelined(
+            js, eventgen.messages(eventgen.generate(project, items)), time_limit_s=300
+        )
+        if res.load.errors:
+            raise BenchError(f"{res.load.errors} events rejected while loading")
+        last = await store.last_seq(project)
+        if last != res.events:
+            raise BenchError(f"stream holds {last} events, expected {res.events}")
+    finally:
+        await nc.close()
+
+
+async def snapshot_and_measure(
+    url: str,
+    project: str,
+    items: int,
+    tail_items: int,
+    res: RestartResult,
+    *,
+    skip_no_snapshot: bool,
+    no_snapshot_limit_s: float,
+    profile: bool,
+    progress: Callable[[str], None],
+) -> None:
+    state: ProjectState | None = None
+    writer: Ready | None = None
+    if not skip_no_snapshot:
+        progress(f"restart: full rebuild without snapshot ({res.events:,} events, limit {no_snapshot_limit_s:.0f}s)")
+        try:
+            writer = await replica_to_ready(
+                url, project, timeout_s=no_snapshot_limit_s, ignore_snapshots=True
+            )
+            check_state(writer.state, res.events, items)
+            res.no_snapshot = writer
+        except BenchError as err:
+            res.no_snapshot_note = f"> {no_snapshot_limit_s:.0f} s ({err})"
+            writer = None
+    else:
+        res.no_snapshot_note = "skipped (WEFT_BENCH_SKIP_NO_SNAPSHOT)"
+
+    if writer is None:
+        progress("restart: folding the stream's events in process for the snapshot")
+        events = eventgen.generate(project, items)
+        state = ProjectState(project=project)
+        for seq, ev in enumerate(events, 1):
+            ev.seq = seq
+            apply(state, ev)
+        nc = await connect(url)
+        store = TimedStore(nc.jetstream())
+        replica = TimedReplica(store, snapshot_every=0)
+        replica.views[project] = ProjectView(project, state)  # the state a rebuild would have given
+        try:
+            res.snapshot_seq = await replica.snapshot_now(project)
+        finally:
+            await nc.close()
+        res.snapshot_bytes, res.snapshot_write_s = store.saved_bytes, store.save_s
+    else:
+        res.snapshot_seq = await writer.replica.snapshot_now(project)
+        res.snapshot_bytes, res.snapshot_write_s = writer.store.saved_bytes, writer.store.save_s
+        await close_ready(writer)
+        writer.state = ProjectState(project=project)  # let the big state go
+    del state
+
+    if tail_items:
+        progress(f"restart: appending {res.tail_events:,} tail events after the snapshot")
+        nc = await connect(url)
+        try:
+            tail = await publish_pipelined(
+                nc.jetstream(),
+                eventgen.messages(
+                    eventgen.generate(project, tail_items, first_item=items, with_agents=False),
+                    first_seq=res.events + 1,
+                ),
+                time_limit_s=120,
+            )
+            if tail.errors:
+                raise BenchError(f"{tail.errors} tail events rejected")
+        finally:
+            await nc.close()
+
+    progress("restart: new replica from snapshot + tail")
+    ready = await replica_to_ready(url, project, timeout_s=120, profile=profile)
+    try:
+        check_state(ready.state, res.events + res.tail_events, items + tail_items)
+        res.with_snapshot = ready
+    finally:
+        await close_ready(ready)
+        ready.state = ProjectState(project=project)

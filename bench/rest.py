@@ -1,0 +1,173 @@
+"""REST submit throughput: `weft serve` as a subprocess, POST /api/work from C concurrent workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from weft.embedded import free_port
+
+BODY = {"capability": "python", "boundary": "personal", "description": "bench item"}
+PROJECT = "bench"
+
+
+class NotReady(Exception):
+    """weft serve could not be started or never became healthy: the row prints n/a."""
+
+
+@dataclass
+class RestResult:
+    requests: int = 0
+    ok: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+    statuses: dict[str, int] = field(default_factory=dict)
+    first_error: str = ""
+    concurrency: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.ok / self.seconds if self.seconds > 0 else 0.0
+
+    def pct(self, p: float) -> float:
+        if not self.latencies_ms:
+            return 0.0
+        xs = sorted(self.latencies_ms)
+        return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
+
+
+def weft_binary() -> Path:
+    return Path(sys.executable).parent / "weft"
+
+
+@contextlib.asynccontextmanager
+async def weft_serve(nats_url: str, work_dir: Path):  # type: ignore[no-untyped-def]
+    exe = weft_binary()
+    if not exe.exists():
+        raise NotReady(f"{exe} not found")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WEFT_", "API_", "NATS_", "LOOMINAL_"))}
+    env.update(
+        NATS_URL=nats_url,
+        API_PORT=str(port),
+        API_HOST="127.0.0.1",
+        API_TOKENS="",
+        LOG_LEVEL="warning",
+        WEFT_DATA_DIR=str(work_dir / "weft-data"),
+    )
+    log_path = work_dir / "weft-serve.log"
+    with log_path.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            str(exe), "serve", env=env, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await _wait_healthy(proc, base, log_path)
+        yield base
+    finally:
+        await _stop(proc)
+
+
+def _log_tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(t.strip() for t in text[-lines:])
+
+
+async def _wait_healthy(proc: asyncio.subprocess.Process, base: str, log_path: Path) -> None:
+    deadline = time.monotonic() + 30.0
+    timeout = aiohttp.ClientTimeout(total=2.0)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        for _ in range(300):  # bounded: 300 tries, 30 s
+            if proc.returncode is not None:
+                raise NotReady(f"weft serve exited with {proc.returncode}: {_log_tail(log_path)}")
+            try:
+                async with http.get(base + "/health") as resp:
+                    if resp.status == 200:
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+    raise NotReady(f"GET /health not 200 within 30s: {_log_tail(log_path)}")
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 10.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+async def fire(base: str, n: int, concurrency: int, *, time_limit_s: float = 120.0) -> RestResult:
+    res = RestResult(concurrency=concurrency)
+    headers = {"X-Weft-Project": PROJECT, "Content-Type": "application/json"}
+    body = orjson.dumps(BODY)
+    url = base + "/api/work"
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=30.0)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+
+        async def one() -> None:
+            t = time.perf_counter()
+            try:
+                async with http.post(url, data=body, headers=headers) as resp:
+                    await resp.read()
+                    status = resp.status
+                    if status >= 300 and not res.first_error:
+                        res.first_error = f"HTTP {status}: {(await resp.text())[:200]}"
+            except (aiohttp.ClientError, TimeoutError) as err:
+                status = 0
+                if not res.first_error:
+                    res.first_error = repr(err)
+            res.latencies_ms.append((time.perf_counter() - t) * 1000)
+            res.statuses[str(status)] = res.statuses.get(str(status), 0) + 1
+            if 200 <= status < 300:
+                res.ok += 1
+            else:
+                res.errors += 1
+
+        # warm-up (stream creation, project attach, connection pool), not measured
+        for _ in range(min(20, n)):
+            await one()
+        if res.errors:
+            raise NotReady(f"warm-up requests failed: {res.first_error}")
+        res.latencies_ms.clear()
+        res.statuses.clear()
+        res.ok = 0
+
+        remaining = n
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                await one()
+
+        t0 = time.perf_counter()
+        try:
+            await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), time_limit_s)
+        except TimeoutError:
+            res.first_error = res.first_error or f"stopped after {time_limit_s:.0f}s"
+        res.seconds = time.perf_counter() - t0
+        res.requests = res.ok + res.errors
+    return res

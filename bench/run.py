@@ -1,0 +1,256 @@
+"""Orchestration: start a fresh nats-server, run every row, print the table, write results.json."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from bench import eventgen, rebuild, rest
+from bench.config import BenchConfig
+from bench.raw import fresh_stream, publish_awaited, publish_pipelined, replay_ordered
+from bench.report import Row, render, write_json
+from bench.server import connect, nats_server, quiet_logs
+
+RAW_PAYLOAD = (b'{"bench":"raw","pad":"' + b"x" * 300)[:298] + b'"}'  # 300 bytes
+SUBMIT_TARGET = 0.5
+REBUILD_TARGET = 0.5
+RESTART_TARGET_S = 5.0
+
+
+def progress(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+class Bench:
+    def __init__(self, cfg: BenchConfig, root: Path) -> None:
+        self.cfg = cfg
+        self.root = root
+        self.rows: dict[str, Row] = {}
+        self.crashed: list[str] = []
+        self.profiles: dict[str, str] = {}
+        self.meta: dict[str, Any] = {}
+
+    def row(self, row: Row) -> None:
+        self.rows[row.key] = row
+
+    def value(self, key: str) -> float | None:
+        r = self.rows.get(key)
+        return r.value if r else None
+
+    async def guarded(self, name: str, keys: list[tuple[str, str, str]], coro: Any) -> None:
+        """Run one section; on a crash, its rows say so and the process exits 1 at the end."""
+        try:
+            await coro
+        except Exception as err:
+            self.crashed.append(f"{name}: {err!r}")
+            progress(f"{name} FAILED: {err!r}")
+            traceback.print_exc(file=sys.stderr)
+            for key, metric, unit in keys:
+                if key not in self.rows:
+                    self.row(Row(key, metric, None, unit, note=f"error: {type(err).__name__}"))
+
+    # --- 1 + 2: raw JetStream -------------------------------------------------------------------
+
+    async def raw(self, url: str) -> None:
+        n = self.cfg.raw_msgs
+        nc = await connect(url)
+        try:
+            js = nc.jetstream()
+            await fresh_stream(js, "BENCH_RAW", ["bench.raw.>"])
+            progress(f"raw: pipelined publish of {n:,} x {len(RAW_PAYLOAD)} B")
+            pipelined = await publish_pipelined(
+                js, ((f"bench.raw.{i % 16}", RAW_PAYLOAD, None) for i in range(n)), time_limit_s=120
+            )
+            self.row(Row("raw_publish_pipelined", f"raw JetStream publish, pipelined ({n:,} x 300 B)",
+                         pipelined.rate, "msgs/s", ratio="reference",
+                         extra={"seconds": pipelined.seconds, "errors": pipelined.errors}))
+            m = self.cfg.awaited_msgs
+            progress(f"raw: awaited publish of {m:,}")
+            await fresh_stream(js, "BENCH_RAW_AWAITED", ["bench.awaited.>"])
+            awaited = await publish_awaited(js, "bench.awaited.x", RAW_PAYLOAD, m)
+            self.row(Row("raw_publish_awaited", f"raw JetStream publish, awaited one at a time ({m:,})",
+                         awaited.rate, "msgs/s", ratio=f"x{awaited.rate / pipelined.rate:.2f} of pipelined",
+                         extra={"seconds": awaited.seconds}))
+            await js.delete_stream("BENCH_RAW_AWAITED")
+            progress(f"raw: ordered-consumer replay of {n:,}")
+            replay = await replay_ordered(js, "BENCH_RAW", "bench.raw.>", n, time_limit_s=120)
+            self.row(Row("raw_replay", f"raw ordered-consumer replay ({n:,} x 300 B)", replay.rate, "msgs/s",
+                         ratio="reference", extra={"seconds": replay.seconds}))
+            await js.delete_stream("BENCH_RAW")
+        finally:
+            await nc.close()
+
+    # --- 3: projection rebuild ------------------------------------------------------------------
+
+    async def rebuild(self, url: str) -> None:
+        items = self.cfg.rebuild_items
+        total = eventgen.total_events(items)
+        progress(f"rebuild: appending {total:,} weft events ({items:,} items x 5 + agents)")
+        res = await rebuild.bench_rebuild(url, "benchrebuild", items, profile=self.cfg.profile)
+        raw_rate = self.value("raw_replay")
+        ready = res.rebuild
+        assert ready is not None
+        rate = res.events / ready.seconds
+        ratio = rate / raw_rate if raw_rate else None
+        self.row(Row("rebuild", f"projection rebuild, new Replica to ready ({res.events:,} events)", rate,
+                     "events/s",
+                     ratio=f"x{ratio:.2f} of raw replay (>= {REBUILD_TARGET:.2f})" if ratio is not None else "",
+                     verdict=verdict(ratio >= REBUILD_TARGET) if ratio is not None else "",
+                     extra={"seconds": ready.seconds, "events": res.events}))
+        self.row(Row("rebuild_raw_weft_replay", "  raw ordered replay of that weft stream (headers, ~400 B)",
+                     res.raw_replay.rate, "msgs/s",
+                     ratio=f"x{res.raw_replay.rate / raw_rate:.2f} of raw replay" if raw_rate else "",
+                     extra={"seconds": res.raw_replay.seconds}))
+        self.row(Row("rebuild_inproc", "  decode + apply in process, no NATS", res.inproc.rate, "events/s",
+                     extra={"seconds": res.inproc.seconds}))
+        self.row(Row("weft_publish_pipelined", "  weft events published pipelined (Msg-Id + OCC headers)",
+                     res.publish.rate, "events/s", extra={"seconds": res.publish.seconds}))
+        if ready.profile:
+            self.profiles["rebuild"] = ready.profile
+        nc = await connect(url)
+        try:
+            await nc.jetstream().delete_stream("WEFT_benchrebuild")
+        finally:
+            await nc.close()
+
+    # --- 5: REST submit -------------------------------------------------------------------------
+
+    async def rest(self, url: str) -> None:
+        n, c = self.cfg.rest_requests, self.cfg.rest_concurrency
+        progress(f"rest: starting weft serve, then {n:,} POST /api/work with {c} workers")
+        metric = f"weft REST submit, POST /api/work ({n:,} req, C={c})"
+        try:
+            async with rest.weft_serve(url, self.root) as base:
+                res = await rest.fire(base, n, c)
+        except rest.NotReady as err:
+            progress(f"rest: n/a: {err}")
+            self.row(Row("rest_submit", metric, None, "req/s", note="n/a (weft serve not ready)",
+                         extra={"reason": str(err)}))
+            return
+        raw = self.value("raw_publish_pipelined")
+        ratio = res.rate / raw if raw else None
+        extra = {"seconds": res.seconds, "ok": res.ok, "errors": res.errors, "statuses": res.statuses,
+                 "first_error": res.first_error}
+        self.row(Row("rest_submit", metric, res.rate, "req/s",
+                     ratio=f"x{ratio:.2f} of raw pipelined (>= {SUBMIT_TARGET:.2f})" if ratio is not None else "",
+                     verdict=verdict(ratio >= SUBMIT_TARGET and res.errors == 0) if ratio is not None else "",
+                     extra=extra))
+        self.row(Row("rest_p50", "  submit latency p50", res.pct(50), "ms"))
+        self.row(Row("rest_p99", "  submit latency p99", res.pct(99), "ms"))
+        if res.errors:
+            self.row(Row("rest_errors", "  submit errors (non-2xx / failed)", float(res.errors), "requests",
+                         note="", ratio=res.first_error[:60]))
+
+    # --- 4: restart with a snapshot --------------------------------------------------------------
+
+    async def restart(self) -> None:
+        cfg = self.cfg
+        items = eventgen.items_for_events(cfg.restart_events)
+        tail_items = max(0, min(2_000, items // 50))
+        res = rebuild.RestartResult(
+            events=eventgen.total_events(items), tail_events=tail_items * eventgen.EVENTS_PER_ITEM
+        )
+        store_dir = self.root / "restart"
+        project = "benchrestart"
+        res.load_sync = "always" if cfg.load_sync_always else "lazy"
+        progress(f"restart: bulk-loading {res.events:,} events (server sync_interval {res.load_sync})")
+        async with nats_server(store_dir, sync_always=cfg.load_sync_always, name="weft-bench-load") as srv:
+            await rebuild.load_stream(srv.url, project, items, res)
+        assert res.load is not None
+        self.row(Row("restart_load", f"  bulk load of the restart stream (publish_async, sync {res.load_sync})",
+                     res.load.rate, "events/s", extra={"seconds": res.load.seconds, "events": res.events}))
+        progress("restart: nats-server restarted on that store with sync_interval always")
+        async with nats_server(store_dir, sync_always=True, name="weft-bench-restart") as srv:
+            await rebuild.snapshot_and_measure(
+                srv.url, project, items, tail_items, res,
+                skip_no_snapshot=cfg.skip_no_snapshot, no_snapshot_limit_s=cfg.no_snapshot_limit_s,
+                profile=cfg.profile, progress=progress,
+            )
+        ws = res.with_snapshot
+        assert ws is not None
+        label = f"restart to ready with snapshot ({res.events:,} events + {res.tail_events:,} tail)"
+        self.row(Row("restart_snapshot", label, ws.seconds, "s",
+                     ratio=f"<= {RESTART_TARGET_S:.0f} s", verdict=verdict(ws.seconds <= RESTART_TARGET_S),
+                     extra={"connect_s": ws.connect_s, "attach_s": ws.attach_s,
+                            "snapshot_load_s": ws.snapshot_load_s, "snapshot_fetch_s": ws.snapshot_fetch_s,
+                            "events": res.events, "tail_events": res.tail_events,
+                            "snapshot_seq": res.snapshot_seq}))
+        self.row(Row("restart_snapshot_fetch", "  snapshot fetch (object store get)", ws.snapshot_fetch_s, "s"))
+        self.row(Row("restart_snapshot_decode", "  snapshot decode (orjson -> ProjectState)",
+                     ws.snapshot_load_s - ws.snapshot_fetch_s, "s"))
+        tail_s = ws.seconds - ws.attach_s
+        self.row(Row("restart_tail", f"  tail replay after attach ({res.tail_events:,} events)", tail_s, "s"))
+        self.row(Row("restart_snapshot_size", "  snapshot size", res.snapshot_bytes / 1e6, "MB",
+                     extra={"bytes": res.snapshot_bytes, "write_s": res.snapshot_write_s}))
+        self.row(Row("restart_snapshot_write", "  snapshot write (encode + object store put)",
+                     res.snapshot_write_s, "s"))
+        ns = res.no_snapshot
+        self.row(Row("restart_no_snapshot", f"restart to ready without snapshot ({res.events:,} events)",
+                     ns.seconds if ns else None, "s", note=res.no_snapshot_note,
+                     ratio=f"{res.events / ns.seconds:,.0f} events/s" if ns else "",
+                     extra={"seconds": ns.seconds if ns else None}))
+        if ws.profile:
+            self.profiles["restart_snapshot"] = ws.profile
+
+    # --- all ---------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        t0 = time.perf_counter()
+        progress(f"fresh nats-server (sync_interval always) in {self.root}")
+        async with nats_server(self.root / "main", sync_always=True) as srv:
+            self.meta["nats_url"] = srv.url
+            await self.guarded("raw", [("raw_publish_pipelined", "raw JetStream publish, pipelined", "msgs/s"),
+                                       ("raw_publish_awaited", "raw JetStream publish, awaited", "msgs/s"),
+                                       ("raw_replay", "raw ordered-consumer replay", "msgs/s")],
+                               self.raw(srv.url))
+            await self.guarded("rebuild", [("rebuild", "projection rebuild", "events/s")], self.rebuild(srv.url))
+            await self.guarded("rest", [("rest_submit", "weft REST submit", "req/s")], self.rest(srv.url))
+        await self.guarded("restart", [("restart_snapshot", "restart to ready with snapshot", "s")],
+                           self.restart())
+        self.meta["total_seconds"] = time.perf_counter() - t0
+
+    def ordered_rows(self) -> list[Row]:
+        order = ["raw_publish_pipelined", "raw_publish_awaited", "raw_replay", "rebuild",
+                 "rebuild_raw_weft_replay", "rebuild_inproc", "weft_publish_pipelined", "restart_snapshot",
+                 "restart_snapshot_fetch", "restart_snapshot_decode", "restart_tail", "restart_snapshot_size",
+                 "restart_snapshot_write", "restart_no_snapshot", "restart_load", "rest_submit", "rest_p50",
+                 "rest_p99", "rest_errors"]
+        rows = [self.rows[k] for k in order if k in self.rows]
+        rows += [r for k, r in self.rows.items() if k not in order]
+        return rows
+
+
+def main() -> int:
+    quiet_logs()
+    cfg = BenchConfig.from_env()
+    root = Path(tempfile.mkdtemp(prefix="weft-bench-"))
+    bench = Bench(cfg, root)
+    try:
+        asyncio.run(bench.run())
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    rows = bench.ordered_rows()
+    print(render(rows))
+    total = bench.meta.get("total_seconds", 0.0)
+    print(f"nats-server: 127.0.0.1, R1, sync_interval always; python {sys.version.split()[0]}; "
+          f"total {total:.0f} s")
+    for name, text in bench.profiles.items():
+        print(f"\n--- cProfile: {name} (by tottime) ---\n{text}", file=sys.stderr)
+    path = write_json(rows, {"config": cfg.__dict__, "crashed": bench.crashed, **bench.meta})
+    print(f"results: {path}")
+    if bench.crashed:
+        print("crashed: " + "; ".join(bench.crashed), file=sys.stderr)
+        return 1
+    return 0

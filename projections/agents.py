@@ -1,0 +1,81 @@
+"""Fold of `agent.*` events into the agent registry.
+
+Heartbeats are not events, so `lastHeartbeat` is not here; the API merges live liveness in.
+"""
+
+from __future__ import annotations
+
+from projections.state import ProjectState, Record
+from weft.events import Event
+
+
+def new_agent(ev: Event) -> Record:
+    """An agent in the original's RegisteredAgent shape, plus load and provenance fields."""
+    d = ev.data
+    return {
+        "guid": d["guid"],
+        "handle": d.get("handle"),
+        "agentType": d["agentType"],
+        "status": "online",
+        "capabilities": list(d["capabilities"]),
+        "boundaries": list(d["boundaries"]),
+        "visibility": d.get("visibility", "project-only"),
+        "hostname": d.get("hostname"),
+        "username": d.get("username"),
+        "projectId": ev.project,
+        "maxConcurrentTasks": d["maxConcurrentTasks"],
+        "currentTasks": [],
+        "currentTaskCount": 0,
+        "spindownAfterIdleMs": d.get("spindownAfterIdleMs"),
+        "labels": dict(d.get("labels") or {}),
+        "source": d.get("source", "weft"),
+        "spinUpId": d.get("spinUpId"),
+        "targetId": d.get("targetId"),
+        "registeredAt": ev.ts,
+        "lastActivity": ev.ts,
+        "shutdownRequested": None,
+        "offlineReason": None,
+        "offlineAt": None,
+    }
+
+
+def _registered(state: ProjectState, agent: Record | None, ev: Event) -> None:
+    fresh = new_agent(ev)
+    if agent is None:
+        state.agents[ev.entity_id] = fresh
+        return
+    # Re-registration (reconnect, restart): keep held work and history, refresh the declaration.
+    for key in ("handle", "agentType", "capabilities", "boundaries", "visibility", "hostname", "username",
+                "maxConcurrentTasks", "spindownAfterIdleMs", "labels", "source", "spinUpId", "targetId"):
+        agent[key] = fresh[key]
+    agent.update(lastActivity=ev.ts, shutdownRequested=None, offlineReason=None, offlineAt=None)
+    agent["status"] = "busy" if agent["currentTaskCount"] >= agent["maxConcurrentTasks"] else "online"
+
+
+def _shutdown_requested(state: ProjectState, agent: Record, ev: Event) -> None:
+    if agent["status"] == "offline":
+        return
+    agent["shutdownRequested"] = {
+        "graceful": ev.data["graceful"],
+        "reason": ev.data["reason"],
+        "gracePeriodMs": ev.data.get("gracePeriodMs"),
+        "requestedAt": ev.ts,
+    }
+
+
+def _offline(agent: Record, ev: Event, reason: str) -> None:
+    agent.update(status="offline", offlineReason=reason, offlineAt=ev.ts)
+
+
+def apply_agent(state: ProjectState, ev: Event) -> None:
+    agent = state.agents.get(ev.entity_id)
+    if ev.type == "agent.registered":
+        _registered(state, agent, ev)
+    elif agent is None:
+        return
+    elif ev.type == "agent.shutdown_requested":
+        _shutdown_requested(state, agent, ev)
+    elif ev.type == "agent.deregistered":
+        _offline(agent, ev, ev.data.get("reason") or "deregistered")
+    elif ev.type == "agent.lost":
+        _offline(agent, ev, "lost")

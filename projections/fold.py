@@ -1,0 +1,41 @@
+"""`apply(state, event) -> state`: the one entry point of every projection. Pure and deterministic."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from projections.agents import apply_agent
+from projections.state import ProjectState
+from projections.targets import apply_target
+from projections.work import apply_work
+from weft.events import Event
+
+_BY_ENTITY = {"work": apply_work, "agent": apply_agent, "target": apply_target}
+
+
+def apply(state: ProjectState, ev: Event) -> ProjectState:
+    """Fold one event in place and return the state. Sequences at or below `state.seq` are no-ops
+    (a tail that overlaps a snapshot), and so are repeats of a client's Idempotency-Key."""
+    if ev.seq and ev.seq <= state.seq:
+        return state
+    if ev.seq:
+        state.seq = ev.seq
+        state.entity_seq[f"{ev.entity}.{ev.entity_id}"] = ev.seq
+    key = ev.idempotency_key
+    if key is not None:
+        if key in state.idempotency:
+            return state
+        state.idempotency[key] = ev.entity_id
+    handler = _BY_ENTITY.get(ev.entity)
+    if handler is not None:
+        handler(state, ev)
+    state.events_applied += 1
+    state.last_activity = ev.ts
+    return state
+
+
+def fold(events: Iterable[Event], state: ProjectState | None = None, project: str = "") -> ProjectState:
+    st = state if state is not None else ProjectState(project=project)
+    for ev in events:
+        apply(st, ev)
+    return st

@@ -1,0 +1,251 @@
+"""Fold of `work.*` events into the work queue, keeping agent load in step with assignments.
+
+Transition guards make the fold total: an event that cannot apply to the item's current status is
+ignored (the command layer validated it against an older view and OCC should have stopped it; the
+fold never lets such an event break an invariant).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from projections.state import LIVE_ASSIGNMENT, TERMINAL_WORK, ProjectState, Record
+from weft.events import Event
+
+
+def new_work(ev: Event) -> Record:
+    """A pending work item in the original Weft's REST shape, plus weft's lifecycle fields."""
+    d = ev.data
+    return {
+        "id": ev.entity_id,
+        "taskId": d["taskId"],
+        "capability": d["capability"],
+        "description": d["description"],
+        "priority": d["priority"],
+        "boundary": d["boundary"],
+        "preferredAgentType": d.get("preferredAgentType"),
+        "requiredAgentType": d.get("requiredAgentType"),
+        "deadline": d.get("deadline"),
+        "contextData": d.get("contextData"),
+        "status": "pending",
+        "offeredBy": ev.actor,
+        "offeredAt": ev.ts,
+        "attempts": 0,
+        "maxAttempts": d.get("maxAttempts", 3),
+        "assignedTo": None,
+        "assignedAt": None,
+        "acceptBy": None,
+        "startedAt": None,
+        "progress": 0,
+        "progressMessage": None,
+        "result": None,
+        "error": None,
+        "errors": [],
+        "deadLetter": None,
+        "retryAt": None,
+        "completedAt": None,
+        "cancelledAt": None,
+        "updatedAt": ev.ts,
+        "projectId": ev.project,
+        "correlationId": ev.correlation_id,
+    }
+
+
+def set_status(state: ProjectState, item: Record, status: str) -> None:
+    state.work_counts[item["status"]] -= 1
+    state.work_counts[status] += 1
+    item["status"] = status
+
+
+def release_agent(state: ProjectState, item: Record, ts: str) -> None:
+    """Free the agent slot an item held, if any."""
+    guid = item.get("assignedTo")
+    agent = state.agents.get(guid) if guid else None
+    if agent is not None and item["id"] in agent["currentTasks"]:
+        agent["currentTasks"].remove(item["id"])
+        agent["currentTaskCount"] = len(agent["currentTasks"])
+        agent["lastActivity"] = ts
+        if agent["status"] == "busy":
+            agent["status"] = "online"
+
+
+def _submitted(state: ProjectState, item: Record | None, ev: Event) -> None:
+    if item is not None:
+        return
+    state.work[ev.entity_id] = new_work(ev)
+    state.work_counts["pending"] += 1
+
+
+def _assigned(state: ProjectState, item: Record, ev: Event) -> None:
+    agent = state.agents.get(ev.data["agentGuid"])
+    if item["status"] != "pending" or agent is None:
+        return
+    if len(agent["currentTasks"]) >= agent["maxConcurrentTasks"]:
+        return
+    set_status(state, item, "assigned")
+    item.update(
+        assignedTo=agent["guid"],
+        assignedAt=ev.ts,
+        acceptBy=ev.data.get("acceptBy"),
+        attempts=ev.data.get("attempt", item["attempts"] + 1),
+        retryAt=None,
+        progress=0,
+        progressMessage=None,
+    )
+    agent["currentTasks"].append(item["id"])
+    agent["currentTaskCount"] = len(agent["currentTasks"])
+    agent["lastActivity"] = ev.ts
+    if agent["currentTaskCount"] >= agent["maxConcurrentTasks"]:
+        agent["status"] = "busy"
+
+
+def _holder_matches(item: Record, ev: Event) -> bool:
+    guid = ev.data.get("agentGuid")
+    return guid is None or guid == item["assignedTo"]
+
+
+def _started(state: ProjectState, item: Record, ev: Event) -> None:
+    if item["status"] != "assigned" or not _holder_matches(item, ev):
+        return
+    set_status(state, item, "in-progress")
+    item.update(startedAt=ev.ts, acceptBy=None)
+
+
+def _progressed(state: ProjectState, item: Record, ev: Event) -> None:
+    if item["status"] not in LIVE_ASSIGNMENT or not _holder_matches(item, ev):
+        return
+    if item["status"] == "assigned":
+        set_status(state, item, "in-progress")
+        item.update(startedAt=ev.ts, acceptBy=None)
+    item.update(progress=max(0, min(100, int(ev.data["progress"]))), progressMessage=ev.data.get("message"))
+    _touch_agent(state, item, ev.ts)
+
+
+def _touch_agent(state: ProjectState, item: Record, ts: str) -> None:
+    agent = state.agents.get(item["assignedTo"] or "")
+    if agent is not None:
+        agent["lastActivity"] = ts
+
+
+def _completed(state: ProjectState, item: Record, ev: Event) -> None:
+    if item["status"] not in LIVE_ASSIGNMENT or not _holder_matches(item, ev):
+        return
+    release_agent(state, item, ev.ts)
+    set_status(state, item, "completed")
+    d = ev.data
+    item.update(
+        progress=100,
+        acceptBy=None,
+        completedAt=ev.ts,
+        result={
+            "summary": d.get("summary"),
+            "output": d.get("output"),
+            "artifacts": d.get("artifacts"),
+            "completedAt": ev.ts,
+        },
+    )
+
+
+def _failed(state: ProjectState, item: Record, ev: Event) -> None:
+    if item["status"] not in LIVE_ASSIGNMENT or not _holder_matches(item, ev):
+        return
+    d = ev.data
+    error = {
+        "message": d["message"],
+        "code": d.get("code"),
+        "recoverable": d["recoverable"],
+        "occurredAt": ev.ts,
+        "attempt": item["attempts"],
+        "agentGuid": item["assignedTo"],
+    }
+    release_agent(state, item, ev.ts)
+    item["errors"].append(error)
+    item["error"] = error
+    if d["outcome"] == "retry":
+        _to_pending(state, item, d.get("retryAt"))
+    else:
+        _to_dead_letter(state, item, ev, d["message"])
+
+
+def _to_pending(state: ProjectState, item: Record, retry_at: str | None) -> None:
+    set_status(state, item, "pending")
+    item.update(assignedTo=None, assignedAt=None, acceptBy=None, startedAt=None, retryAt=retry_at)
+
+
+def _to_dead_letter(state: ProjectState, item: Record, ev: Event, reason: str) -> None:
+    set_status(state, item, "failed")
+    item.update(
+        acceptBy=None,
+        retryAt=None,
+        completedAt=ev.ts,
+        deadLetter={
+            "reason": reason,
+            "failedAt": ev.ts,
+            "attempts": item["attempts"],
+            "discarded": False,
+        },
+    )
+
+
+def _requeued(state: ProjectState, item: Record, ev: Event) -> None:
+    if item["status"] not in LIVE_ASSIGNMENT:
+        return
+    release_agent(state, item, ev.ts)
+    _to_pending(state, item, ev.data.get("retryAt"))
+    item["lastRequeueReason"] = ev.data["reason"]
+
+
+def _dead_lettered(state: ProjectState, item: Record, ev: Event) -> None:
+    if item["status"] in TERMINAL_WORK:
+        return
+    release_agent(state, item, ev.ts)
+    _to_dead_letter(state, item, ev, ev.data["reason"])
+
+
+def _cancelled(state: ProjectState, item: Record, ev: Event) -> None:
+    if item["status"] in TERMINAL_WORK:
+        return
+    release_agent(state, item, ev.ts)
+    set_status(state, item, "cancelled")
+    item.update(cancelledAt=ev.ts, acceptBy=None, retryAt=None, cancelReason=ev.data.get("reason"))
+
+
+def _retried(state: ProjectState, item: Record, ev: Event) -> None:
+    dl = item.get("deadLetter")
+    if item["status"] != "failed" or not dl or dl["discarded"]:
+        return
+    _to_pending(state, item, None)
+    item.update(attempts=0, deadLetter=None, completedAt=None, error=None)
+
+
+def _discarded(state: ProjectState, item: Record, ev: Event) -> None:
+    dl = item.get("deadLetter")
+    if item["status"] == "failed" and dl and not dl["discarded"]:
+        dl["discarded"] = True
+        dl["discardedAt"] = ev.ts
+
+
+HANDLERS: dict[str, Callable[[ProjectState, Any, Event], None]] = {
+    "work.submitted": _submitted,
+    "work.assigned": _assigned,
+    "work.started": _started,
+    "work.progressed": _progressed,
+    "work.completed": _completed,
+    "work.failed": _failed,
+    "work.requeued": _requeued,
+    "work.dead_lettered": _dead_lettered,
+    "work.cancelled": _cancelled,
+    "work.retried": _retried,
+    "work.discarded": _discarded,
+}
+
+
+def apply_work(state: ProjectState, ev: Event) -> None:
+    item = state.work.get(ev.entity_id)
+    if item is None and ev.type != "work.submitted":
+        return
+    HANDLERS[ev.type](state, item, ev)
+    item = state.work.get(ev.entity_id)
+    if item is not None:
+        item["updatedAt"] = ev.ts

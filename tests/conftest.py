@@ -1,0 +1,76 @@
+"""Shared fixtures: one real nats-server (the bundled binary) per test session on 127.0.0.1.
+
+Tests isolate themselves by project id (one stream per project), so they share the server safely.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+
+from weft.embedded import EmbeddedNats, NatsServerConfig, free_port
+from weft.eventstore import EventStore
+
+
+@pytest.fixture(scope="session")
+async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedNats]:
+    server = EmbeddedNats(
+        NatsServerConfig(store_dir=tmp_path_factory.mktemp("nats"), port=free_port(), server_name="weft-test")
+    )
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def nc(nats_server: EmbeddedNats) -> AsyncIterator[NATS]:
+    client = await nats.connect(nats_server.url, max_reconnect_attempts=3)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def store(nc: NATS) -> EventStore:
+    return EventStore(nc.jetstream())
+
+
+@pytest.fixture
+def project() -> str:
+    """A fresh project id, hence a fresh stream, for each test."""
+    return "t" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+# --- a weft replica in-process, served over real HTTP on 127.0.0.1 ---------------------------------
+
+from dataclasses import replace  # noqa: E402
+
+from tests.support import Api, make_client  # noqa: E402
+from weft.service import WeftService  # noqa: E402
+from weft.settings import Settings  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+async def weft_service(nats_server: EmbeddedNats) -> AsyncIterator[WeftService]:
+    """One replica for the session; tests isolate by project id."""
+    settings = replace(Settings.from_env({}), replica_name="test", snapshot_every=0, min_seq_wait_ms=2000)
+    service = WeftService(settings)
+    await service.start(nats_server.url, serve_http=False)
+    yield service
+    await service.stop()
+
+
+@pytest.fixture
+async def api(weft_service: WeftService, project: str) -> AsyncIterator[Api]:
+    client = await make_client(weft_service)
+    yield Api(client, project)
+    await client.close()

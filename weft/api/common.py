@@ -1,0 +1,114 @@
+"""What every handler needs: the app's services, the project of a request, JSON in and out, min_seq."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel
+
+from weft.commands import Commands, Ctx
+from weft.errors import InvalidInput, Unavailable
+from weft.events import is_valid_project_id
+from weft.logs import correlation_var, project_var
+from weft.replica import ProjectView, Replica
+from weft.settings import Settings
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    replica: Replica
+    commands: Commands
+
+
+SERVICES = web.AppKey("services", Services)
+ACTOR = web.RequestKey("actor", str)
+
+
+def services(request: web.Request) -> Services:
+    return request.app[SERVICES]
+
+
+def explicit_project(request: web.Request) -> str | None:
+    raw = request.query.get("projectId") or request.headers.get("X-Weft-Project")
+    if raw is None:
+        return None
+    if not is_valid_project_id(raw):
+        raise InvalidInput("projectId must match [A-Za-z0-9_-]{1,64}", field="projectId")
+    return raw
+
+
+def project_of(request: web.Request) -> str:
+    project = explicit_project(request) or services(request).settings.default_project
+    project_var.set(project)
+    return project
+
+
+def ctx_of(request: web.Request, project: str) -> Ctx:
+    correlation = request.headers.get("X-Correlation-Id") or request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    correlation_var.set(correlation)
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (0 < len(key) <= 200):
+        raise InvalidInput("Idempotency-Key must be 1-200 characters", field="Idempotency-Key")
+    return Ctx(project=project, actor=request.get(ACTOR, "api"), correlation_id=correlation, idempotency_key=key)
+
+
+async def read_json(request: web.Request) -> Any:
+    raw = await request.read()
+    if not raw:
+        return {}
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        raise InvalidInput(f"malformed JSON: {err}", field="body") from None
+
+
+async def parse_body(request: web.Request, model: type[M]) -> M:
+    raw = await request.read()
+    return model.model_validate_json(raw or b"{}")
+
+
+def json_response(body: Any, status: int = 200, seq: int | None = None) -> web.Response:
+    resp = web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+    if seq is not None:
+        resp.headers["X-Weft-Seq"] = str(seq)
+    return resp
+
+
+def min_seq_of(request: web.Request) -> int:
+    raw = request.query.get("min_seq") or request.headers.get("X-Weft-Min-Seq")
+    if raw is None:
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidInput("min_seq must be a non-negative integer", field="min_seq") from None
+    if value < 0:
+        raise InvalidInput("min_seq must be a non-negative integer", field="min_seq")
+    return value
+
+
+async def read_view(request: web.Request, project: str) -> ProjectView | None:
+    """The project's view for a read, after waiting (bounded) for `min_seq` if the client gave one."""
+    svc = services(request)
+    wanted = min_seq_of(request)
+    view = await svc.replica.view(project, create=wanted > 0)
+    if view is None or not wanted:
+        return view
+    if not await view.wait_for(wanted, svc.settings.min_seq_wait_ms / 1000):
+        raise Unavailable(
+            f"projection of {project} is at {view.state.seq}, below min_seq {wanted}; retry",
+            field="min_seq",
+        )
+    return view
+
+
+async def all_views(request: web.Request) -> list[ProjectView]:
+    replica = services(request).replica
+    return [replica.views[p] for p in sorted(replica.views)]

@@ -1,0 +1,129 @@
+"""The OpenAPI 3.1 document, built from the route table and the pydantic request models.
+
+A test checks that every route the app serves is documented here and nothing documented is missing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from weft.api import schemas
+from weft.api.common import json_response
+
+ERROR = {
+    "type": "object",
+    "required": ["error", "message", "details"],
+    "properties": {
+        "error": {"type": "string"},
+        "message": {"type": "string"},
+        "details": {"type": "object", "properties": {"field": {"type": ["string", "null"]}}},
+    },
+}
+PROJECT = {"name": "projectId", "in": "query", "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+           "description": "project (or header X-Weft-Project); default LOOMINAL_PROJECT_ID"}
+MIN_SEQ = {"name": "min_seq", "in": "query", "schema": {"type": "integer", "minimum": 0},
+           "description": "wait (bounded) until this replica folded the stream up to this sequence"}
+PAGING = [{"name": "cursor", "in": "query", "schema": {"type": "string"}},
+          {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 50}}]
+
+
+def q(*names: str) -> list[dict[str, Any]]:
+    return [{"name": n, "in": "query", "schema": {"type": "string"}} for n in names]
+
+
+def p(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+# (method, path, summary, parameters, body model, success status)
+OPERATIONS: list[tuple[str, str, str, list[dict[str, Any]], type[BaseModel] | None, int]] = [
+    ("get", "/health", "Liveness and readiness of this replica", [], None, 200),
+    ("get", "/api/openapi.json", "This document", [], None, 200),
+    ("get", "/api/docs", "Human-readable pointer to this document", [], None, 200),
+    ("get", "/api/work", "List work items (priority, then age)",
+     [PROJECT, MIN_SEQ, *q("status", "boundary", "classification", "capability", "assignedTo"), *PAGING], None, 200),
+    ("post", "/api/work", "Submit a work item (Idempotency-Key header honoured)", [PROJECT], schemas.WorkSubmit, 201),
+    ("post", "/api/work/cancel-batch", "Cancel (or reassign) many work items", [PROJECT], schemas.CancelBatch, 200),
+    ("get", "/api/work/{id}", "Get a work item", [p("id"), PROJECT, MIN_SEQ], None, 200),
+    ("post", "/api/work/{id}/cancel", "Cancel a work item (409 if terminal)", [p("id"), PROJECT], schemas.Reason, 200),
+    ("get", "/api/agents", "List agents (all projects unless projectId)",
+     [PROJECT, MIN_SEQ, *q("type", "status", "capability", "boundary"), *PAGING], None, 200),
+    ("post", "/api/agents/shutdown-batch", "Ask many agents to stop", [PROJECT], schemas.ShutdownBatch, 200),
+    ("get", "/api/agents/{guid}", "Get an agent", [p("guid"), PROJECT, MIN_SEQ], None, 200),
+    ("post", "/api/agents/{guid}/shutdown", "Ask an agent to stop", [p("guid"), PROJECT], schemas.Shutdown, 200),
+    ("get", "/api/targets", "List spin-up targets",
+     [PROJECT, MIN_SEQ, *q("type", "status", "capability", "boundary", "classification", "mechanism"), *PAGING],
+     None, 200),
+    ("post", "/api/targets", "Register a target (nested or flat config; secrets as references)", [PROJECT],
+     schemas.TargetRegister, 201),
+    ("post", "/api/targets/disable-batch", "Disable many targets", [PROJECT], schemas.DisableBatch, 200),
+    ("get", "/api/targets/{idOrName}", "Get a target", [p("idOrName"), PROJECT, MIN_SEQ], None, 200),
+    ("put", "/api/targets/{idOrName}", "Update mutable target fields", [p("idOrName"), PROJECT], None, 200),
+    ("delete", "/api/targets/{idOrName}", "Remove a target", [p("idOrName"), PROJECT], None, 200),
+    ("post", "/api/targets/{idOrName}/test", "Probe the target now", [p("idOrName"), PROJECT], None, 200),
+    ("post", "/api/targets/{idOrName}/spin-up", "Request a spin-up on this target", [p("idOrName"), PROJECT],
+     schemas.SpinUpRequest, 202),
+    ("post", "/api/targets/{idOrName}/enable", "Enable a target", [p("idOrName"), PROJECT], schemas.Reason, 200),
+    ("post", "/api/targets/{idOrName}/disable", "Disable a target", [p("idOrName"), PROJECT], schemas.Reason, 200),
+    ("get", "/api/stats", "Fleet statistics, all projects", [PROJECT], None, 200),
+    ("get", "/api/stats/projects", "Projects known to this replica", [PROJECT], None, 200),
+    ("get", "/api/channels", "Warp channels of a project", [PROJECT], None, 200),
+    ("get", "/api/channels/{name}/messages", "Recent messages of a Warp channel",
+     [p("name"), PROJECT, *q("limit")], None, 200),
+]
+
+EXTRA: list[tuple[str, str, str, list[dict[str, Any]], type[BaseModel] | None, int]] = []
+
+
+def document() -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    components: dict[str, Any] = {"Error": ERROR}
+    for method, path, summary, params, model, status in OPERATIONS + EXTRA:
+        op: dict[str, Any] = {
+            "summary": summary,
+            "parameters": params,
+            "responses": {
+                str(status): {"description": "success", "content": {"application/json": {}}},
+                "default": {"description": "error",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+            },
+        }
+        if model is not None:
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, sub in schema.pop("$defs", {}).items():
+                components[name] = sub
+            components[model.__name__] = schema
+            op["requestBody"] = {
+                "required": method == "post" and status == 201,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+            }
+        paths.setdefault(path, {})[method] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "weft", "version": "0.1.0",
+                 "description": "Event-sourced coordinator for fleets of AI coding agents. Every 2xx command "
+                                "response carries the event's stream sequence (`seq`, `X-Weft-Seq`)."},
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+        "paths": paths,
+    }
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return json_response(document())
+
+
+async def docs(request: web.Request) -> web.Response:
+    html = ("<!doctype html><title>weft API</title><h1>weft API</h1>"
+            "<p>The OpenAPI 3.1 document is at <a href='/api/openapi.json'>/api/openapi.json</a>.</p>")
+    return web.Response(text=html, content_type="text/html")
+
+
+def routes() -> list[web.RouteDef]:
+    return [web.get("/api/openapi.json", openapi_json), web.get("/api/docs", docs)]

@@ -1,0 +1,76 @@
+"""/api/stats and /api/stats/projects: the multi-project shape existing clients read, plus extras."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from weft.api.common import all_views, explicit_project, json_response, read_view
+from weft.events import utc_now
+from weft.replica import ProjectView
+
+
+def project_stats(view: ProjectView) -> dict[str, Any]:
+    s = view.state
+    c = s.work_counts
+    dead = sum(1 for w in s.work.values() if w["deadLetter"] and not w["deadLetter"]["discarded"]) if c["failed"] else 0
+    return {
+        "agents": sum(1 for a in s.agents.values() if a["status"] != "offline"),
+        "pendingWork": c["pending"],
+        "activeWork": c["assigned"] + c["in-progress"],
+        "completedWork": c["completed"],
+        # The original counts cancelled items as failed; keep that, and add the split.
+        "failedWork": c["failed"] + c["cancelled"],
+        "cancelledWork": c["cancelled"],
+        "deadLetteredWork": dead,
+        "targets": len(s.targets),
+        "lastActivity": s.last_activity,
+        "seq": s.seq,
+    }
+
+
+async def _views(request: web.Request) -> list[ProjectView]:
+    named = explicit_project(request)
+    if named is None:
+        return await all_views(request)
+    view = await read_view(request, named)
+    return [view] if view else []
+
+
+def _cached(request: web.Request, body: dict[str, Any]) -> web.Response:
+    # The ETag covers content, not the timestamp, so an unchanged fleet answers 304.
+    content = {k: v for k, v in body.items() if k != "timestamp"}
+    etag = '"' + hashlib.md5(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest() + '"'
+    if request.headers.get("If-None-Match") == etag:
+        return web.Response(status=304, headers={"ETag": etag})
+    resp = json_response(body)
+    resp.headers.update({"ETag": etag, "Cache-Control": "no-cache"})
+    return resp
+
+
+async def stats(request: web.Request) -> web.Response:
+    by_project = {v.project: project_stats(v) for v in await _views(request)}
+    keys = ("agents", "pendingWork", "activeWork", "completedWork", "failedWork", "targets")
+    totals = {k: sum(p[k] for p in by_project.values()) for k in keys}
+    totals["cancelledWork"] = sum(p["cancelledWork"] for p in by_project.values())
+    totals["deadLetteredWork"] = sum(p["deadLetteredWork"] for p in by_project.values())
+    body = {"timestamp": utc_now(), "totalProjects": len(by_project), "totals": totals, "byProject": by_project}
+    return _cached(request, body)
+
+
+async def projects(request: web.Request) -> web.Response:
+    views = await _views(request)
+    body = {
+        "timestamp": utc_now(),
+        "projects": [v.project for v in views],
+        "count": len(views),
+        "details": [{"projectId": v.project, **project_stats(v)} for v in views],
+    }
+    return _cached(request, body)
+
+
+def routes() -> list[web.RouteDef]:
+    return [web.get("/api/stats", stats), web.get("/api/stats/projects", projects)]

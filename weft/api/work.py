@@ -1,0 +1,165 @@
+"""/api/work: submit, list, get, cancel, cancel-batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from projections.state import ProjectState, Record
+from weft.api.common import (
+    ctx_of,
+    explicit_project,
+    json_response,
+    parse_body,
+    project_of,
+    read_view,
+    services,
+)
+from weft.api.pagination import page
+from weft.api.schemas import CancelBatch, Reason, WorkSubmit
+from weft.errors import InvalidInput, NotFound
+from weft.events import utc_now
+from weft.replica import ProjectView
+
+WORK_STATUSES = ("pending", "assigned", "in-progress", "completed", "failed", "cancelled")
+
+
+def agent_summary(state: ProjectState, guid: str | None) -> dict[str, Any] | None:
+    agent = state.agents.get(guid) if guid else None
+    if agent is None:
+        return None
+    return {"guid": agent["guid"], "handle": agent["handle"], "agentType": agent["agentType"], "hostname": agent["hostname"]}
+
+
+def present(state: ProjectState, item: Record) -> dict[str, Any]:
+    out = dict(item)
+    out["assignedToAgent"] = agent_summary(state, item["assignedTo"])
+    return out
+
+
+async def submit(request: web.Request) -> web.Response:
+    project = project_of(request)
+    spec = await parse_body(request, WorkSubmit)
+    ctx = ctx_of(request, project)
+    data = spec.model_dump(mode="json")
+    outcome = await services(request).commands.submit_work(ctx, data)
+    view = services(request).replica.views[project]
+    item = view.state.work[outcome.entity_id]
+    body = {
+        "id": item["id"],
+        "workItemId": item["id"],
+        "taskId": item["taskId"],
+        "status": item["status"],
+        "projectId": project,
+        "targetAgentType": item["requiredAgentType"] or item["preferredAgentType"],
+        "spinUpTriggered": False,
+        "estimatedWaitSeconds": None,
+        "seq": outcome.seq,
+    }
+    resp = json_response(body, 201 if outcome.created else 200, outcome.seq)
+    if not outcome.created:
+        resp.headers["Idempotent-Replayed"] = "true"
+    return resp
+
+
+def _work_filters(request: web.Request) -> dict[str, Any]:
+    q = request.query
+    status = q.get("status")
+    if status is not None and status not in WORK_STATUSES:
+        raise InvalidInput(f"status must be one of {', '.join(WORK_STATUSES)}", field="status")
+    return {
+        "status": status,
+        "boundary": q.get("boundary") or q.get("classification"),
+        "capability": q.get("capability"),
+        "assignedTo": q.get("assignedTo"),
+    }
+
+
+async def list_work(request: web.Request) -> web.Response:
+    project = project_of(request)
+    filters = _work_filters(request)
+    view = await read_view(request, project)
+    items: list[Record] = []
+    if view is not None:
+        items = [
+            w
+            for w in view.state.work.values()
+            if all(v is None or w[k] == v for k, v in filters.items())
+        ]
+        items.sort(key=lambda w: (-w["priority"], w["offeredAt"], w["id"]))
+    state = view.state if view else ProjectState(project=project)
+    body = page(items, "workItems", request.query.get("cursor"), request.query.get("limit"), filters)
+    body["workItems"] = [present(state, w) for w in body["workItems"]]
+    body["projectId"] = project
+    resp = json_response(body, seq=state.seq)
+    if "classification" in request.query:
+        resp.headers["X-Deprecated-Param"] = "classification: use boundary"
+    return resp
+
+
+async def find_item(request: web.Request, work_id: str) -> tuple[ProjectView, Record]:
+    """The item in the named project; without one named, search every project (as the original)."""
+    named = explicit_project(request)
+    if named is not None:
+        view = await read_view(request, named)
+        if view is not None and work_id in view.state.work:
+            return view, view.state.work[work_id]
+    else:
+        default_view = await read_view(request, project_of(request))
+        candidates = [default_view] if default_view else []
+        candidates += [v for p, v in sorted(services(request).replica.views.items()) if v is not default_view]
+        for view in candidates:
+            if work_id in view.state.work:
+                return view, view.state.work[work_id]
+    raise NotFound(f"work item {work_id} not found", field="id")
+
+
+async def get_work(request: web.Request) -> web.Response:
+    view, item = await find_item(request, request.match_info["id"])
+    return json_response(present(view.state, item), seq=view.state.seq)
+
+
+async def cancel(request: web.Request) -> web.Response:
+    body = await parse_body(request, Reason)
+    view, item = await find_item(request, request.match_info["id"])
+    ctx = ctx_of(request, view.project)
+    outcome = await services(request).commands.cancel_work(ctx, item["id"], body.reason)
+    msg = f"work item {item['id']} cancelled"
+    return json_response({"success": True, "message": msg, "id": item["id"], "seq": outcome.seq}, seq=outcome.seq)
+
+
+def batch_body(outcome: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    processed = len(outcome.succeeded) + len(outcome.failed) + len(outcome.skipped)
+    return {
+        "success": outcome.succeeded,
+        "failed": outcome.failed,
+        "count": len(outcome.succeeded),
+        "errors": outcome.errors,
+        "completedAt": utc_now(),
+        "totalProcessed": processed,
+        "successRate": (len(outcome.succeeded) / processed) if processed else 1.0,
+        "seq": outcome.seq,
+        **extra,
+    }
+
+
+async def cancel_batch(request: web.Request) -> web.Response:
+    project = project_of(request)
+    body = await parse_body(request, CancelBatch)
+    ctx = ctx_of(request, project)
+    flt = body.filter.model_dump() if body.filter else None
+    outcome = await services(request).commands.cancel_batch(ctx, body.workItemIds, flt, body.reason, body.reassign)
+    cancelled = [i for i in outcome.succeeded if i not in outcome.moved]
+    extra = {"cancelledItems": cancelled, "reassignedItems": outcome.moved, "notCancellable": outcome.skipped}
+    return json_response(batch_body(outcome, extra), seq=outcome.seq)
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.get("/api/work", list_work),
+        web.post("/api/work", submit),
+        web.post("/api/work/cancel-batch", cancel_batch),
+        web.get("/api/work/{id}", get_work),
+        web.post("/api/work/{id}/cancel", cancel),
+    ]

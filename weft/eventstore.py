@@ -1,0 +1,285 @@
+"""JetStream persistence: one stream per project, OCC + dedupe appends, ordered tails, snapshots.
+
+Everything weft knows is in these streams. Appends carry `Nats-Msg-Id` (the event id: the server
+drops a repeat inside its duplicate window) and `Nats-Expected-Last-Subject-Sequence` (the entity's
+last sequence as the writer saw it: a stale writer is rejected, never applied). Snapshots live in
+an object store because a project's state quickly outgrows NATS's 1 MiB message limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+
+from weft.events import Event, decode, stream_name
+
+log = logging.getLogger("weft.eventstore")
+
+WRONG_LAST_SEQUENCE = 10071
+STREAM_NOT_FOUND = 10059
+OBJECT_NOT_FOUND = 10037
+SNAPSHOT_BUCKET = "weft-snapshots"
+
+
+class ConcurrencyConflict(Exception):
+    """Another writer appended to the entity since our projection last saw it."""
+
+    def __init__(self, subject: str, expected: int) -> None:
+        super().__init__(f"{subject}: expected last sequence {expected} is stale")
+        self.subject = subject
+        self.expected = expected
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    seq: int
+    duplicate: bool
+
+
+class EventStore:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        *,
+        replicas: int = 1,
+        duplicate_window_s: float = 120.0,
+        publish_timeout_s: float = 5.0,
+    ) -> None:
+        self.js = js
+        self.replicas = replicas
+        self.duplicate_window_s = duplicate_window_s
+        self.publish_timeout_s = publish_timeout_s
+        self._known_streams: set[str] = set()
+        self._stream_lock = asyncio.Lock()
+        self._snapshots: nats.js.object_store.ObjectStore | None = None
+
+    # --- streams ---------------------------------------------------------------------------
+
+    async def ensure_stream(self, project: str) -> None:
+        name = stream_name(project)
+        if name in self._known_streams:
+            return
+        async with self._stream_lock:
+            if name in self._known_streams:
+                return
+            config = api.StreamConfig(
+                name=name,
+                subjects=[f"weft.{project}.ev.>"],
+                retention=api.RetentionPolicy.LIMITS,
+                storage=api.StorageType.FILE,
+                num_replicas=self.replicas,
+                duplicate_window=self.duplicate_window_s,
+                allow_direct=True,
+                discard=api.DiscardPolicy.NEW,
+            )
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError as err:
+                # Created concurrently by another replica with the same config: fine.
+                if "already in use" not in str(err.description or ""):
+                    raise
+            self._known_streams.add(name)
+
+    async def stream_exists(self, project: str) -> bool:
+        if stream_name(project) in self._known_streams:
+            return True
+        try:
+            await self.js.stream_info(stream_name(project))
+        except nats.js.errors.NotFoundError:
+            return False
+        self._known_streams.add(stream_name(project))
+        return True
+
+    async def last_seq(self, project: str) -> int:
+        try:
+            info = await self.js.stream_info(stream_name(project))
+        except nats.js.errors.NotFoundError:
+            return 0
+        return int(info.state.last_seq)
+
+    async def list_projects(self) -> list[str]:
+        projects = []
+        for info in await self.js.streams_info():
+            name = info.config.name or ""
+            if name.startswith("WEFT_"):
+                projects.append(name[len("WEFT_") :])
+                self._known_streams.add(name)
+        return sorted(projects)
+
+    # --- append ----------------------------------------------------------------------------
+
+    async def append(self, ev: Event, expected_seq: int | None) -> Appended:
+        """Append one event. `expected_seq` is the entity's last subject sequence (0 = new entity);
+        None skips the check (only for events that cannot conflict)."""
+        await self.ensure_stream(ev.project)
+        headers: dict[str, str] = {api.Header.MSG_ID.value: ev.id}
+        if expected_seq is not None:
+            headers[api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value] = str(expected_seq)
+        try:
+            ack = await self.js.publish(
+                ev.subject,
+                ev.encode(),
+                timeout=self.publish_timeout_s,
+                stream=stream_name(ev.project),
+                headers=headers,
+            )
+        except nats.js.errors.APIError as err:
+            if err.err_code != WRONG_LAST_SEQUENCE:
+                raise
+            # The server checks the expected sequence before Msg-Id dedupe, so a retry of an append
+            # that already landed (a lost ack, say) looks like a conflict: recognise our own event.
+            own_seq = await self._last_seq_if_own(ev)
+            if own_seq is None:
+                raise ConcurrencyConflict(ev.subject, expected_seq or 0) from err
+            ev.seq = own_seq
+            return Appended(seq=own_seq, duplicate=True)
+        ev.seq = ack.seq
+        return Appended(seq=ack.seq, duplicate=bool(ack.duplicate))
+
+    async def _last_seq_if_own(self, ev: Event) -> int | None:
+        try:
+            last = await self.js.get_last_msg(stream_name(ev.project), ev.subject, direct=True)
+        except nats.js.errors.NotFoundError:
+            return None
+        if (last.headers or {}).get(api.Header.MSG_ID.value) == ev.id and last.seq:
+            return int(last.seq)
+        return None
+
+    # --- read ------------------------------------------------------------------------------
+
+    async def tail(
+        self,
+        project: str,
+        from_seq: int,
+        on_event: Callable[[Event], Awaitable[None] | None],
+    ) -> Tail:
+        """Deliver every event from `from_seq` on, in order, forever (one ordered consumer)."""
+        await self.ensure_stream(project)
+        tail = Tail(self, project, from_seq, on_event)
+        await tail.start()
+        return tail
+
+    async def read_range(self, project: str, start: int = 1, end: int | None = None) -> AsyncIterator[Event]:
+        """Events with start <= seq <= end (end defaults to the stream's last sequence now)."""
+        last = await self.last_seq(project)
+        end = last if end is None else min(end, last)
+        if end < start:
+            return
+        sub = await self._ordered_sub(project, start)
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=10)
+                seq = msg.metadata.sequence.stream
+                if seq > end:
+                    break
+                yield decode(msg.data, seq)
+                if seq >= end:
+                    break
+        finally:
+            await sub.unsubscribe()
+
+    async def _ordered_sub(self, project: str, start: int) -> JetStreamContext.PushSubscription:
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start)
+        )
+        return await self.js.subscribe(
+            f"weft.{project}.ev.>",
+            stream=stream_name(project),
+            ordered_consumer=True,
+            config=config,
+            pending_msgs_limit=1_000_000,
+            pending_bytes_limit=512 * 1024 * 1024,
+        )
+
+    # --- snapshots -------------------------------------------------------------------------
+
+    async def _snapshot_store(self) -> nats.js.object_store.ObjectStore:
+        if self._snapshots is None:
+            try:
+                self._snapshots = await self.js.object_store(SNAPSHOT_BUCKET)
+            except nats.js.errors.BucketNotFoundError:
+                self._snapshots = await self.js.create_object_store(
+                    SNAPSHOT_BUCKET,
+                    config=api.ObjectStoreConfig(
+                        bucket=SNAPSHOT_BUCKET, storage=api.StorageType.FILE, replicas=self.replicas
+                    ),
+                )
+        return self._snapshots
+
+    async def save_snapshot(self, project: str, payload: bytes) -> None:
+        store = await self._snapshot_store()
+        await store.put(project, payload)
+
+    async def load_snapshot(self, project: str) -> bytes | None:
+        store = await self._snapshot_store()
+        try:
+            result = await store.get(project)
+        except (nats.js.errors.ObjectNotFoundError, nats.js.errors.NotFoundError, nats.js.errors.ObjectDeletedError):
+            return None
+        return bytes(result.data or b"")
+
+    async def delete_snapshot(self, project: str) -> None:
+        store = await self._snapshot_store()
+        try:
+            await store.delete(project)
+        except (nats.js.errors.ObjectNotFoundError, nats.js.errors.NotFoundError):
+            pass
+
+
+class Tail:
+    """An ordered consumer feeding a callback; one per project per replica (never per request)."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        project: str,
+        from_seq: int,
+        on_event: Callable[[Event], Awaitable[None] | None],
+    ) -> None:
+        self.store = store
+        self.project = project
+        self.from_seq = from_seq
+        self.on_event = on_event
+        self._sub: JetStreamContext.PushSubscription | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._sub = await self.store._ordered_sub(self.project, self.from_seq)
+        self._task = asyncio.create_task(self._run(), name=f"tail:{self.project}")
+
+    async def _run(self) -> None:
+        assert self._sub is not None
+        async for msg in self._sub.messages:
+            try:
+                ev = decode(msg.data, _stream_seq(msg))
+            except Exception:
+                log.exception("undecodable event skipped", extra={"project": self.project})
+                continue
+            result = self.on_event(ev)
+            if result is not None:
+                await result
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:
+                pass
+
+
+def _stream_seq(msg: Msg) -> int:
+    # "$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>" (or the v2 form with
+    # domain and account hash tokens); metadata parsing handles both.
+    return int(msg.metadata.sequence.stream)

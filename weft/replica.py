@@ -1,0 +1,192 @@
+"""A replica's live read model: one ordered tail per project stream feeding the pure projections.
+
+Each replica tails every project stream (one ordered consumer per project, never one per request),
+so any replica can serve any read, and `wait_for(seq)` gives read-your-writes behind a load balancer.
+Snapshots are written every `snapshot_every` events and only ever shorten a rebuild.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Callable
+
+import orjson
+
+from projections import ProjectState, apply, decode_state, encode_state
+from weft.events import Event, is_valid_project_id
+from weft.eventstore import EventStore, Tail
+
+log = logging.getLogger("weft.replica")
+
+Listener = Callable[[Event, ProjectState], None]
+
+
+class ProjectView:
+    """The folded state of one project plus the means to wait for a sequence and to be told of events."""
+
+    def __init__(self, project: str, state: ProjectState | None = None) -> None:
+        self.project = project
+        self.state = state or ProjectState(project=project)
+        self.listeners: list[Listener] = []
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._counter = itertools.count()
+        self.caught_up = asyncio.Event()
+        self.target_seq = 0  # the stream's last sequence when we attached
+        self.tail: Tail | None = None
+        self.events_since_snapshot = 0
+
+    def apply(self, ev: Event) -> None:
+        if ev.seq and ev.seq <= self.state.seq:
+            return
+        apply(self.state, ev)
+        self.events_since_snapshot += 1
+        seq = self.state.seq
+        while self._waiters and self._waiters[0][0] <= seq:
+            _, _, fut = heapq.heappop(self._waiters)
+            if not fut.done():
+                fut.set_result(None)
+        if not self.caught_up.is_set() and seq >= self.target_seq:
+            self.caught_up.set()
+        for listener in self.listeners:
+            try:
+                listener(ev, self.state)
+            except Exception:
+                log.exception("listener failed", extra={"project": self.project})
+
+    async def wait_for(self, seq: int, timeout: float) -> bool:
+        """True once the projection reached `seq`; False after `timeout` seconds."""
+        if self.state.seq >= seq:
+            return True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (seq, next(self._counter), fut))
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+
+class Replica:
+    def __init__(self, store: EventStore, *, snapshot_every: int = 50_000) -> None:
+        self.store = store
+        self.snapshot_every = snapshot_every
+        self.views: dict[str, ProjectView] = {}
+        self._attach_lock = asyncio.Lock()
+        self._snapshot_tasks: set[asyncio.Task[object]] = set()
+        self._advisory_sub: object | None = None
+        self.on_attach: list[Callable[[ProjectView], None]] = []
+        self.started_at = time.monotonic()
+
+    async def start(self) -> None:
+        for project in await self.store.list_projects():
+            await self.attach(project)
+        # Streams created by other replicas: attach as soon as the server announces them.
+        self._advisory_sub = await self.store.js._nc.subscribe(
+            "$JS.EVENT.ADVISORY.STREAM.CREATED.*", cb=self._on_stream_created
+        )
+
+    async def _on_stream_created(self, msg: object) -> None:
+        stream = getattr(msg, "subject", "").rsplit(".", 1)[-1]
+        if stream.startswith("WEFT_"):
+            project = stream[len("WEFT_") :]
+            if is_valid_project_id(project):
+                task = asyncio.create_task(self.attach(project))
+                self._snapshot_tasks.add(task)  # keep a reference until done
+                task.add_done_callback(self._snapshot_tasks.discard)
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until every project known at start has been folded up to its last sequence then."""
+        await asyncio.wait_for(
+            asyncio.gather(*(v.caught_up.wait() for v in list(self.views.values()))), timeout
+        )
+
+    @property
+    def ready(self) -> bool:
+        return all(v.caught_up.is_set() for v in self.views.values())
+
+    async def view(self, project: str, *, create: bool = False) -> ProjectView | None:
+        """The project's view; attaches lazily. Without `create`, an unknown project gives None."""
+        v = self.views.get(project)
+        if v is not None:
+            return v
+        if not create and not await self.store.stream_exists(project):
+            return None
+        return await self.attach(project)
+
+    async def attach(self, project: str) -> ProjectView:
+        async with self._attach_lock:
+            existing = self.views.get(project)
+            if existing is not None:
+                return existing
+            await self.store.ensure_stream(project)
+            state = await self._load_snapshot(project)
+            view = ProjectView(project, state)
+            view.target_seq = await self.store.last_seq(project)
+            if view.state.seq >= view.target_seq:
+                view.caught_up.set()
+            self.views[project] = view
+            view.listeners.append(self._maybe_snapshot)
+            view.tail = await self.store.tail(project, view.state.seq + 1, view.apply)
+            for hook in self.on_attach:
+                hook(view)
+            log.info(
+                "project attached",
+                extra={"project": project, "from_seq": view.state.seq, "target_seq": view.target_seq},
+            )
+            return view
+
+    async def _load_snapshot(self, project: str) -> ProjectState | None:
+        try:
+            raw = await self.store.load_snapshot(project)
+            if raw is None:
+                return None
+            return decode_state(raw)
+        except (ValueError, orjson.JSONDecodeError, KeyError) as err:
+            # A snapshot is an optimisation: an unreadable or old-schema one means a full replay.
+            log.warning("snapshot ignored: %s", err, extra={"project": project})
+            return None
+
+    def _maybe_snapshot(self, ev: Event, state: ProjectState) -> None:
+        view = self.views.get(state.project)
+        if view is None or not self.snapshot_every or view.events_since_snapshot < self.snapshot_every:
+            return
+        view.events_since_snapshot = 0
+        # Encode now, on the loop, so the snapshot is exactly the state at this sequence.
+        payload = encode_state(state)
+        task = asyncio.create_task(self._write_snapshot(state.project, payload, state.seq))
+        self._snapshot_tasks.add(task)
+        task.add_done_callback(self._snapshot_tasks.discard)
+
+    async def _write_snapshot(self, project: str, payload: bytes, seq: int) -> None:
+        try:
+            await self.store.save_snapshot(project, payload)
+            log.info("snapshot written", extra={"project": project, "seq": seq, "bytes": len(payload)})
+        except Exception:
+            log.exception("snapshot write failed", extra={"project": project})
+
+    async def snapshot_now(self, project: str) -> int:
+        view = self.views[project]
+        view.events_since_snapshot = 0
+        await self.store.save_snapshot(project, encode_state(view.state))
+        return view.state.seq
+
+    async def catch_up(self, project: str, timeout: float) -> bool:
+        """Fold up to the stream's current last sequence (after an OCC conflict, say)."""
+        view = self.views[project]
+        return await view.wait_for(await self.store.last_seq(project), timeout)
+
+    async def stop(self) -> None:
+        if self._advisory_sub is not None:
+            try:
+                await self._advisory_sub.unsubscribe()  # type: ignore[attr-defined]
+            except Exception:
+                pass
+        for view in self.views.values():
+            if view.tail is not None:
+                await view.tail.stop()
+        if self._snapshot_tasks:
+            await asyncio.gather(*self._snapshot_tasks, return_exceptions=True)

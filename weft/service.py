@@ -1,0 +1,86 @@
+"""One weft replica: NATS connection, event store, live projections, commands and the HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats
+from aiohttp import web
+from nats.aio.client import Client as NATS
+
+from weft.api import create_app
+from weft.api.common import Services
+from weft.commands import Commands
+from weft.eventstore import EventStore
+from weft.replica import Replica
+from weft.settings import Settings
+
+log = logging.getLogger("weft.service")
+
+
+async def connect_nats(settings: Settings, url: str, *, connect_timeout_s: float = 30.0) -> NATS:
+    """Connect, retrying until `connect_timeout_s`, then reconnect forever once connected."""
+
+    async def on_disconnect() -> None:
+        log.warning("nats disconnected")
+
+    async def on_reconnect() -> None:
+        log.info("nats reconnected")
+
+    async def on_error(err: Exception) -> None:
+        log.warning("nats error: %s", err)
+
+    return await nats.connect(
+        url,
+        user=settings.nats_user,
+        password=settings.nats_pass,
+        name=f"weft-{settings.replica_name}",
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        allow_reconnect=True,
+        connect_timeout=2,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+        error_cb=on_error,
+    )
+
+
+class WeftService:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.nc: NATS | None = None
+        self.replica: Replica | None = None
+        self.commands: Commands | None = None
+        self.app: web.Application | None = None
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def start(self, nats_url: str, *, serve_http: bool = True) -> None:
+        self.nc = await connect_nats(self.settings, nats_url)
+        store = EventStore(self.nc.jetstream(), replicas=self.settings.stream_replicas)
+        self.replica = Replica(store, snapshot_every=self.settings.snapshot_every)
+        await self.replica.start()
+        self.commands = Commands(self.replica, store)
+        self.app = create_app(Services(self.settings, self.replica, self.commands))
+        if serve_http:
+            self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, self.settings.api_host, self.settings.api_port, backlog=1024)
+            await site.start()
+            sockets = getattr(site._server, "sockets", None) or []
+            self.port = sockets[0].getsockname()[1] if sockets else self.settings.api_port
+            log.info("weft serving", extra={"host": self.settings.api_host, "port": self.port})
+        await self.replica.wait_ready(timeout=None)
+        log.info("projections caught up", extra={"projects": len(self.replica.views)})
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.replica is not None:
+            await self.replica.stop()
+        if self.nc is not None:
+            try:
+                await asyncio.wait_for(self.nc.drain(), 5)
+            except Exception:
+                await self.nc.close()

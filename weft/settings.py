@@ -1,0 +1,89 @@
+"""Configuration, read once from the environment into a typed object. Nothing else reads os.environ.
+
+Names follow the original Weft where one exists (NATS_URL, API_PORT, API_TOKENS, LOOMINAL_PROJECT_ID,
+IDLE_TIMEOUT_MS, ...); weft's own settings are prefixed WEFT_.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    nats_url: str | None = None  # None: `weft serve --embedded` starts the bundled server
+    nats_user: str | None = None
+    nats_pass: str | None = None
+    api_host: str = "0.0.0.0"
+    api_port: int = 3000
+    api_tokens: tuple[str, ...] = ()
+    default_project: str = "default"
+    idle_timeout_ms: int = 300_000
+    log_level: str = "INFO"
+    log_format: str = "text"
+    data_dir: Path = field(default_factory=lambda: Path(".weft-data"))
+    embedded_nats_port: int = 4222
+    stream_replicas: int = 1
+    max_body_bytes: int = 1024 * 1024
+    snapshot_every: int = 50_000
+    min_seq_wait_ms: int = 5_000
+    replica_name: str = ""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        e = os.environ if env is None else env
+        tokens = tuple(t.strip() for t in e.get("API_TOKENS", "").split(",") if t.strip())
+        project = e.get("LOOMINAL_PROJECT_ID") or e.get("WEFT_PROJECT") or "default"
+        from weft.events import is_valid_project_id
+
+        if not is_valid_project_id(project):
+            raise SettingsError(f"LOOMINAL_PROJECT_ID {project!r} must match [A-Za-z0-9_-]{{1,64}}")
+        return cls(
+            nats_url=e.get("NATS_URL") or None,
+            nats_user=e.get("NATS_USER") or None,
+            nats_pass=e.get("NATS_PASS") or None,
+            api_host=e.get("API_HOST", "0.0.0.0"),
+            api_port=_int(e, "API_PORT", 3000),
+            api_tokens=tokens,
+            default_project=project,
+            idle_timeout_ms=_int(e, "IDLE_TIMEOUT_MS", 300_000, 1),
+            log_level=e.get("LOG_LEVEL", "info").upper(),
+            log_format=e.get("LOG_FORMAT", "text").lower(),
+            data_dir=Path(e.get("WEFT_DATA_DIR", ".weft-data")),
+            embedded_nats_port=_int(e, "WEFT_NATS_PORT", 4222),
+            stream_replicas=_int(e, "WEFT_STREAM_REPLICAS", 1, 1),
+            max_body_bytes=_int(e, "WEFT_MAX_BODY_BYTES", 1024 * 1024, 1024),
+            snapshot_every=_int(e, "WEFT_SNAPSHOT_EVERY", 50_000, 0),
+            min_seq_wait_ms=_int(e, "WEFT_MIN_SEQ_WAIT_MS", 5_000, 0),
+            replica_name=e.get("WEFT_REPLICA_NAME", "") or os.uname().nodename + f"-{os.getpid()}",
+        )
