@@ -70,6 +70,8 @@ OPERATIONS: list[tuple[str, str, str, list[dict[str, Any]], type[BaseModel] | No
     ("post", "/api/targets/{idOrName}/disable", "Disable a target", [p("idOrName"), PROJECT], schemas.Reason, 200),
     ("get", "/api/stats", "Fleet statistics, all projects", [PROJECT], None, 200),
     ("get", "/api/stats/projects", "Projects known to this replica", [PROJECT], None, 200),
+    ("get", "/api/stats/projection", "This replica's fold of a project: seq and state hash", [PROJECT, MIN_SEQ],
+     None, 200),
     ("get", "/api/channels", "Warp channels of a project", [PROJECT], None, 200),
     ("get", "/api/channels/{name}/messages", "Recent messages of a Warp channel",
      [p("name"), PROJECT, *q("limit")], None, 200),

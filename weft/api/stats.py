@@ -8,7 +8,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from weft.api.common import all_views, explicit_project, json_response, read_view
+from projections import ProjectState, state_hash
+from weft.api.common import all_views, explicit_project, json_response, project_of, read_view
 from weft.events import utc_now
 from weft.replica import ProjectView
 
@@ -72,5 +73,19 @@ async def projects(request: web.Request) -> web.Response:
     return _cached(request, body)
 
 
+async def projection(request: web.Request) -> web.Response:
+    """The fold's identity on this replica: equal `stateHash` at equal `seq` on every replica."""
+    project = project_of(request)
+    view = await read_view(request, project)
+    state = view.state if view else ProjectState(project=project)
+    return json_response(
+        {"projectId": project, "seq": state.seq, "stateHash": state_hash(state), "eventsApplied": state.events_applied}
+    )
+
+
 def routes() -> list[web.RouteDef]:
-    return [web.get("/api/stats", stats), web.get("/api/stats/projects", projects)]
+    return [
+        web.get("/api/stats", stats),
+        web.get("/api/stats/projects", projects),
+        web.get("/api/stats/projection", projection),
+    ]

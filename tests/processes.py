@@ -1,0 +1,86 @@
+"""Real `weft serve` processes for tests: start, wait for the ready line, stop gracefully or kill -9."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from weft.embedded import free_port
+
+WEFT = str(Path(sys.executable).parent / "weft")
+
+
+class WeftProcess:
+    def __init__(self, nats_url: str, project: str, env: Mapping[str, str] | None = None) -> None:
+        self.nats_url = nats_url
+        self.project = project
+        self.port = free_port()
+        self.extra_env = dict(env or {})
+        self.proc: asyncio.subprocess.Process | None = None
+        self.output: list[str] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self, timeout: float = 60.0) -> None:
+        env = {
+            **os.environ,
+            "NATS_URL": self.nats_url,
+            "API_HOST": "127.0.0.1",
+            "API_PORT": str(self.port),
+            "LOOMINAL_PROJECT_ID": self.project,
+            "LOG_LEVEL": "warning",
+            "WEFT_SNAPSHOT_EVERY": "0",
+            **self.extra_env,
+        }
+        self.proc = await asyncio.create_subprocess_exec(
+            WEFT, "serve", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        ready = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.create_task(self._read(ready))
+        await asyncio.wait_for(ready, timeout)
+
+    async def _read(self, ready: asyncio.Future[None]) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            text = line.decode(errors="replace").rstrip()
+            self.output.append(text)
+            if "weft ready on" in text and not ready.done():
+                ready.set_result(None)
+        if not ready.done():
+            ready.set_exception(RuntimeError("weft exited before ready:\n" + "\n".join(self.output[-20:])))
+
+    async def stop(self) -> int:
+        return await self._signal(signal.SIGTERM)
+
+    async def kill(self) -> int:
+        return await self._signal(signal.SIGKILL)
+
+    async def _signal(self, sig: signal.Signals) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        code = await asyncio.wait_for(self.proc.wait(), 30)
+        if self._reader is not None:
+            await self._reader
+        self.proc = None
+        return code
+
+    async def get(self, session: aiohttp.ClientSession, path: str, **params: Any) -> Any:
+        async with session.get(self.base + path, params={"projectId": self.project, **params}) as resp:
+            assert resp.status == 200, await resp.text()
+            return await resp.json()
+
+    async def post(self, session: aiohttp.ClientSession, path: str, body: Any) -> tuple[int, Any]:
+        async with session.post(self.base + path, json=body, params={"projectId": self.project}) as resp:
+            return resp.status, await resp.json()

@@ -1,0 +1,495 @@
+"""Per-project scheduler lease in the JetStream KV bucket `weft-leases` (DESIGN.md §1, §5).
+
+One key per project; its value is orjson `{holder, acquiredAt}` (renewals add `epoch`, `renewedAt`).
+
+- **Acquire** = `kv.create` (create-if-absent). The revision it returns starts a leadership term and
+  is the term's *epoch*: stream sequences only grow, so every later term has a larger epoch.
+- **Renew** = `kv.update(key, value, last=revision)`: a compare-and-set on the holder's own last
+  revision. The epoch stays the same for the whole term. A failed CAS means someone else's entry
+  is there (ours lapsed or was removed): leadership is lost and the epoch becomes None.
+- **Expiry**: the bucket's TTL (`max_age` of its stream, history 1) removes an entry that was not
+  renewed in time, so a dead leader's lease lapses and another replica's `create` succeeds.
+- **Local validity**: a holder counts itself leader only until `ttl` after it *sent* its last
+  successful write (the server stamps the entry no earlier, so it cannot expire sooner). If renewals
+  keep failing (partition, slow server), the holder steps down on its own before anyone else can
+  take over. Decision events still carry the epoch and use per-entity OCC: that is the real fence.
+- **Release** = a CAS delete of the holder's own revision: it never removes a successor's lease.
+
+A write whose outcome is unknown (timeout, cancellation) is resolved on the next attempt: if the
+entry turns out to be ours (same holder and epoch, or the exact bytes of our pending create), it is
+adopted rather than treated as someone else's.
+
+`LeaderElector` runs the renew loop for a set of projects and reports transitions through
+callbacks and awaitable predicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import random
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import nats.errors
+import orjson
+from nats.js.api import KeyValueConfig
+from nats.js.client import JetStreamContext
+from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from weft.events import is_valid_project_id, utc_now
+
+log = logging.getLogger("weft.leader")
+
+LEASE_BUCKET = "weft-leases"
+DEFAULT_TTL_S = 6.0
+
+# Failures that leave the outcome of a lease operation unknown or merely postpone it.
+_TRANSIENT: tuple[type[BaseException], ...] = (nats.errors.Error, asyncio.TimeoutError, OSError)
+
+ElectedCallback = Callable[[str, int], Awaitable[None] | None]
+DeposedCallback = Callable[[str], Awaitable[None] | None]
+
+
+class LeaseError(RuntimeError):
+    """The lease bucket cannot provide leases (e.g. it exists without a TTL)."""
+
+
+async def open_lease_bucket(
+    js: JetStreamContext, ttl_s: float = DEFAULT_TTL_S, bucket: str = LEASE_BUCKET, replicas: int = 1
+) -> tuple[KeyValue, float]:
+    """Open (creating if missing) the lease bucket; returns it and its effective TTL in seconds.
+
+    The TTL is a property of the bucket (its stream's max_age), shared by every project's lease.
+    If the bucket already exists with another TTL, that TTL wins (logged): renewal intervals must
+    follow the TTL that actually expires entries. A bucket without a TTL is refused.
+    """
+    if ttl_s <= 0:
+        raise ValueError("ttl_s must be > 0")
+    try:
+        kv = await js.key_value(bucket)
+    except BucketNotFoundError:
+        config = KeyValueConfig(
+            bucket=bucket, history=1, ttl=ttl_s, replicas=replicas, description="weft scheduler leases"
+        )
+        try:
+            kv = await js.create_key_value(config)
+        except BadRequestError:  # created concurrently by another replica, perhaps with another TTL
+            kv = await js.key_value(bucket)
+    status = await kv.status()
+    ttl = status.ttl
+    if not ttl:
+        raise LeaseError(f"KV bucket {bucket} has no TTL: leases of dead holders would never lapse")
+    if abs(ttl - ttl_s) > 1e-3:
+        log.warning("lease bucket %s has ttl %.3fs, not the requested %.3fs; using the bucket's", bucket, ttl, ttl_s)
+    return kv, float(ttl)
+
+
+class LeaderLease:
+    """The lease on one project for one holder. Not safe for concurrent calls on one instance."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        project: str,
+        holder: str,
+        ttl_s: float = DEFAULT_TTL_S,
+        *,
+        bucket: str = LEASE_BUCKET,
+        kv: KeyValue | None = None,
+    ) -> None:
+        if not is_valid_project_id(project):
+            raise ValueError(f"invalid project id {project!r}")
+        if not holder:
+            raise ValueError("holder must be a non-empty, per-process unique name")
+        self.js = js
+        self.project = project
+        self.holder = holder
+        self.ttl_s = ttl_s
+        self.bucket = bucket
+        self._kv = kv
+        self._epoch: int | None = None
+        self._revision = 0
+        self._acquired_at = ""
+        self._valid_until = 0.0  # loop.time() after which we no longer count ourselves leader
+        self._pending_create: tuple[bytes, float] | None = None  # a create whose outcome is unknown
+        self._pending_renewals: list[float] = []  # send times of renewals whose outcome is unknown
+
+    # --- state -----------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int | None:
+        """The current term's epoch while the lease is locally valid, else None."""
+        return self._epoch if self.is_leader else None
+
+    @property
+    def is_leader(self) -> bool:
+        return self._epoch is not None and _now() < self._valid_until
+
+    @property
+    def revision(self) -> int:
+        """The KV revision of this holder's latest entry (0 when not holding)."""
+        return self._revision if self._epoch is not None else 0
+
+    # --- operations ------------------------------------------------------------------------
+
+    async def acquire_or_renew(self) -> int | None:
+        """Renew the lease if held, else try to acquire it. Returns the epoch, or None if not leader.
+
+        Transient errors (timeouts, connection loss) are logged and answered from local validity:
+        a holder stays leader until its last successful write is `ttl` old.
+        """
+        kv = await self._bucket()
+        if self._epoch is not None and _now() >= self._valid_until:
+            log.warning("lease %s lapsed locally (epoch %s): stepping down", self.project, self._epoch)
+            self._lose()
+        if self._epoch is not None:
+            return await self._renew(kv)
+        return await self._acquire(kv)
+
+    async def release(self) -> None:
+        """Give the lease up now (CAS delete of our own entry) so another holder can take over."""
+        if self._epoch is None:
+            return
+        epoch, revision = self._epoch, self._revision
+        self._lose()
+        kv = await self._bucket()
+        try:
+            await kv.delete(self.project, last=revision)
+            return
+        except _TRANSIENT as e:
+            # Wrong last revision (an unknown-outcome renewal landed) or a transient failure.
+            log.debug("lease %s release by revision %s failed: %r", self.project, revision, e)
+        with contextlib.suppress(*_TRANSIENT):
+            entry = await kv.get(self.project)
+            if self._entry_epoch(entry, epoch) == epoch:
+                await kv.delete(self.project, last=entry.revision)
+
+    async def current(self) -> dict[str, Any] | None:
+        """The lease entry as stored (`holder`, `acquiredAt`, `epoch`, `revision`), or None if free."""
+        kv = await self._bucket()
+        try:
+            entry = await kv.get(self.project)
+        except KeyNotFoundError:
+            return None
+        value = _decode(entry.value)
+        if value is None:
+            return None
+        value.setdefault("epoch", entry.revision)
+        value["revision"] = entry.revision
+        return value
+
+    # --- internals -------------------------------------------------------------------------
+
+    async def _bucket(self) -> KeyValue:
+        if self._kv is None:
+            self._kv, self.ttl_s = await open_lease_bucket(self.js, self.ttl_s, self.bucket)
+        return self._kv
+
+    async def _acquire(self, kv: KeyValue) -> int | None:
+        sent = _now()
+        acquired_at = utc_now()
+        value = orjson.dumps({"holder": self.holder, "acquiredAt": acquired_at})
+        previous = self._pending_create
+        self._pending_create = (value, sent)
+        try:
+            revision = await kv.create(self.project, value)
+        except (KeyWrongLastSequenceError, KeyNotFoundError):
+            # Someone's entry is there (or vanished mid-call). Ours, if a create of ours had timed out?
+            self._pending_create = previous
+            return await self._adopt_pending_create(kv)
+        except _TRANSIENT as e:
+            log.warning("lease %s acquire failed: %r", self.project, e)
+            return None
+        self._pending_create = None
+        self._start_term(revision, revision, acquired_at, sent)
+        log.info("lease %s acquired by %s, epoch %s", self.project, self.holder, revision)
+        return revision
+
+    async def _adopt_pending_create(self, kv: KeyValue) -> int | None:
+        pending = self._pending_create
+        if pending is None:
+            return None
+        try:
+            entry = await kv.get(self.project)
+        except KeyNotFoundError:
+            self._pending_create = None
+            return None
+        except _TRANSIENT:
+            return None
+        value, sent = pending
+        if entry.value != value:
+            if _now() >= sent + self.ttl_s:
+                self._pending_create = None  # it would have expired by now anyway
+            return None
+        self._pending_create = None
+        decoded = _decode(entry.value) or {}
+        self._start_term(entry.revision, entry.revision, str(decoded.get("acquiredAt", "")), sent)
+        log.info("lease %s: adopted our own create, epoch %s", self.project, entry.revision)
+        return entry.revision
+
+    async def _renew(self, kv: KeyValue) -> int | None:
+        epoch = self._epoch
+        assert epoch is not None
+        sent = _now()
+        value = orjson.dumps(
+            {"holder": self.holder, "acquiredAt": self._acquired_at, "epoch": epoch, "renewedAt": utc_now()}
+        )
+        self._pending_renewals.append(sent)
+        try:
+            revision = await kv.update(self.project, value, last=self._revision)
+        except KeyWrongLastSequenceError:
+            return await self._after_cas_failure(kv, epoch)
+        except _TRANSIENT as e:
+            log.warning("lease %s renew failed (epoch %s): %r", self.project, epoch, e)
+            return self.epoch
+        self._pending_renewals.clear()
+        self._revision = revision
+        self._valid_until = sent + self.ttl_s
+        return epoch
+
+    async def _after_cas_failure(self, kv: KeyValue, epoch: int) -> int | None:
+        """Our CAS failed: either a renewal of ours with unknown outcome landed, or we lost."""
+        if self._pending_renewals:
+            try:
+                entry = await kv.get(self.project)
+            except KeyNotFoundError:
+                entry = None
+            except _TRANSIENT:
+                return self.epoch  # cannot tell yet; local validity decides
+            if entry is not None and self._entry_epoch(entry, epoch) == epoch:
+                # The earliest unknown renewal is the latest one that could have produced it.
+                self._valid_until = max(self._valid_until, self._pending_renewals[0] + self.ttl_s)
+                self._revision = entry.revision
+                self._pending_renewals.clear()
+                log.info("lease %s: adopted our own renewal at revision %s", self.project, entry.revision)
+                return self.epoch
+        log.warning("lease %s lost by %s (epoch %s): entry changed under us", self.project, self.holder, epoch)
+        self._lose()
+        return None
+
+    def _entry_epoch(self, entry: KeyValue.Entry, epoch: int) -> int | None:
+        """The entry's epoch if it is one of ours for `epoch`'s term, else None."""
+        value = _decode(entry.value)
+        if value is None or value.get("holder") != self.holder:
+            return None
+        found = value.get("epoch", entry.revision)
+        return epoch if found == epoch else None
+
+    def _start_term(self, epoch: int, revision: int, acquired_at: str, sent: float) -> None:
+        self._epoch = epoch
+        self._revision = revision
+        self._acquired_at = acquired_at
+        self._valid_until = sent + self.ttl_s
+        self._pending_renewals.clear()
+
+    def _lose(self) -> None:
+        self._epoch = None
+        self._revision = 0
+        self._valid_until = 0.0
+        self._pending_renewals.clear()
+
+
+class LeaderElector:
+    """Keeps trying to lead a set of projects: acquires free leases, renews held ones every ttl/3.
+
+    `on_elected(project, epoch)` and `on_deposed(project)` (plain or async functions) run in the
+    loop, in order, after each round; keep them quick (start a task, do not schedule inline).
+    `stop()` reports every held project as deposed: a stopped elector renews nothing, so its
+    process must stop acting as leader even if the entries have not lapsed yet.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        holder: str,
+        projects: Iterable[str] = (),
+        *,
+        ttl_s: float = DEFAULT_TTL_S,
+        on_elected: ElectedCallback | None = None,
+        on_deposed: DeposedCallback | None = None,
+        bucket: str = LEASE_BUCKET,
+        replicas: int = 1,
+    ) -> None:
+        self.js = js
+        self.holder = holder
+        self.ttl_s = ttl_s
+        self.bucket = bucket
+        self.replicas = replicas
+        self.on_elected = on_elected
+        self.on_deposed = on_deposed
+        self._kv: KeyValue | None = None
+        self._leases: dict[str, LeaderLease] = {}
+        self._leaders: dict[str, int] = {}
+        self._cond = asyncio.Condition()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._round_lock = asyncio.Lock()
+        self.rounds = 0
+        for p in projects:
+            self.add_project(p)
+
+    # --- state -----------------------------------------------------------------------------
+
+    @property
+    def interval(self) -> float:
+        return self.ttl_s / 3
+
+    @property
+    def leaders(self) -> dict[str, int]:
+        """Projects this elector currently leads, with their epochs (as of the last round)."""
+        return dict(self._leaders)
+
+    def epoch(self, project: str) -> int | None:
+        """The epoch to stamp on decisions for `project`, or None if not (or no longer) leader."""
+        lease = self._leases.get(project)
+        if lease is None or project not in self._leaders:
+            return None
+        return lease.epoch
+
+    def is_leader(self, project: str) -> bool:
+        return self.epoch(project) is not None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    # --- membership ------------------------------------------------------------------------
+
+    def add_project(self, project: str) -> None:
+        """Compete for `project` from the next round (which starts at once if running)."""
+        if project not in self._leases:
+            self._leases[project] = LeaderLease(
+                self.js, project, self.holder, self.ttl_s, bucket=self.bucket, kv=self._kv
+            )
+            self._wake.set()
+
+    async def remove_project(self, project: str) -> None:
+        """Stop competing for `project`, releasing its lease if held."""
+        async with self._round_lock:
+            lease = self._leases.pop(project, None)
+            if lease is not None:
+                with contextlib.suppress(*_TRANSIENT):
+                    await lease.release()
+            await self._transition(project, None)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.running:
+            return
+        await self._open()
+        self._task = asyncio.create_task(self._loop(), name=f"weft-leader-{self.holder}")
+
+    async def stop(self, release: bool = True) -> None:
+        """Stop the loop. With `release`, give up held leases so others take over at once;
+        without (a simulated crash), they lapse after the TTL."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        async with self._round_lock:
+            for project, lease in list(self._leases.items()):
+                if release:
+                    with contextlib.suppress(*_TRANSIENT):
+                        await lease.release()
+                await self._transition(project, None)
+
+    async def run_once(self) -> None:
+        """One round: acquire or renew every project's lease (concurrently), then report changes."""
+        await self._open()
+        async with self._round_lock:
+            projects = list(self._leases.items())
+            results = await asyncio.gather(
+                *(asyncio.wait_for(lease.acquire_or_renew(), timeout=self.interval) for _p, lease in projects),
+                return_exceptions=True,
+            )
+            for (project, lease), result in zip(projects, results, strict=True):
+                if isinstance(result, BaseException):
+                    if not isinstance(result, _TRANSIENT):
+                        log.error("lease %s: unexpected error", project, exc_info=result)
+                    else:
+                        log.warning("lease %s: %r", project, result)
+                await self._transition(project, lease.epoch)
+            self.rounds += 1
+        async with self._cond:
+            self._cond.notify_all()
+
+    # --- awaiting transitions (tests, startup) ---------------------------------------------
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float | None = None) -> None:
+        """Wait, bounded by `timeout`, until `predicate()` holds after some round."""
+        async with asyncio.timeout(timeout), self._cond:
+            await self._cond.wait_for(predicate)
+
+    async def wait_elected(self, project: str, timeout: float | None = None) -> int:
+        await self.wait_until(lambda: project in self._leaders, timeout)
+        return self._leaders[project]
+
+    async def wait_deposed(self, project: str, timeout: float | None = None) -> None:
+        await self.wait_until(lambda: project not in self._leaders, timeout)
+
+    # --- internals -------------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        if self._kv is None:
+            self._kv, self.ttl_s = await open_lease_bucket(self.js, self.ttl_s, self.bucket, self.replicas)
+            for lease in self._leases.values():
+                lease._kv, lease.ttl_s = self._kv, self.ttl_s
+
+    async def _loop(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("leader election round failed")
+            # Jitter spreads the renewals of many replicas; the wake event starts a round early.
+            delay = self.interval * random.uniform(0.85, 1.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+
+    async def _transition(self, project: str, epoch: int | None) -> None:
+        old = self._leaders.get(project)
+        if old == epoch:
+            return
+        if old is not None:
+            del self._leaders[project]
+            log.info("%s deposed from %s (epoch %s)", self.holder, project, old)
+            await self._call(self.on_deposed, project)
+        if epoch is not None:
+            self._leaders[project] = epoch
+            log.info("%s elected for %s (epoch %s)", self.holder, project, epoch)
+            await self._call(self.on_elected, project, epoch)
+        async with self._cond:
+            self._cond.notify_all()
+
+    async def _call(self, callback: Callable[..., Any] | None, *args: Any) -> None:
+        if callback is None:
+            return
+        try:
+            result = callback(*args)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("leader callback %s%r failed", getattr(callback, "__name__", callback), args)
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+def _decode(raw: bytes | None) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
