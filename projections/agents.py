@@ -13,7 +13,7 @@ def new_agent(ev: Event) -> Record:
     """An agent in the original's RegisteredAgent shape, plus load and provenance fields."""
     d = ev.data
     return {
-        "guid": d["guid"],
+        "guid": ev.entity_id,  # the subject token; a differing data["guid"] must not split the record
         "handle": d.get("handle"),
         "agentType": d["agentType"],
         "status": "online",

@@ -26,6 +26,10 @@ def apply(state: ProjectState, ev: Event) -> ProjectState:
         if key in state.idempotency:
             return state
         state.idempotency[key] = ev.entity_id
+    if ev.epoch is not None:
+        if ev.epoch < state.epoch:
+            return state  # a deposed leader's late decision: in the stream, never applied
+        state.epoch = ev.epoch
     handler = _BY_ENTITY.get(ev.entity)
     if handler is not None:
         handler(state, ev)

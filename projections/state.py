@@ -37,6 +37,8 @@ class ProjectState:
     work_counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(WORK_STATUSES, 0))
     events_applied: int = 0
     last_activity: str | None = None
+    # Highest scheduler epoch seen: decision events of an older epoch (a deposed leader) are fenced.
+    epoch: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +53,7 @@ class ProjectState:
             "work_counts": self.work_counts,
             "events_applied": self.events_applied,
             "last_activity": self.last_activity,
+            "epoch": self.epoch,
         }
 
     @classmethod
@@ -68,6 +71,7 @@ class ProjectState:
             work_counts=d["work_counts"],
             events_applied=d["events_applied"],
             last_activity=d["last_activity"],
+            epoch=d.get("epoch", 0),
         )
 
 

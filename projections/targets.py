@@ -8,6 +8,26 @@ from projections.state import ProjectState, Record
 from weft.events import Event
 
 DEFAULT_BREAKER_THRESHOLD = 3
+# Fields the fold maintains from lifecycle events: `target.updated` never overwrites them (status
+# changes only through enabled/disabled/breaker/health, spin-up bookkeeping only through spinup.*).
+MAINTAINED = frozenset(
+    {
+        "id",
+        "status",
+        "disabledReason",
+        "healthStatus",
+        "lastHealthCheck",
+        "lastHealthLatencyMs",
+        "lastError",
+        "registeredAt",
+        "updatedAt",
+        "lastUsedAt",
+        "useCount",
+        "lastSpinUp",
+        "activeSpinUps",
+        "consecutiveFailures",
+    }
+)
 
 
 def new_target(ev: Event) -> Record:
@@ -91,7 +111,7 @@ def apply_target(state: ProjectState, ev: Event) -> None:
     if t is None:
         return
     if ev.type == "target.updated":
-        t.update(ev.data["changes"])
+        t.update({k: v for k, v in ev.data["changes"].items() if k not in MAINTAINED})
     elif ev.type == "target.enabled":
         t.update(status="available", consecutiveFailures=0)
     elif ev.type == "target.disabled":

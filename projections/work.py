@@ -79,7 +79,9 @@ def _submitted(state: ProjectState, item: Record | None, ev: Event) -> None:
 
 def _assigned(state: ProjectState, item: Record, ev: Event) -> None:
     agent = state.agents.get(ev.data["agentGuid"])
-    if item["status"] != "pending" or agent is None:
+    # An agent lost or deregistered after the decision (another subject, so OCC cannot catch it)
+    # gets nothing: the item stays pending for the next decision.
+    if item["status"] != "pending" or agent is None or agent["status"] == "offline":
         return
     if len(agent["currentTasks"]) >= agent["maxConcurrentTasks"]:
         return

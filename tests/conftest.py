@@ -62,7 +62,16 @@ from weft.settings import Settings  # noqa: E402
 @pytest.fixture(scope="session")
 async def weft_service(nats_server: EmbeddedNats) -> AsyncIterator[WeftService]:
     """One replica for the session; tests isolate by project id."""
-    settings = replace(Settings.from_env({}), replica_name="test", snapshot_every=0, min_seq_wait_ms=2000)
+    settings = replace(
+        Settings.from_env({}),
+        replica_name="test",
+        snapshot_every=0,
+        min_seq_wait_ms=2000,
+        heartbeat_ms=300,
+        accept_timeout_ms=1500,
+        retry_base_ms=20,
+        lease_ttl_s=2.0,
+    )
     service = WeftService(settings)
     await service.start(nats_server.url, serve_http=False)
     yield service
@@ -72,5 +81,5 @@ async def weft_service(nats_server: EmbeddedNats) -> AsyncIterator[WeftService]:
 @pytest.fixture
 async def api(weft_service: WeftService, project: str) -> AsyncIterator[Api]:
     client = await make_client(weft_service)
-    yield Api(client, project)
+    yield Api(client, project, weft_service)
     await client.close()

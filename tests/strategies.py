@@ -145,10 +145,16 @@ def _agent_data(t: str, guid: str) -> st.SearchStrategy[dict[str, Any]]:
 
 
 # A target.updated may (wrongly) name fields weft maintains itself: the fold must ignore those.
-_target_changes = st.dictionaries(
-    st.sampled_from(["description", "circuitBreakerThreshold", "status", "activeSpinUps", "consecutiveFailures"]),
-    st.one_of(short_text, st.integers(1, 4), st.just({})),
-    max_size=3,
+_target_changes = st.fixed_dictionaries(
+    {},
+    optional={
+        "description": short_text,
+        "circuitBreakerThreshold": st.integers(1, 4),
+        "status": st.sampled_from(["available", "error", "bogus"]),
+        "activeSpinUps": st.just({}),
+        "consecutiveFailures": st.integers(0, 5),
+        "useCount": st.integers(0, 5),
+    },
 )
 
 
@@ -202,6 +208,8 @@ def _target_data(t: str) -> st.SearchStrategy[dict[str, Any]]:
 
 
 Payload = tuple[str, str, dict[str, Any], str | None]
+# Scheduler decisions carry the leader's epoch; a lower epoch than one already seen is fenced.
+DECISIONS = frozenset({"work.assigned", "work.requeued", "work.dead_lettered", "agent.lost", "spinup.requested"})
 
 
 @st.composite
@@ -279,6 +287,8 @@ def event_sequences(draw: st.DrawFn, max_size: int = 60) -> list[Event]:
         else:
             payload = draw(random_payload())
         ev = make_event(seq, payload)
+        if ev.type in DECISIONS:
+            ev.epoch = draw(st.one_of(st.none(), st.integers(1, 3)))
         apply(state, ev)
         events.append(ev)
     return events

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from typing import Any
 
+import orjson
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -16,9 +18,10 @@ from weft.service import WeftService
 class Api:
     """An HTTP client bound to one project (sent as X-Weft-Project on every request)."""
 
-    def __init__(self, client: TestClient, project: str) -> None:
+    def __init__(self, client: TestClient, project: str, service: WeftService | None = None) -> None:
         self.client = client
         self.project = project
+        self.service = service
 
     async def call(self, method: str, path: str, json: Any = None, **kw: Any) -> ClientResponse:
         headers = {"X-Weft-Project": self.project, **kw.pop("headers", {})}
@@ -38,3 +41,84 @@ async def make_client(service: WeftService, **overrides: Any) -> TestClient:
     client = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()
     return client
+
+
+class FakeAgent:
+    """A protocol-level agent for tests: raw NATS requests, pushes collected in a queue.
+
+    With `auto=True` it accepts and completes every assignment it is pushed, like a tireless worker.
+    """
+
+    def __init__(
+        self,
+        nc: Any,
+        project: str,
+        guid: str,
+        *,
+        agent_type: str = "claude-code",
+        capabilities: tuple[str, ...] = ("python",),
+        boundaries: tuple[str, ...] = ("*",),
+        max_tasks: int = 1,
+        auto: bool = False,
+        heartbeat_s: float = 0.1,
+    ) -> None:
+        self.nc = nc
+        self.project = project
+        self.guid = guid
+        self.decl = {"guid": guid, "agentType": agent_type, "capabilities": list(capabilities),
+                     "boundaries": list(boundaries), "maxConcurrentTasks": max_tasks, "hostname": "test"}
+        self.auto = auto
+        self.heartbeat_s = heartbeat_s
+        self.pushes: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.completed: list[str] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sub: Any = None
+        self._beat: asyncio.Task[None] | None = None
+
+    async def request(self, verb: str, body: dict[str, Any]) -> dict[str, Any]:
+        msg = await self.nc.request(f"weft.{self.project}.{verb}", orjson.dumps({"guid": self.guid, **body}), timeout=10)
+        reply: dict[str, Any] = orjson.loads(msg.data)
+        return reply
+
+    async def start(self) -> dict[str, Any]:
+        self._sub = await self.nc.subscribe(f"weft.{self.project}.agent.{self.guid}.inbox", cb=self._on_push)
+        reply = await self.request("agent.register", self.decl)
+        assert reply["ok"], reply
+        self._beat = asyncio.create_task(self._heartbeat())
+        return reply
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await self.nc.publish(f"weft.{self.project}.agent.heartbeat.{self.guid}", b"{}")
+            await asyncio.sleep(self.heartbeat_s)
+
+    def stop_heartbeat(self) -> None:
+        if self._beat is not None:
+            self._beat.cancel()
+
+    async def _on_push(self, msg: Any) -> None:
+        push = orjson.loads(msg.data)
+        if self.auto and push["type"] == "assignment":
+            task = asyncio.create_task(self._work(push["work"]["id"]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        await self.pushes.put(push)
+
+    async def _work(self, work_id: str) -> None:
+        assert (await self.request("work.accept", {"workId": work_id}))["ok"]
+        reply = await self.request("work.complete", {"workId": work_id, "summary": f"done by {self.guid}"})
+        assert reply["ok"], reply
+        self.completed.append(work_id)
+
+    async def next_push(self, kind: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
+        while True:
+            push = await asyncio.wait_for(self.pushes.get(), timeout)
+            if kind is None or push["type"] == kind:
+                return push
+
+    async def close(self) -> None:
+        self.stop_heartbeat()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._sub is not None:
+            await self._sub.unsubscribe()

@@ -12,13 +12,13 @@ import asyncio
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from projections.state import LIVE_ASSIGNMENT, TERMINAL_WORK, ProjectState, Record
 from weft import targetspec
 from weft.errors import Conflict, InvalidInput, NotFound, Unavailable
-from weft.events import Event, idempotent_id, new_id, parse_ts
+from weft.events import Event, format_ts, idempotent_id, new_id, parse_ts
 from weft.eventstore import ConcurrencyConflict, EventStore
 from weft.replica import ProjectView, Replica
 
@@ -337,12 +337,191 @@ class Commands:
         return str(t["id"])
 
 
+    # --- agents and the work loop ---------------------------------------------------------------
+
+    async def register_agent(self, ctx: Ctx, decl: dict[str, Any]) -> Outcome:
+        guid = decl["guid"]
+        data = {
+            "guid": guid,
+            "handle": decl.get("handle"),
+            "agentType": decl["agentType"],
+            "capabilities": list(decl["capabilities"]),
+            "boundaries": list(decl["boundaries"]),
+            "maxConcurrentTasks": decl.get("maxConcurrentTasks", 1),
+            "hostname": decl.get("hostname"),
+            "username": decl.get("username"),
+            "visibility": decl.get("visibility", "project-only"),
+            "labels": dict(decl.get("labels") or {}),
+            "source": decl.get("source", "weft"),
+            "spinUpId": decl.get("spinUpId"),
+            "targetId": decl.get("targetId"),
+            "spindownAfterIdleMs": decl.get("spindownAfterIdleMs"),
+        }
+        return await self.execute(ctx, f"agent.{guid}", lambda s: self.event(ctx, "agent.registered", guid, data))
+
+    async def deregister_agent(self, ctx: Ctx, guid: str, reason: str | None) -> Outcome:
+        def decide(state: ProjectState) -> Event | None:
+            agent = state.agents.get(guid)
+            if agent is None:
+                raise NotFound(f"agent {guid} not found", field="guid")
+            if agent["status"] == "offline":
+                return None
+            return self.event(ctx, "agent.deregistered", guid, {"reason": reason})
+
+        return await self.execute(ctx, f"agent.{guid}", decide)
+
+    async def mark_agent_lost(self, ctx: Ctx, guid: str, last_heartbeat: str | None, epoch: int) -> Outcome:
+        def decide(state: ProjectState) -> Event | None:
+            agent = state.agents.get(guid)
+            if agent is None or agent["status"] == "offline":
+                return None
+            return self.event(ctx, "agent.lost", guid, {"lastHeartbeat": last_heartbeat}, epoch=epoch)
+
+        return await self.execute(ctx, f"agent.{guid}", decide)
+
+    async def assign_work(self, ctx: Ctx, work_id: str, guid: str, epoch: int, accept_by: str) -> Outcome:
+        """A scheduler decision: re-checked against the newest state, so a stale plan assigns nothing."""
+
+        def decide(state: ProjectState) -> Event | None:
+            item = state.work.get(work_id)
+            agent = state.agents.get(guid)
+            if item is None or agent is None or item["status"] != "pending":
+                return None
+            if agent["status"] == "offline" or agent["shutdownRequested"]:
+                return None
+            if len(agent["currentTasks"]) >= agent["maxConcurrentTasks"]:
+                return None
+            data = {"agentGuid": guid, "attempt": item["attempts"] + 1, "acceptBy": accept_by}
+            return self.event(ctx, "work.assigned", work_id, data, epoch=epoch)
+
+        return await self.execute(ctx, f"work.{work_id}", decide)
+
+    def _held(self, state: ProjectState, work_id: str, guid: str) -> Record:
+        item = _work(state, work_id)
+        if item["assignedTo"] != guid:
+            raise Conflict(f"work item {work_id} is not held by agent {guid}", field="guid")
+        return item
+
+    async def accept_work(self, ctx: Ctx, work_id: str, guid: str) -> Outcome:
+        def decide(state: ProjectState) -> Event | None:
+            item = self._held(state, work_id, guid)
+            if item["status"] == "in-progress":
+                return None
+            if item["status"] != "assigned":
+                raise Conflict(f"work item {work_id} is {item['status']}", field="workId")
+            return self.event(ctx, "work.started", work_id, {"agentGuid": guid})
+
+        return await self.execute(ctx, f"work.{work_id}", decide)
+
+    async def progress_work(self, ctx: Ctx, work_id: str, guid: str, progress: int, message: str | None) -> Outcome:
+        def decide(state: ProjectState) -> Event:
+            item = self._held(state, work_id, guid)
+            if item["status"] not in LIVE_ASSIGNMENT:
+                raise Conflict(f"work item {work_id} is {item['status']}", field="workId")
+            data = {"agentGuid": guid, "progress": progress, "message": message}
+            return self.event(ctx, "work.progressed", work_id, data)
+
+        return await self.execute(ctx, f"work.{work_id}", decide)
+
+    async def complete_work(
+        self, ctx: Ctx, work_id: str, guid: str, summary: str | None, output: Any, artifacts: list[Any] | None
+    ) -> Outcome:
+        def decide(state: ProjectState) -> Event | None:
+            item = self._held(state, work_id, guid)
+            if item["status"] == "completed":
+                return None
+            if item["status"] not in LIVE_ASSIGNMENT:
+                raise Conflict(f"work item {work_id} is {item['status']}", field="workId")
+            data = {"agentGuid": guid, "summary": summary, "output": output, "artifacts": artifacts}
+            return self.event(ctx, "work.completed", work_id, data)
+
+        return await self.execute(ctx, f"work.{work_id}", decide)
+
+    async def fail_work(
+        self,
+        ctx: Ctx,
+        work_id: str,
+        guid: str,
+        message: str,
+        code: str | None,
+        recoverable: bool,
+        retry: RetryPolicy,
+        now: datetime | None = None,
+    ) -> Outcome:
+        at = now or datetime.now(UTC)
+
+        def decide(state: ProjectState) -> Event:
+            item = self._held(state, work_id, guid)
+            if item["status"] not in LIVE_ASSIGNMENT:
+                raise Conflict(f"work item {work_id} is {item['status']}", field="workId")
+            again = recoverable and item["attempts"] < item["maxAttempts"]
+            data = {
+                "agentGuid": guid,
+                "message": message,
+                "code": code,
+                "recoverable": recoverable,
+                "outcome": "retry" if again else "dead-letter",
+                "retryAt": format_ts(at + retry.delay(item["attempts"])) if again else None,
+            }
+            return self.event(ctx, "work.failed", work_id, data)
+
+        return await self.execute(ctx, f"work.{work_id}", decide)
+
+    async def withdraw_assignment(self, ctx: Ctx, work_id: str, reason: str, epoch: int, max_withdrawals: int) -> Outcome:
+        """Scheduler: take a live assignment back (agent lost, not accepted in time). An item whose
+        agents keep vanishing is dead-lettered rather than requeued forever."""
+
+        def decide(state: ProjectState) -> Event | None:
+            item = state.work.get(work_id)
+            if item is None or item["status"] not in LIVE_ASSIGNMENT:
+                return None
+            if item["attempts"] >= max_withdrawals:
+                msg = f"{reason}; gave up after {item['attempts']} attempts"
+                return self.event(ctx, "work.dead_lettered", work_id, {"reason": msg}, epoch=epoch)
+            return self.event(ctx, "work.requeued", work_id, {"reason": reason, "retryAt": None}, epoch=epoch)
+
+        return await self.execute(ctx, f"work.{work_id}", decide)
+
+    async def retry_dead_letter(self, ctx: Ctx, work_id: str, reason: str | None) -> Outcome:
+        def decide(state: ProjectState) -> Event:
+            item = _dead_letter(state, work_id)
+            return self.event(ctx, "work.retried", item["id"], {"reason": reason})
+
+        return await self.execute(ctx, f"work.{work_id}", decide)
+
+    async def discard_dead_letter(self, ctx: Ctx, work_id: str, reason: str | None) -> Outcome:
+        def decide(state: ProjectState) -> Event:
+            item = _dead_letter(state, work_id)
+            return self.event(ctx, "work.discarded", item["id"], {"reason": reason})
+
+        return await self.execute(ctx, f"work.{work_id}", decide)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff between attempts of a recoverable failure."""
+
+    base_ms: int = 2_000
+    max_ms: int = 300_000
+
+    def delay(self, attempts: int) -> timedelta:
+        return timedelta(milliseconds=min(self.max_ms, self.base_ms * 2 ** max(0, attempts - 1)))
+
+
 # --- pure helpers ---------------------------------------------------------------------------------
 
 def _work(state: ProjectState, work_id: str) -> Record:
     item = state.work.get(work_id)
     if item is None:
         raise NotFound(f"work item {work_id} not found", field="id")
+    return item
+
+
+def _dead_letter(state: ProjectState, work_id: str) -> Record:
+    item = _work(state, work_id)
+    dl = item.get("deadLetter")
+    if item["status"] != "failed" or not dl or dl["discarded"]:
+        raise Conflict(f"work item {work_id} is not in the dead-letter queue", field="id")
     return item
 
 

@@ -35,3 +35,11 @@ class Unavailable(WeftError):
     """The store or the projection cannot answer now (NATS down, projection behind): retry later."""
 
     error = "Unavailable"
+
+
+def field_of(loc: tuple[Any, ...]) -> str:
+    """A validation error location as a field path: ("filter", "status") -> "filter.status"."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "body"

@@ -166,7 +166,7 @@ class LeaderLease:
         with contextlib.suppress(*_TRANSIENT):
             entry = await kv.get(self.project)
             if self._entry_epoch(entry, epoch) == epoch:
-                await kv.delete(self.project, last=entry.revision)
+                await kv.delete(self.project, last=_revision(entry))
 
     async def current(self) -> dict[str, Any] | None:
         """The lease entry as stored (`holder`, `acquiredAt`, `epoch`, `revision`), or None if free."""
@@ -178,8 +178,8 @@ class LeaderLease:
         value = _decode(entry.value)
         if value is None:
             return None
-        value.setdefault("epoch", entry.revision)
-        value["revision"] = entry.revision
+        value.setdefault("epoch", _revision(entry))
+        value["revision"] = _revision(entry)
         return value
 
     # --- internals -------------------------------------------------------------------------
@@ -226,10 +226,11 @@ class LeaderLease:
                 self._pending_create = None  # it would have expired by now anyway
             return None
         self._pending_create = None
+        epoch = _revision(entry)
         decoded = _decode(entry.value) or {}
-        self._start_term(entry.revision, entry.revision, str(decoded.get("acquiredAt", "")), sent)
-        log.info("lease %s: adopted our own create, epoch %s", self.project, entry.revision)
-        return entry.revision
+        self._start_term(epoch, epoch, str(decoded.get("acquiredAt", "")), sent)
+        log.info("lease %s: adopted our own create, epoch %s", self.project, epoch)
+        return epoch
 
     async def _renew(self, kv: KeyValue) -> int | None:
         epoch = self._epoch
@@ -242,6 +243,7 @@ class LeaderLease:
         try:
             revision = await kv.update(self.project, value, last=self._revision)
         except KeyWrongLastSequenceError:
+            self._pending_renewals.pop()  # this attempt definitely did not apply
             return await self._after_cas_failure(kv, epoch)
         except _TRANSIENT as e:
             log.warning("lease %s renew failed (epoch %s): %r", self.project, epoch, e)
@@ -261,9 +263,9 @@ class LeaderLease:
             except _TRANSIENT:
                 return self.epoch  # cannot tell yet; local validity decides
             if entry is not None and self._entry_epoch(entry, epoch) == epoch:
-                # The earliest unknown renewal is the latest one that could have produced it.
+                # Count from the earliest unknown renewal: the most conservative expiry.
                 self._valid_until = max(self._valid_until, self._pending_renewals[0] + self.ttl_s)
-                self._revision = entry.revision
+                self._revision = _revision(entry)
                 self._pending_renewals.clear()
                 log.info("lease %s: adopted our own renewal at revision %s", self.project, entry.revision)
                 return self.epoch
@@ -276,7 +278,7 @@ class LeaderLease:
         value = _decode(entry.value)
         if value is None or value.get("holder") != self.holder:
             return None
-        found = value.get("epoch", entry.revision)
+        found = value.get("epoch", _revision(entry))
         return epoch if found == epoch else None
 
     def _start_term(self, epoch: int, revision: int, acquired_at: str, sent: float) -> None:
@@ -483,6 +485,10 @@ class LeaderElector:
 
 def _now() -> float:
     return asyncio.get_running_loop().time()
+
+
+def _revision(entry: KeyValue.Entry) -> int:
+    return int(entry.revision or 0)
 
 
 def _decode(raw: bytes | None) -> dict[str, Any] | None:

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 import nats
 from aiohttp import web
 from nats.aio.client import Client as NATS
 
+from weft.agents import AgentGateway, Liveness, Pusher
 from weft.api import create_app
 from weft.api.common import Services
-from weft.commands import Commands
+from weft.commands import Commands, RetryPolicy
 from weft.eventstore import EventStore
 from weft.replica import Replica
+from weft.routing import DEFAULT_POLICY, load_policy
+from weft.scheduler import SchedulerConfig, SchedulerHost
 from weft.settings import Settings
 
 log = logging.getLogger("weft.service")
@@ -54,6 +58,10 @@ class WeftService:
         self.commands: Commands | None = None
         self.app: web.Application | None = None
         self._runner: web.AppRunner | None = None
+        self.policy = load_policy(settings.routing_policy) if settings.routing_policy else DEFAULT_POLICY
+        self.liveness: Liveness | None = None
+        self.gateway: AgentGateway | None = None
+        self.scheduler: SchedulerHost | None = None
         self.port: int | None = None
 
     async def start(self, nats_url: str, *, serve_http: bool = True) -> None:
@@ -62,7 +70,29 @@ class WeftService:
         self.replica = Replica(store, snapshot_every=self.settings.snapshot_every)
         await self.replica.start()
         self.commands = Commands(self.replica, store)
-        self.app = create_app(Services(self.settings, self.replica, self.commands))
+        self.liveness = Liveness(self.nc)
+        await self.liveness.start()
+        retry = RetryPolicy(base_ms=self.settings.retry_base_ms)
+        self.gateway = AgentGateway(
+            self.nc, self.commands, self.replica, self.liveness, heartbeat_ms=self.settings.heartbeat_ms, retry=retry
+        )
+        await self.gateway.start()
+        config = SchedulerConfig(
+            heartbeat_ms=self.settings.heartbeat_ms, accept_timeout_ms=self.settings.accept_timeout_ms
+        )
+        self.scheduler = SchedulerHost(
+            self.replica,
+            self.commands,
+            self.policy,
+            self.liveness,
+            Pusher(self.nc),
+            holder=f"{self.settings.replica_name}-{uuid.uuid4().hex[:8]}",
+            config=config,
+            lease_ttl_s=self.settings.lease_ttl_s,
+            replicas=self.settings.stream_replicas,
+        )
+        await self.scheduler.start()
+        self.app = create_app(Services(self.settings, self.replica, self.commands, self.policy, retry))
         if serve_http:
             self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
             await self._runner.setup()
@@ -77,6 +107,12 @@ class WeftService:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+        if self.gateway is not None:
+            await self.gateway.stop()
+        if self.liveness is not None:
+            await self.liveness.stop()
         if self.replica is not None:
             await self.replica.stop()
         if self.nc is not None:

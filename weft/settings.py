@@ -39,6 +39,18 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise SettingsError(f"{name} must be a number, got {raw!r}") from None
 
 
+def _policy_text(raw: str | None) -> str | None:
+    """WEFT_ROUTING_POLICY is inline JSON when it starts with '{', else the path of a JSON file."""
+    if not raw:
+        return None
+    if raw.lstrip().startswith("{"):
+        return raw
+    try:
+        return Path(raw).read_text()
+    except OSError as err:
+        raise SettingsError(f"WEFT_ROUTING_POLICY: cannot read {raw}: {err}") from None
+
+
 @dataclass(frozen=True)
 class Settings:
     nats_url: str | None = None  # None: `weft serve --embedded` starts the bundled server
@@ -58,6 +70,11 @@ class Settings:
     snapshot_every: int = 50_000
     min_seq_wait_ms: int = 5_000
     replica_name: str = ""
+    heartbeat_ms: int = 10_000
+    accept_timeout_ms: int = 30_000
+    lease_ttl_s: float = 6.0
+    retry_base_ms: int = 2_000
+    routing_policy: str | None = None  # JSON text (from WEFT_ROUTING_POLICY: a file path or inline JSON)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -86,4 +103,9 @@ class Settings:
             snapshot_every=_int(e, "WEFT_SNAPSHOT_EVERY", 50_000, 0),
             min_seq_wait_ms=_int(e, "WEFT_MIN_SEQ_WAIT_MS", 5_000, 0),
             replica_name=e.get("WEFT_REPLICA_NAME", "") or os.uname().nodename + f"-{os.getpid()}",
+            heartbeat_ms=_int(e, "WEFT_HEARTBEAT_MS", 10_000, 50),
+            accept_timeout_ms=_int(e, "WEFT_ACCEPT_TIMEOUT_MS", 30_000, 50),
+            lease_ttl_s=_float(e, "WEFT_LEASE_TTL_S", 6.0),
+            retry_base_ms=_int(e, "WEFT_RETRY_BASE_MS", 2_000, 0),
+            routing_policy=_policy_text(e.get("WEFT_ROUTING_POLICY")),
         )

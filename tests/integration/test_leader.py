@@ -177,6 +177,8 @@ async def test_deposed_after_expiry(js: JetStreamContext, project: str, bucket: 
     b = elector(js, "replica-b", project, bucket)
     await b.start()
     epoch_b = await b.wait_elected(project, timeout=4 * TTL)
+    # Safety: by the time anyone else could be elected, the silent holder no longer counts itself leader.
+    assert not a.is_leader and a.epoch is None
     assert await a.acquire_or_renew() is None
     assert a.epoch is None
     assert b.epoch(project) == epoch_b

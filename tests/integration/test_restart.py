@@ -8,17 +8,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import nats
 import pytest
 
 from projections import fold, state_hash
 from tests.processes import WeftProcess
-from weft.embedded import EmbeddedNats
+from weft.embedded import EmbeddedNats, NatsServerConfig, free_port
 from weft.eventstore import EventStore
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+async def own_nats(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedNats]:
+    """A server of this module's own: weft processes attach every project on their server and
+    would otherwise compete for the scheduler leases of other tests' projects."""
+    server = EmbeddedNats(NatsServerConfig(store_dir=tmp_path_factory.mktemp("nats-restart"), port=free_port(),
+                                           server_name="weft-restart"))
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def own_store(own_nats: EmbeddedNats) -> AsyncIterator[EventStore]:
+    nc = await nats.connect(own_nats.url)
+    yield EventStore(nc.jetstream())
+    await nc.close()
 
 WORK = {"capability": "python", "boundary": "personal", "description": "restart test"}
 TARGET = {"name": "laptop", "agentType": "claude-code", "mechanism": "local", "capabilities": ["python"],
@@ -30,9 +50,9 @@ async def replayed_hash(store: EventStore, project: str) -> tuple[int, str]:
     return state.seq, state_hash(state)
 
 
-async def test_graceful_restart_rebuilds_identical_state(nats_server: EmbeddedNats, project: str,
-                                                         store: EventStore) -> None:
-    weft = WeftProcess(nats_server.url, project)
+async def test_graceful_restart_rebuilds_identical_state(own_nats: EmbeddedNats, project: str,
+                                                         own_store: EventStore) -> None:
+    weft = WeftProcess(own_nats.url, project)
     await weft.start()
     async with aiohttp.ClientSession() as http:
         ids = []
@@ -52,13 +72,13 @@ async def test_graceful_restart_rebuilds_identical_state(nats_server: EmbeddedNa
         listing = await weft.get(http, "/api/work", limit=100)
         assert {w["id"] for w in listing["workItems"]} == set(ids)
         assert (await weft.get(http, "/api/targets/laptop"))["name"] == "laptop"
-        assert await replayed_hash(store, project) == (after["seq"], after["stateHash"])
+        assert await replayed_hash(own_store, project) == (after["seq"], after["stateHash"])
     await weft.stop()
 
 
-async def test_kill_9_during_load_loses_no_acknowledged_submit(nats_server: EmbeddedNats, project: str,
-                                                              store: EventStore) -> None:
-    weft = WeftProcess(nats_server.url, project)
+async def test_kill_9_during_load_loses_no_acknowledged_submit(own_nats: EmbeddedNats, project: str,
+                                                              own_store: EventStore) -> None:
+    weft = WeftProcess(own_nats.url, project)
     await weft.start()
     acknowledged: list[str] = []
     enough = asyncio.Event()
@@ -81,7 +101,7 @@ async def test_kill_9_during_load_loses_no_acknowledged_submit(nats_server: Embe
         await asyncio.gather(*workers)
 
         await weft.start()
-        seq, expected_hash = await replayed_hash(store, project)
+        seq, expected_hash = await replayed_hash(own_store, project)
         proj = await weft.get(http, "/api/stats/projection", min_seq=seq)
         assert (proj["seq"], proj["stateHash"]) == (seq, expected_hash)
         present = set()
@@ -97,8 +117,8 @@ async def test_kill_9_during_load_loses_no_acknowledged_submit(nats_server: Embe
     await weft.stop()
 
 
-async def test_two_processes_converge_to_the_same_state_hash(nats_server: EmbeddedNats, project: str) -> None:
-    a, b = WeftProcess(nats_server.url, project), WeftProcess(nats_server.url, project)
+async def test_two_processes_converge_to_the_same_state_hash(own_nats: EmbeddedNats, project: str) -> None:
+    a, b = WeftProcess(own_nats.url, project), WeftProcess(own_nats.url, project)
     await asyncio.gather(a.start(), b.start())
     try:
         async with aiohttp.ClientSession() as http:
@@ -123,9 +143,9 @@ async def test_two_processes_converge_to_the_same_state_hash(nats_server: Embedd
         await asyncio.gather(a.stop(), b.stop())
 
 
-async def test_concurrent_writers_on_one_entity_one_wins(nats_server: EmbeddedNats, project: str,
-                                                         store: EventStore) -> None:
-    a, b = WeftProcess(nats_server.url, project), WeftProcess(nats_server.url, project)
+async def test_concurrent_writers_on_one_entity_one_wins(own_nats: EmbeddedNats, project: str,
+                                                         own_store: EventStore) -> None:
+    a, b = WeftProcess(own_nats.url, project), WeftProcess(own_nats.url, project)
     await asyncio.gather(a.start(), b.start())
     try:
         async with aiohttp.ClientSession() as http:
@@ -137,7 +157,7 @@ async def test_concurrent_writers_on_one_entity_one_wins(nats_server: EmbeddedNa
                     b.post(http, f"/api/work/{item['id']}/cancel", {}),
                 )
                 assert sorted([sa, sb]) == [200, 409]
-            events = [e async for e in store.read_range(project)]
+            events = [e async for e in own_store.read_range(project)]
             assert sum(1 for e in events if e.type == "work.cancelled") == 5
     finally:
         with contextlib.suppress(Exception):

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import PROJECT, event_sequences
 
 from projections import ProjectState, apply, decode_state, encode_state, fold, state_hash
 from projections.state import LIVE_ASSIGNMENT, WORK_STATUSES
+from tests.strategies import PROJECT, event_sequences
 from weft.events import Event
 
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -190,9 +190,9 @@ def test_unknown_boundary_accepts_any_type() -> None:
 
 def test_least_loaded_agent_is_chosen() -> None:
     agents = [
-        make_agent("a1", max_tasks=4, tasks=("x", "y")),  # 0.50
-        make_agent("a2", max_tasks=2, tasks=("z",)),  # 0.50, but more free ratio tie -> fewer tasks? no: 1 task
-        make_agent("a3", max_tasks=10, tasks=("u", "v", "w")),  # 0.30
+        make_agent("a1", max_tasks=4, tasks=("x", "y")),  # load 0.5, 2 tasks
+        make_agent("a2", max_tasks=2, tasks=("z",)),  # load 0.5, 1 task
+        make_agent("a3", max_tasks=10, tasks=("u", "v", "w")),  # load 0.3, 3 tasks
     ]
     p = plan(agents, [make_work("w1")])
     assert p.assignments == [("w1", "a3")]

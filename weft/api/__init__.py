@@ -6,7 +6,7 @@ import time
 
 from aiohttp import web
 
-from weft.api import agents, channels, openapi, stats, targets, work
+from weft.api import agents, channels, dlq, openapi, stats, targets, work
 from weft.api.auth import make_auth_middleware
 from weft.api.common import SERVICES, Services, json_response, services
 from weft.api.errors import error_middleware
@@ -39,6 +39,6 @@ def create_app(svc: Services) -> web.Application:
     )
     app[SERVICES] = svc
     app.router.add_get("/health", health)
-    for module in (work, agents, targets, stats, channels, openapi):
+    for module in (work, agents, targets, stats, channels, dlq, openapi):
         app.router.add_routes(module.routes())
     return app

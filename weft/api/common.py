@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
 from pydantic import BaseModel
 
-from weft.commands import Commands, Ctx
+from weft.commands import Commands, Ctx, RetryPolicy
 from weft.errors import InvalidInput, Unavailable
 from weft.events import is_valid_project_id
 from weft.logs import correlation_var, project_var
 from weft.replica import ProjectView, Replica
+from weft.routing import DEFAULT_POLICY, RoutingPolicy
 from weft.settings import Settings
 
 M = TypeVar("M", bound=BaseModel)
@@ -25,6 +26,10 @@ class Services:
     settings: Settings
     replica: Replica
     commands: Commands
+    policy: RoutingPolicy = field(default_factory=lambda: DEFAULT_POLICY)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # project -> ((seq, second), waiting reasons): the routing plan as last computed for reads
+    plan_cache: dict[str, tuple[tuple[int, int], dict[str, str]]] = field(default_factory=dict)
 
 
 SERVICES = web.AppKey("services", Services)

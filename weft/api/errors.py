@@ -12,7 +12,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from weft.api.common import SERVICES
-from weft.errors import Conflict, InvalidInput, NotFound, Unavailable, WeftError
+from weft.errors import Conflict, InvalidInput, NotFound, Unavailable, WeftError, field_of
 
 log = logging.getLogger("weft.api")
 
@@ -24,13 +24,6 @@ STATUS = {InvalidInput: 400, NotFound: 404, Conflict: 409, Unavailable: 503}
 def json_error(status: int, error: str, message: str, details: dict[str, Any] | None = None) -> web.Response:
     body = {"error": error, "message": message, "details": details or {}}
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
-
-
-def field_of(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "body"
 
 
 def validation_response(err: ValidationError) -> web.Response:

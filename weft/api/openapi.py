@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
+from weft import protocol
 from weft.api import schemas
 from weft.api.common import json_response
 
@@ -49,6 +50,17 @@ OPERATIONS: list[tuple[str, str, str, list[dict[str, Any]], type[BaseModel] | No
     ("post", "/api/work/cancel-batch", "Cancel (or reassign) many work items", [PROJECT], schemas.CancelBatch, 200),
     ("get", "/api/work/{id}", "Get a work item", [p("id"), PROJECT, MIN_SEQ], None, 200),
     ("post", "/api/work/{id}/cancel", "Cancel a work item (409 if terminal)", [p("id"), PROJECT], schemas.Reason, 200),
+    ("post", "/api/work/{id}/accept", "Agent accepts its assignment (REST form of work.accept)", [p("id"), PROJECT],
+     protocol.RestAccept, 200),
+    ("post", "/api/work/{id}/progress", "Agent reports progress", [p("id"), PROJECT], protocol.RestProgress, 200),
+    ("post", "/api/work/{id}/complete", "Agent reports completion", [p("id"), PROJECT], protocol.RestComplete, 200),
+    ("post", "/api/work/{id}/fail", "Agent reports a failed attempt", [p("id"), PROJECT], protocol.RestFail, 200),
+    ("get", "/api/dlq", "Dead-lettered work items", [PROJECT, MIN_SEQ, *q("capability", "boundary"), *PAGING],
+     None, 200),
+    ("post", "/api/dlq/{id}/retry", "Put a dead-lettered item back to pending", [p("id"), PROJECT], schemas.Reason,
+     200),
+    ("post", "/api/dlq/{id}/discard", "Remove an item from the dead-letter queue", [p("id"), PROJECT],
+     schemas.Reason, 200),
     ("get", "/api/agents", "List agents (all projects unless projectId)",
      [PROJECT, MIN_SEQ, *q("type", "status", "capability", "boundary"), *PAGING], None, 200),
     ("post", "/api/agents/shutdown-batch", "Ask many agents to stop", [PROJECT], schemas.ShutdownBatch, 200),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
 from projections.state import ProjectState, Record
+from weft import protocol
 from weft.api.common import (
     ctx_of,
     explicit_project,
@@ -18,9 +20,12 @@ from weft.api.common import (
 )
 from weft.api.pagination import page
 from weft.api.schemas import CancelBatch, Reason, WorkSubmit
+from weft.commands import Ctx
 from weft.errors import InvalidInput, NotFound
 from weft.events import utc_now
 from weft.replica import ProjectView
+from weft.routing import plan_assignments, spin_up_agent_types
+from weft.scheduler import ProjectScheduler
 
 WORK_STATUSES = ("pending", "assigned", "in-progress", "completed", "failed", "cancelled")
 
@@ -32,29 +37,55 @@ def agent_summary(state: ProjectState, guid: str | None) -> dict[str, Any] | Non
     return {"guid": agent["guid"], "handle": agent["handle"], "agentType": agent["agentType"], "hostname": agent["hostname"]}
 
 
-def present(state: ProjectState, item: Record) -> dict[str, Any]:
+def present(state: ProjectState, item: Record, waiting: dict[str, str] | None = None) -> dict[str, Any]:
     out = dict(item)
     out["assignedToAgent"] = agent_summary(state, item["assignedTo"])
+    out["waitingReason"] = (waiting or {}).get(item["id"]) if item["status"] == "pending" else None
     return out
+
+
+def waiting_reasons(request: web.Request, view: ProjectView | None) -> dict[str, str]:
+    """Why each pending item waits: the routing plan of the current state (cached per seq and second)."""
+    if view is None:
+        return {}
+    svc = services(request)
+    now = datetime.now(UTC)
+    key = (view.state.seq, int(now.timestamp()))
+    hit = svc.plan_cache.get(view.project)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    plan = plan_assignments(view.state, svc.policy, now, ProjectScheduler.spinning_up(view.state))
+    svc.plan_cache[view.project] = (key, plan.waiting)
+    return plan.waiting
 
 
 async def submit(request: web.Request) -> web.Response:
     project = project_of(request)
     spec = await parse_body(request, WorkSubmit)
     ctx = ctx_of(request, project)
+    policy = services(request).policy
+    rule = policy.rule_for(spec.boundary)
+    if spec.requiredAgentType and not rule.allows(spec.requiredAgentType):
+        raise InvalidInput(
+            f"requiredAgentType {spec.requiredAgentType} can never run: {rule.excluded_reason()}",
+            field="requiredAgentType",
+        )
     data = spec.model_dump(mode="json")
     outcome = await services(request).commands.submit_work(ctx, data)
     view = services(request).replica.views[project]
     item = view.state.work[outcome.entity_id]
+    types = spin_up_agent_types(item, policy)
+    reason = waiting_reasons(request, view).get(item["id"])
     body = {
         "id": item["id"],
         "workItemId": item["id"],
         "taskId": item["taskId"],
         "status": item["status"],
         "projectId": project,
-        "targetAgentType": item["requiredAgentType"] or item["preferredAgentType"],
+        "targetAgentType": item["requiredAgentType"] or item["preferredAgentType"] or (types[0] if types else None),
         "spinUpTriggered": False,
-        "estimatedWaitSeconds": None,
+        "estimatedWaitSeconds": 5 if reason is None or reason == "all eligible agents busy" else None,
+        "waitingReason": reason,
         "seq": outcome.seq,
     }
     resp = json_response(body, 201 if outcome.created else 200, outcome.seq)
@@ -90,7 +121,8 @@ async def list_work(request: web.Request) -> web.Response:
         items.sort(key=lambda w: (-w["priority"], w["offeredAt"], w["id"]))
     state = view.state if view else ProjectState(project=project)
     body = page(items, "workItems", request.query.get("cursor"), request.query.get("limit"), filters)
-    body["workItems"] = [present(state, w) for w in body["workItems"]]
+    waiting = waiting_reasons(request, view)
+    body["workItems"] = [present(state, w, waiting) for w in body["workItems"]]
     body["projectId"] = project
     resp = json_response(body, seq=state.seq)
     if "classification" in request.query:
@@ -117,7 +149,7 @@ async def find_item(request: web.Request, work_id: str) -> tuple[ProjectView, Re
 
 async def get_work(request: web.Request) -> web.Response:
     view, item = await find_item(request, request.match_info["id"])
-    return json_response(present(view.state, item), seq=view.state.seq)
+    return json_response(present(view.state, item, waiting_reasons(request, view)), seq=view.state.seq)
 
 
 async def cancel(request: web.Request) -> web.Response:
@@ -155,8 +187,55 @@ async def cancel_batch(request: web.Request) -> web.Response:
     return json_response(batch_body(outcome, extra), seq=outcome.seq)
 
 
+async def accept(request: web.Request) -> web.Response:
+    body = await parse_body(request, protocol.RestAccept)
+    view, item = await find_item(request, request.match_info["id"])
+    outcome = await services(request).commands.accept_work(_agent_ctx(request, view, body.guid), item["id"], body.guid)
+    return json_response({"success": True, "seq": outcome.seq}, seq=outcome.seq)
+
+
+async def progress(request: web.Request) -> web.Response:
+    body = await parse_body(request, protocol.RestProgress)
+    view, item = await find_item(request, request.match_info["id"])
+    outcome = await services(request).commands.progress_work(
+        _agent_ctx(request, view, body.guid), item["id"], body.guid, body.progress, body.message
+    )
+    return json_response({"success": True, "seq": outcome.seq}, seq=outcome.seq)
+
+
+async def complete(request: web.Request) -> web.Response:
+    body = await parse_body(request, protocol.RestComplete)
+    view, item = await find_item(request, request.match_info["id"])
+    outcome = await services(request).commands.complete_work(
+        _agent_ctx(request, view, body.guid), item["id"], body.guid, body.summary, body.output, body.artifacts
+    )
+    return json_response({"success": True, "seq": outcome.seq}, seq=outcome.seq)
+
+
+async def fail(request: web.Request) -> web.Response:
+    body = await parse_body(request, protocol.RestFail)
+    view, item = await find_item(request, request.match_info["id"])
+    svc = services(request)
+    outcome = await svc.commands.fail_work(
+        _agent_ctx(request, view, body.guid), item["id"], body.guid, body.message, body.code, body.recoverable, svc.retry
+    )
+    fresh = view.state.work[item["id"]]
+    result = "retry" if fresh["status"] == "pending" else "dead-letter"
+    return json_response({"success": True, "outcome": result, "retryAt": fresh["retryAt"], "seq": outcome.seq},
+                         seq=outcome.seq)
+
+
+def _agent_ctx(request: web.Request, view: ProjectView, guid: str) -> Ctx:
+    ctx = ctx_of(request, view.project)
+    return Ctx(project=ctx.project, actor=f"agent:{guid}", correlation_id=ctx.correlation_id)
+
+
 def routes() -> list[web.RouteDef]:
     return [
+        web.post("/api/work/{id}/accept", accept),
+        web.post("/api/work/{id}/progress", progress),
+        web.post("/api/work/{id}/complete", complete),
+        web.post("/api/work/{id}/fail", fail),
         web.get("/api/work", list_work),
         web.post("/api/work", submit),
         web.post("/api/work/cancel-batch", cancel_batch),

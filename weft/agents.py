@@ -1,0 +1,219 @@
+"""The NATS side of the agent protocol (docs/agent-protocol.md): requests, heartbeats, pushes.
+
+Every replica answers agent requests (queue group `weft`) and hears every heartbeat; only the
+project's scheduler pushes messages to agents and turns silence into `agent.lost`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from pydantic import BaseModel, ValidationError
+
+from projections.state import LIVE_ASSIGNMENT, ProjectState
+from weft import protocol
+from weft.commands import Commands, Ctx, RetryPolicy
+from weft.errors import WeftError, field_of
+from weft.events import is_valid_project_id, utc_now
+from weft.logs import correlation_var, project_var
+from weft.replica import Replica
+
+log = logging.getLogger("weft.agents")
+
+Handler = Callable[[str, Any], Awaitable[dict[str, Any]]]
+
+
+def held_items(state: ProjectState, guid: str) -> list[dict[str, Any]]:
+    agent = state.agents.get(guid)
+    if agent is None:
+        return []
+    return [state.work[w] for w in agent["currentTasks"] if state.work[w]["status"] in LIVE_ASSIGNMENT]
+
+
+def pending_shutdown(state: ProjectState, guid: str) -> dict[str, Any] | None:
+    agent = state.agents.get(guid)
+    return agent["shutdownRequested"] if agent else None
+
+
+class Liveness:
+    """Last heartbeat of each agent as seen by this replica (monotonic clock, memory only)."""
+
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self.seen: dict[tuple[str, str], float] = {}
+        self.wall: dict[tuple[str, str], str] = {}
+        self.started = time.monotonic()
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe("weft.*.agent.heartbeat.*", cb=self._on_heartbeat)
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        parts = msg.subject.split(".")
+        self.beat(parts[1], parts[4])
+
+    def beat(self, project: str, guid: str) -> None:
+        self.seen[(project, guid)] = time.monotonic()
+        self.wall[(project, guid)] = utc_now()
+
+    def silent_for(self, project: str, guid: str) -> float:
+        """Seconds since the last heartbeat (or since this replica started listening)."""
+        return time.monotonic() - self.seen.get((project, guid), self.started)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+
+
+class AgentGateway:
+    """Answers the protocol's request subjects for every project, on every replica."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        commands: Commands,
+        replica: Replica,
+        liveness: Liveness,
+        *,
+        heartbeat_ms: int = protocol.DEFAULT_HEARTBEAT_MS,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.nc = nc
+        self.commands = commands
+        self.replica = replica
+        self.liveness = liveness
+        self.heartbeat_ms = heartbeat_ms
+        self.retry = retry or RetryPolicy()
+        self._subs: list[Subscription] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._handlers: dict[str, tuple[type[BaseModel], Handler]] = {
+            "agent.register": (protocol.Register, self._register),
+            "agent.sync": (protocol.AgentRef, self._sync),
+            "agent.deregister": (protocol.Deregister, self._deregister),
+            "work.accept": (protocol.WorkRef, self._accept),
+            "work.progress": (protocol.Progress, self._progress),
+            "work.complete": (protocol.Complete, self._complete),
+            "work.fail": (protocol.Fail, self._fail),
+        }
+
+    async def start(self) -> None:
+        for verb in protocol.VERBS:
+            sub = await self.nc.subscribe(f"weft.*.{verb}", queue=protocol.QUEUE_GROUP, cb=self._dispatch)
+            self._subs.append(sub)
+
+    async def stop(self) -> None:
+        for sub in self._subs:
+            await sub.unsubscribe()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _dispatch(self, msg: Msg) -> None:
+        # nats-py runs a subscription's callbacks one at a time: hand each request to its own task.
+        task = asyncio.create_task(self._handle(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, msg: Msg) -> None:
+        parts = msg.subject.split(".")
+        project, verb = parts[1], ".".join(parts[2:4])
+        reply: dict[str, Any]
+        project_var.set(project)
+        correlation_var.set((msg.headers or {}).get("X-Correlation-Id"))
+        try:
+            if not is_valid_project_id(project):
+                raise WeftError("invalid project id", field="project")
+            model, handler = self._handlers[verb]
+            body = model.model_validate_json(msg.data or b"{}")
+            reply = {"ok": True, **await handler(project, body)}
+        except ValidationError as err:
+            first = err.errors(include_url=False)[0]
+            name = "body" if first["type"] == "json_invalid" else field_of(tuple(first["loc"]))
+            reply = {"ok": False, "error": "ValidationError", "message": f"{name}: {first['msg']}", "field": name}
+        except WeftError as err:
+            name = "ValidationError" if type(err) is WeftError else err.error
+            reply = {"ok": False, "error": name, "message": err.message, "field": err.field}
+        except Exception as err:
+            log.exception("agent request failed", extra={"verb": verb})
+            reply = {"ok": False, "error": "Unavailable", "message": f"internal error: {type(err).__name__}"}
+        if msg.reply:
+            await msg.respond(orjson.dumps(reply))
+
+    def _ctx(self, project: str, guid: str) -> Ctx:
+        return Ctx(project=project, actor=f"agent:{guid}", correlation_id=correlation_var.get())
+
+    async def _register(self, project: str, body: Any) -> dict[str, Any]:
+        decl = body.model_dump()
+        outcome = await self.commands.register_agent(self._ctx(project, body.guid), decl)
+        self.liveness.beat(project, body.guid)  # registering is a sign of life
+        state = self.replica.views[project].state
+        return {
+            "guid": body.guid,
+            "seq": outcome.seq,
+            "heartbeatIntervalMs": self.heartbeat_ms,
+            "inbox": protocol.inbox_subject(project, body.guid),
+            "assignments": held_items(state, body.guid),
+            "shutdown": pending_shutdown(state, body.guid),
+        }
+
+    async def _sync(self, project: str, body: Any) -> dict[str, Any]:
+        view = await self.replica.view(project)
+        if view is None or body.guid not in view.state.agents:
+            raise WeftError(f"agent {body.guid} is not registered in {project}", field="guid")
+        self.liveness.beat(project, body.guid)
+        return {"assignments": held_items(view.state, body.guid), "shutdown": pending_shutdown(view.state, body.guid)}
+
+    async def _deregister(self, project: str, body: Any) -> dict[str, Any]:
+        outcome = await self.commands.deregister_agent(self._ctx(project, body.guid), body.guid, body.reason)
+        return {"seq": outcome.seq}
+
+    async def _accept(self, project: str, body: Any) -> dict[str, Any]:
+        outcome = await self.commands.accept_work(self._ctx(project, body.guid), body.workId, body.guid)
+        return {"seq": outcome.seq}
+
+    async def _progress(self, project: str, body: Any) -> dict[str, Any]:
+        ctx = self._ctx(project, body.guid)
+        outcome = await self.commands.progress_work(ctx, body.workId, body.guid, body.progress, body.message)
+        return {"seq": outcome.seq}
+
+    async def _complete(self, project: str, body: Any) -> dict[str, Any]:
+        ctx = self._ctx(project, body.guid)
+        outcome = await self.commands.complete_work(
+            ctx, body.workId, body.guid, body.summary, body.output, body.artifacts
+        )
+        return {"seq": outcome.seq}
+
+    async def _fail(self, project: str, body: Any) -> dict[str, Any]:
+        ctx = self._ctx(project, body.guid)
+        outcome = await self.commands.fail_work(
+            ctx, body.workId, body.guid, body.message, body.code, body.recoverable, self.retry
+        )
+        item = self.replica.views[project].state.work[body.workId]
+        retry = item["status"] == "pending"
+        return {"seq": outcome.seq, "outcome": "retry" if retry else "dead-letter", "retryAt": item["retryAt"]}
+
+
+class Pusher:
+    """Publishes pushes to agent inboxes (at most once; agents recover with `sync`)."""
+
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def push(self, project: str, guid: str, body: dict[str, Any]) -> None:
+        task = asyncio.create_task(self._publish(protocol.inbox_subject(project, guid), orjson.dumps(body)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish(self, subject: str, payload: bytes) -> None:
+        try:
+            await self.nc.publish(subject, payload)
+        except Exception as err:  # the agent will sync; a lost push is never lost work
+            log.warning("push to %s failed: %s", subject, err)

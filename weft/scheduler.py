@@ -1,0 +1,236 @@
+"""The per-project scheduler: runs only on the replica holding the project's lease.
+
+It turns state into decisions: assignments (routing.plan_assignments), withdrawn assignments
+(agent lost or offline, not accepted in time), lost agents (no heartbeat for 3 intervals). Every
+decision is an event carrying the lease epoch, appended with per-entity OCC and re-validated
+against the newest state, so a stale plan or a deposed leader can never assign an item twice.
+
+The scheduler reacts to events as they are folded (no polling interval): a submit wakes it and
+the matching idle agent gets its assignment within one append round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from projections.state import ProjectState
+from weft.agents import Liveness, Pusher
+from weft.commands import Commands, Ctx, Outcome
+from weft.events import Event, format_ts, parse_ts
+from weft.leader import LeaderElector
+from weft.logs import project_var
+from weft.replica import ProjectView, Replica
+from weft.routing import Plan, RoutingPolicy, plan_assignments
+
+log = logging.getLogger("weft.scheduler")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    heartbeat_ms: int = 10_000
+    lost_after_heartbeats: int = 3
+    accept_timeout_ms: int = 30_000
+    # An item whose assignments keep being withdrawn (agents dying under it) is dead-lettered
+    # after this many attempts rather than requeued forever.
+    max_withdrawals: int = 10
+    idle_tick_s: float = 5.0
+
+
+class ProjectScheduler:
+    def __init__(
+        self,
+        view: ProjectView,
+        commands: Commands,
+        policy: RoutingPolicy,
+        liveness: Liveness,
+        pusher: Pusher,
+        epoch: int,
+        config: SchedulerConfig,
+    ) -> None:
+        self.view = view
+        self.project = view.project
+        self.commands = commands
+        self.policy = policy
+        self.liveness = liveness
+        self.pusher = pusher
+        self.epoch = epoch
+        self.config = config
+        self.wake = asyncio.Event()
+        self.last_plan: Plan | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._deadline_s = config.idle_tick_s
+        self.ctx = Ctx(project=self.project, actor="scheduler")
+
+    def start(self) -> None:
+        self.view.listeners.append(self._on_event)
+        self.wake.set()
+        self._task = asyncio.create_task(self._run(), name=f"scheduler:{self.project}")
+        log.info("scheduling", extra={"project": self.project, "epoch": self.epoch})
+
+    async def stop(self) -> None:
+        if self._on_event in self.view.listeners:
+            self.view.listeners.remove(self._on_event)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    # --- pushes and wake-ups, straight from the fold ---------------------------------------------
+
+    def _on_event(self, ev: Event, state: ProjectState) -> None:
+        if ev.type == "work.assigned":
+            item = state.work.get(ev.entity_id)
+            if item and item["status"] == "assigned" and item["assignedTo"] == ev.data["agentGuid"]:
+                self.pusher.push(self.project, item["assignedTo"], {"type": "assignment", "work": item})
+        elif ev.type == "work.cancelled":
+            item = state.work.get(ev.entity_id)
+            if item and item["assignedTo"]:  # assignedTo survives only a live assignment's cancel
+                body = {"type": "cancel", "workId": item["id"], "reason": ev.data.get("reason")}
+                self.pusher.push(self.project, item["assignedTo"], body)
+        elif ev.type == "agent.shutdown_requested":
+            body = {"type": "shutdown", **ev.data}
+            self.pusher.push(self.project, ev.entity_id, body)
+        self.wake.set()
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        project_var.set(self.project)
+        while True:
+            try:
+                await asyncio.wait_for(self.wake.wait(), self._deadline_s)
+            except TimeoutError:
+                pass
+            self.wake.clear()
+            try:
+                await self.tick(datetime.now(UTC))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("scheduler tick failed", extra={"project": self.project})
+                await asyncio.sleep(0.5)  # back off a failing store instead of spinning
+
+    async def tick(self, now: datetime) -> None:
+        state = self.view.state
+        decisions: list[Awaitable[Outcome]] = []
+        lost_after = self.config.heartbeat_ms * self.config.lost_after_heartbeats / 1000
+        accept_deadline: datetime | None = None
+        for agent in list(state.agents.values()):
+            guid = agent["guid"]
+            offline = agent["status"] == "offline"
+            if not offline and agent["source"] == "weft" and self.liveness.silent_for(self.project, guid) > lost_after:
+                last = self.liveness.wall.get((self.project, guid))
+                decisions.append(self.commands.mark_agent_lost(self.ctx, guid, last, self.epoch))
+                continue  # its work is withdrawn once the loss is folded (next tick)
+            for work_id in list(agent["currentTasks"]):
+                item = state.work[work_id]
+                if offline:
+                    reason = f"agent {guid} {agent['offlineReason'] or 'offline'}"
+                    decisions.append(self._withdraw(work_id, reason))
+                elif item["status"] == "assigned" and item["acceptBy"]:
+                    accept_by = parse_ts(item["acceptBy"])
+                    if accept_by <= now:
+                        decisions.append(self._withdraw(work_id, f"not accepted by {guid} in time"))
+                    elif accept_deadline is None or accept_by < accept_deadline:
+                        accept_deadline = accept_by
+        plan = plan_assignments(state, self.policy, now, self.spinning_up(state))
+        self.last_plan = plan
+        accept_by_ts = format_ts(now + timedelta(milliseconds=self.config.accept_timeout_ms))
+        for work_id, guid in plan.assignments:
+            decisions.append(self.commands.assign_work(self.ctx, work_id, guid, self.epoch, accept_by_ts))
+        if decisions:
+            results = await asyncio.gather(*decisions, return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException):
+                    log.warning("decision not applied: %s", r, extra={"project": self.project})
+        self._deadline_s = self._next_deadline(state, now, accept_deadline)
+
+    def _withdraw(self, work_id: str, reason: str) -> Awaitable[Outcome]:
+        return self.commands.withdraw_assignment(self.ctx, work_id, reason, self.epoch, self.config.max_withdrawals)
+
+    def _next_deadline(self, state: ProjectState, now: datetime, accept_deadline: datetime | None) -> float:
+        """Seconds until something time-based is due: a retry backoff, an accept timeout, a heartbeat."""
+        due = [self.config.idle_tick_s, self.config.heartbeat_ms / 1000]
+        if accept_deadline is not None:
+            due.append((accept_deadline - now).total_seconds())
+        if self.last_plan is not None:
+            for work_id, code in self.last_plan.codes.items():
+                if code == "backoff":
+                    retry_at = state.work[work_id]["retryAt"]
+                    if retry_at:
+                        due.append((parse_ts(retry_at) - now).total_seconds())
+        return max(0.005, min(due))
+
+    @staticmethod
+    def spinning_up(state: ProjectState) -> set[str]:
+        return {
+            op["workId"] for t in state.targets.values() for op in t["activeSpinUps"].values() if op.get("workId")
+        }
+
+
+class SchedulerHost:
+    """Runs a LeaderElector over every attached project and a ProjectScheduler for each one led."""
+
+    def __init__(
+        self,
+        replica: Replica,
+        commands: Commands,
+        policy: RoutingPolicy,
+        liveness: Liveness,
+        pusher: Pusher,
+        holder: str,
+        config: SchedulerConfig,
+        lease_ttl_s: float,
+        replicas: int = 1,
+    ) -> None:
+        self.replica = replica
+        self.commands = commands
+        self.policy = policy
+        self.liveness = liveness
+        self.pusher = pusher
+        self.config = config
+        self.schedulers: dict[str, ProjectScheduler] = {}
+        self.elector = LeaderElector(
+            replica.store.js,
+            holder,
+            ttl_s=lease_ttl_s,
+            on_elected=self._elected,
+            on_deposed=self._deposed,
+            replicas=replicas,
+        )
+
+    async def start(self) -> None:
+        for project in self.replica.views:
+            self.elector.add_project(project)
+        self.replica.on_attach.append(lambda view: self.elector.add_project(view.project))
+        await self.elector.start()
+
+    async def _elected(self, project: str, epoch: int) -> None:
+        old = self.schedulers.pop(project, None)
+        if old is not None:
+            await old.stop()
+        view = self.replica.views[project]
+        sched = ProjectScheduler(view, self.commands, self.policy, self.liveness, self.pusher, epoch, self.config)
+        self.schedulers[project] = sched
+        sched.start()
+
+    async def _deposed(self, project: str) -> None:
+        sched = self.schedulers.pop(project, None)
+        if sched is not None:
+            log.warning("lost the lease", extra={"project": project})
+            await sched.stop()
+
+    def leading(self) -> dict[str, Any]:
+        return {p: s.epoch for p, s in self.schedulers.items()}
+
+    async def stop(self) -> None:
+        await self.elector.stop(release=True)
+        await asyncio.gather(*(s.stop() for s in self.schedulers.values()), return_exceptions=True)
+        self.schedulers.clear()
