@@ -67,8 +67,8 @@ async def weft_service(nats_server: EmbeddedNats) -> AsyncIterator[WeftService]:
         replica_name="test",
         snapshot_every=0,
         min_seq_wait_ms=2000,
-        heartbeat_ms=300,
-        accept_timeout_ms=1500,
+        heartbeat_ms=1000,
+        accept_timeout_ms=3000,
         retry_base_ms=20,
         lease_ttl_s=2.0,
     )

@@ -92,11 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--from-seq", type=int, default=1, help="print events from this sequence (with --events)")
     replay.add_argument("--to-seq", type=int, default=None)
     replay.add_argument("--events", action="store_true", help="print each event as a JSON line")
+    from weft.agent.main import add_arguments as add_agent_arguments
+
+    add_agent_arguments(sub.add_parser("agent", help="run the reference agent: run a command per work item"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "agent":  # a separate program with its own settings (weft/agent/settings.py)
+        from weft.agent.main import run as run_agent
+
+        return run_agent(args)
     try:
         settings = Settings.from_env()
     except SettingsError as err:

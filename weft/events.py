@@ -328,7 +328,18 @@ def upcast(ev: Event) -> Event:
     return ev
 
 
+ENTITIES: Final = frozenset({"work", "agent", "target", "project"})
+
+
 def subject_for(project: str, entity: str, entity_id: str) -> str:
+    """The event's subject. Refuses tokens that would change the subject's shape: a dot or a
+    wildcard would land the event on another entity's subject, outside its optimistic concurrency."""
+    if not is_valid_project_id(project):
+        raise ValueError(f"invalid project id {project!r}")
+    if entity not in ENTITIES:
+        raise ValueError(f"invalid entity {entity!r}")
+    if not is_valid_entity_id(entity_id):
+        raise ValueError(f"invalid {entity} id {entity_id!r}")
     return f"weft.{project}.ev.{entity}.{entity_id}"
 
 
@@ -337,5 +348,10 @@ def stream_name(project: str) -> str:
 
 
 def is_valid_project_id(project: str) -> bool:
-    return bool(PROJECT_ID_RE.match(project))
+    # fullmatch, not match: `$` also matches before a trailing newline ("abc\n" would pass).
+    return PROJECT_ID_RE.fullmatch(project) is not None
+
+
+def is_valid_entity_id(entity_id: str) -> bool:
+    return ENTITY_ID_RE.fullmatch(entity_id) is not None
 

@@ -68,6 +68,7 @@ class ProjectScheduler:
 
     def start(self) -> None:
         self.view.listeners.append(self._on_event)
+        self._repush_outstanding()
         self.wake.set()
         self._task = asyncio.create_task(self._run(), name=f"scheduler:{self.project}")
         log.info("scheduling", extra={"project": self.project, "epoch": self.epoch})
@@ -98,6 +99,21 @@ class ProjectScheduler:
             body = {"type": "shutdown", **ev.data}
             self.pusher.push(self.project, ev.entity_id, body)
         self.wake.set()
+
+    def _repush_outstanding(self) -> None:
+        """A new leader cannot know which pushes its predecessor sent (or whether events were
+        folded before this replica won the lease): push again what an agent must act on. Agents
+        dedupe by work id, so a repeat is harmless; a miss would cost an accept timeout."""
+        state = self.view.state
+        for agent in state.agents.values():
+            if agent["status"] == "offline":
+                continue
+            if agent["shutdownRequested"]:
+                self.pusher.push(self.project, agent["guid"], {"type": "shutdown", **agent["shutdownRequested"]})
+            for work_id in agent["currentTasks"]:
+                item = state.work[work_id]
+                if item["status"] == "assigned":
+                    self.pusher.push(self.project, agent["guid"], {"type": "assignment", "work": item})
 
     # --- the loop ----------------------------------------------------------------------------
 

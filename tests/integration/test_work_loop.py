@@ -182,7 +182,7 @@ async def test_assignment_not_accepted_in_time_returns_to_pending(api: Api, nc: 
     await sleepy.start()
     item = await api.ok("POST", "/api/work", WORK, status=201)
     await sleepy.next_push("assignment")
-    # Never accepts: the scheduler withdraws it (accept timeout 1.5 s in the test service) and,
+    # Never accepts: the scheduler withdraws it (accept timeout 3 s in the test service) and,
     # as sleepy is the only agent, offers it again.
     again = await sleepy.next_push("assignment", timeout=15)
     assert again["work"]["id"] == item["id"] and again["work"]["attempts"] == 2

@@ -14,7 +14,7 @@ from projections.state import LIVE_ASSIGNMENT, WORK_STATUSES
 from tests.strategies import PROJECT, event_sequences
 from weft.events import Event
 
-PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # The work lifecycle's edges: (status before, status after) for an event that changed the status.
 ALLOWED_MOVES = {

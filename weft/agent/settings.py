@@ -154,7 +154,7 @@ class AgentSettings:
             agent_type=args.type,
             capabilities=capabilities,
             boundaries=boundaries,
-            command=args.command,
+            command=args.agent_command,
             max_tasks=args.max_tasks,
             handle=args.handle,
             labels=labels,
