@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import orjson
@@ -200,17 +200,40 @@ class AgentGateway:
         return {"seq": outcome.seq, "outcome": "retry" if retry else "dead-letter", "retryAt": item["retryAt"]}
 
 
-class Pusher:
-    """Publishes pushes to agent inboxes (at most once; agents recover with `sync`)."""
+WarpOffer = Callable[[str, dict[str, Any], dict[str, Any]], Awaitable[None]]
 
-    def __init__(self, nc: NATS) -> None:
+
+class Pusher:
+    """Publishes pushes to agent inboxes (at most once; agents recover with `sync`).
+
+    Assignments for Warp agents (`source: "warp"`) also go to `warp_offer`, which publishes them
+    in Warp's own work-queue format (weft.warp) so Warp's claim tool receives them.
+    """
+
+    def __init__(self, nc: NATS, warp_offer: WarpOffer | None = None) -> None:
         self.nc = nc
+        self.warp_offer = warp_offer
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def push(self, project: str, guid: str, body: dict[str, Any]) -> None:
-        task = asyncio.create_task(self._publish(protocol.inbox_subject(project, guid), orjson.dumps(body)))
+    def push_assignment(self, project: str, agent: dict[str, Any], item: dict[str, Any]) -> None:
+        self.push(project, agent["guid"], {"type": "assignment", "work": item})
+        if agent.get("source") == "warp" and self.warp_offer is not None:
+            self._spawn(self._offer(project, agent, item))
+
+    async def _offer(self, project: str, agent: dict[str, Any], item: dict[str, Any]) -> None:
+        assert self.warp_offer is not None
+        try:
+            await self.warp_offer(project, agent, item)
+        except Exception:
+            log.exception("warp offer failed", extra={"project": project, "work_id": item["id"]})
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def push(self, project: str, guid: str, body: dict[str, Any]) -> None:
+        self._spawn(self._publish(protocol.inbox_subject(project, guid), orjson.dumps(body)))
 
     async def _publish(self, subject: str, payload: bytes) -> None:
         try:

@@ -339,7 +339,9 @@ class Commands:
 
     # --- agents and the work loop ---------------------------------------------------------------
 
-    async def register_agent(self, ctx: Ctx, decl: dict[str, Any]) -> Outcome:
+    async def register_agent(self, ctx: Ctx, decl: dict[str, Any], event_id: str | None = None) -> Outcome:
+        """`event_id` makes a registration idempotent across replicas (e.g. the Warp bridge derives it
+        from the KV revision, so every replica that sees the entry appends the same event once)."""
         guid = decl["guid"]
         data = {
             "guid": guid,
@@ -357,7 +359,10 @@ class Commands:
             "targetId": decl.get("targetId"),
             "spindownAfterIdleMs": decl.get("spindownAfterIdleMs"),
         }
-        return await self.execute(ctx, f"agent.{guid}", lambda s: self.event(ctx, "agent.registered", guid, data))
+        ev_id = event_id or new_id()
+        return await self.execute(
+            ctx, f"agent.{guid}", lambda s: self.event(ctx, "agent.registered", guid, data, id=ev_id)
+        )
 
     async def deregister_agent(self, ctx: Ctx, guid: str, reason: str | None) -> Outcome:
         def decide(state: ProjectState) -> Event | None:

@@ -38,6 +38,8 @@ class SchedulerConfig:
     # An item whose assignments keep being withdrawn (agents dying under it) is dead-lettered
     # after this many attempts rather than requeued forever.
     max_withdrawals: int = 10
+    # Warp agents heartbeat into their KV entry every 60 s; Warp's own GC calls 3 minutes silence offline.
+    warp_lost_after_s: float = 180.0
     idle_tick_s: float = 5.0
 
 
@@ -88,8 +90,9 @@ class ProjectScheduler:
     def _on_event(self, ev: Event, state: ProjectState) -> None:
         if ev.type == "work.assigned":
             item = state.work.get(ev.entity_id)
-            if item and item["status"] == "assigned" and item["assignedTo"] == ev.data["agentGuid"]:
-                self.pusher.push(self.project, item["assignedTo"], {"type": "assignment", "work": item})
+            agent = state.agents.get(ev.data["agentGuid"])
+            if item and agent and item["status"] == "assigned" and item["assignedTo"] == agent["guid"]:
+                self.pusher.push_assignment(self.project, agent, item)
         elif ev.type == "work.cancelled":
             item = state.work.get(ev.entity_id)
             if item and item["assignedTo"]:  # assignedTo survives only a live assignment's cancel
@@ -113,7 +116,7 @@ class ProjectScheduler:
             for work_id in agent["currentTasks"]:
                 item = state.work[work_id]
                 if item["status"] == "assigned":
-                    self.pusher.push(self.project, agent["guid"], {"type": "assignment", "work": item})
+                    self.pusher.push_assignment(self.project, agent, item)
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -136,12 +139,16 @@ class ProjectScheduler:
     async def tick(self, now: datetime) -> None:
         state = self.view.state
         decisions: list[Awaitable[Outcome]] = []
-        lost_after = self.config.heartbeat_ms * self.config.lost_after_heartbeats / 1000
+        lost_after = {
+            "weft": self.config.heartbeat_ms * self.config.lost_after_heartbeats / 1000,
+            "warp": self.config.warp_lost_after_s,
+        }
         accept_deadline: datetime | None = None
         for agent in list(state.agents.values()):
             guid = agent["guid"]
             offline = agent["status"] == "offline"
-            if not offline and agent["source"] == "weft" and self.liveness.silent_for(self.project, guid) > lost_after:
+            silence = lost_after.get(agent["source"], lost_after["weft"])
+            if not offline and self.liveness.silent_for(self.project, guid) > silence:
                 last = self.liveness.wall.get((self.project, guid))
                 decisions.append(self.commands.mark_agent_lost(self.ctx, guid, last, self.epoch))
                 continue  # its work is withdrawn once the loss is folded (next tick)

@@ -372,6 +372,8 @@ async def test_accept_progress_complete_with_a_real_command(nats_server: Embedde
     async with agent(nats_server.url, s) as a:
         await fake.wait("agent.register")
         await fake.push(s.guid, {"type": "assignment", "work": work("w1", description="write the parser")})
+        await fake.wait("work.accept")
+        run = a.run_of("w1")
         done = await fake.wait("work.complete")
         verbs = fake.verbs("w1")
         assert verbs[0] == "work.accept" and verbs[-1] == "work.complete" and verbs.count("work.accept") == 1
@@ -386,7 +388,9 @@ async def test_accept_progress_complete_with_a_real_command(nats_server: Embedde
             "desc-env: write the parser", "line-a", "line-b"]
         assert done["output"].startswith("stdin: write the parser\nprogress: 30 reading\n")
         assert done["output"].endswith("line-a\n\nline-b")
-        assert not a.runner.running
+        assert run.task is not None
+        await asyncio.wait_for(asyncio.wait({run.task}), T)
+        assert not a.runner.running and run.stopped is None
 
 
 @pytest.mark.parametrize(("code", "recoverable"), [(75, True), (3, False)])
