@@ -1,0 +1,126 @@
+"""The one interface every spin-up mechanism implements, and what they share.
+
+A mechanism launches an agent somewhere (`launch`), cleans it up on scale-down (`stop`) and says
+whether it could launch one right now (`probe`). It never decides anything: the scheduler decides,
+records events, and counts a spin-up as successful only when an agent registers with the spin-up's
+id (`WEFT_SPINUP_ID`), never merely because a command returned.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from weft.events import utc_now
+
+
+class SpinUpError(Exception):
+    """The mechanism could not launch the agent; the message says why, for people."""
+
+
+class SecretError(SpinUpError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    status: str  # healthy | unhealthy | unknown
+    latency_ms: float | None
+    error: str | None
+    checked_at: str = field(default_factory=utc_now)
+
+
+@dataclass(frozen=True, slots=True)
+class SpinUpRequest:
+    spin_up_id: str
+    project: str
+    target: dict[str, Any]  # the target record; its config is nested: target["config"][<mechanism key>]
+    work: dict[str, Any] | None  # the waiting item that caused it, if any
+    nats_url: str  # the NATS URL the agent must use (as reachable from where it runs)
+
+    def agent_env(self) -> dict[str, str]:
+        """What every spun-up agent receives, whatever the mechanism: enough for `weft agent` to
+        register for the right project with the target's declaration and the spin-up id."""
+        t = self.target
+        env = {
+            "WEFT_SPINUP_ID": self.spin_up_id,
+            "WEFT_TARGET_ID": t["id"],
+            "WEFT_TARGET_NAME": t["name"],
+            "LOOMINAL_PROJECT_ID": self.project,
+            "NATS_URL": self.nats_url,
+            "WEFT_AGENT_TYPE": t["agentType"],
+            "WEFT_AGENT_CAPABILITIES": ",".join(t["capabilities"]),
+            "WEFT_AGENT_BOUNDARIES": ",".join(t["boundaries"]),
+        }
+        if self.work is not None:
+            env["WEFT_WORK_ID"] = self.work["id"]
+        return env
+
+    @property
+    def config(self) -> dict[str, Any]:
+        key = MECHANISM_KEYS[self.target["mechanism"]]
+        cfg: dict[str, Any] = self.target["config"][key]
+        return cfg
+
+
+@dataclass(frozen=True, slots=True)
+class Launched:
+    """What the mechanism started, JSON-able: recorded in `spinup.started` and handed back to `stop`."""
+
+    handle: dict[str, Any]
+
+
+class Mechanism(Protocol):
+    name: str
+
+    async def launch(self, req: SpinUpRequest) -> Launched: ...
+
+    async def stop(self, target: dict[str, Any], handle: dict[str, Any], graceful: bool) -> None: ...
+
+    async def probe(self, target: dict[str, Any]) -> ProbeResult: ...
+
+
+MECHANISM_KEYS = {
+    "local": "local",
+    "ssh": "ssh",
+    "kubernetes": "kubernetes",
+    "github-actions": "githubActions",
+    "webhook": "webhook",
+}
+
+
+def mechanism_config(target: dict[str, Any]) -> dict[str, Any]:
+    cfg: dict[str, Any] = target["config"][MECHANISM_KEYS[target["mechanism"]]]
+    return cfg
+
+
+def resolve_secret(ref: str, environ: dict[str, str] | None = None) -> str:
+    """`env:NAME` or `file:PATH` to the secret's value, at the moment of use, never stored.
+
+    (`secret:NAME` references are Kubernetes secrets, resolved by the cluster, not here.)
+    """
+    env = os.environ if environ is None else environ
+    if ref.startswith("env:"):
+        name = ref[4:]
+        if name not in env:
+            raise SecretError(f"secret reference {ref}: environment variable {name} is not set")
+        return env[name]
+    if ref.startswith("file:"):
+        path = Path(ref[5:]).expanduser()
+        try:
+            return path.read_text().strip()
+        except OSError as err:
+            raise SecretError(f"secret reference {ref}: {err.strerror}") from None
+    raise SecretError(f"{ref!r} is not a secret reference this mechanism can resolve (env:NAME or file:PATH)")
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+
+    @property
+    def ms(self) -> float:
+        return round((time.perf_counter() - self.started) * 1000, 3)
