@@ -8,5 +8,7 @@ Run as `python -m bench`. Knobs (environment):
   WEFT_BENCH_REST_REQUESTS     POST /api/work requests for the REST row (default 5,000)
   WEFT_BENCH_REST_CONCURRENCY  concurrent HTTP workers (default 64)
   WEFT_BENCH_LOAD_SYNC         lazy (default) | always: fsync policy while bulk-loading the 1M stream
-  WEFT_BENCH_PROFILE           1: cProfile the rebuild and restart rows, print the top functions
+  WEFT_BENCH_PROFILE           1: cProfile the rebuild and restart replicas and `weft serve`, print the
+                               top functions to stderr (numbers are then slower: for diagnosis only)
+  WEFT_BENCH_ONLY              comma list of sections to run: raw, rebuild, rest, restart (default all)
 """

@@ -26,7 +26,9 @@ class BenchConfig:
     rest_concurrency: int
     load_sync_always: bool
     profile: bool
+    only: frozenset[str]
     no_snapshot_limit_s: float = 120.0
+    restart_limit_s: float = 180.0
 
     @classmethod
     def from_env(cls) -> BenchConfig:
@@ -40,4 +42,8 @@ class BenchConfig:
             rest_concurrency=max(1, _int("WEFT_BENCH_REST_CONCURRENCY", 64)),
             load_sync_always=os.environ.get("WEFT_BENCH_LOAD_SYNC", "lazy").strip().lower() == "always",
             profile=_flag("WEFT_BENCH_PROFILE"),
+            only=frozenset(x.strip() for x in os.environ.get("WEFT_BENCH_ONLY", "").split(",") if x.strip()),
         )
+
+    def runs(self, section: str) -> bool:
+        return not self.only or section in self.only

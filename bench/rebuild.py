@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import cProfile
+import gc
 import io
 import pstats
 import time
@@ -11,13 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.client import Client as NATS
+from nats.js import api
 
 from bench import eventgen
-from bench.raw import BenchError, Timed, publish_pipelined, replay_ordered
+from bench.raw import BenchError, Timed, publish_pipelined, replay_ordered, replay_ordered_iter
 from bench.server import connect
-from projections import ProjectState, apply
+from projections import ProjectState, apply, decode_state
 from weft.events import decode, stream_name
-from weft.eventstore import EventStore
+from weft.eventstore import SNAPSHOT_BUCKET, EventStore
 from weft.replica import ProjectView, Replica
 
 
@@ -92,10 +95,12 @@ async def replica_to_ready(
     t_conn = time.perf_counter()
     store = TimedStore(nc.jetstream(), ignore_snapshots=ignore_snapshots)
     replica = TimedReplica(store, snapshot_every=0)
+    t_attach = t_conn
     try:
-        await replica.start()
-        t_attach = time.perf_counter()
-        await replica.wait_ready(timeout=timeout_s)
+        async with asyncio.timeout(timeout_s):  # bounds snapshot loading too, not only the tail
+            await replica.start()
+            t_attach = time.perf_counter()
+            await replica.wait_ready()
     except TimeoutError:
         if prof:
             prof.disable()
@@ -137,13 +142,25 @@ def profile_text(prof: cProfile.Profile, top: int = 22) -> str:
     return out.getvalue()
 
 
-def in_process_fold(raws: list[bytes]) -> Timed:
+def profile_file_text(path: Any, top: int = 30) -> str:
+    out = io.StringIO()
+    pstats.Stats(str(path), stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def in_process_fold(raws: list[bytes], *, gc_off: bool = False) -> Timed:
     """decode + apply without NATS: the part of a rebuild that is weft's own code."""
     state = ProjectState(project="inproc")
-    t = time.perf_counter()
-    for seq, raw in enumerate(raws, 1):
-        apply(state, decode(raw, seq))
-    return Timed(len(raws), time.perf_counter() - t)
+    gc.collect()
+    if gc_off:
+        gc.disable()
+    try:
+        t = time.perf_counter()
+        for seq, raw in enumerate(raws, 1):
+            apply(state, decode(raw, seq))
+        return Timed(len(raws), time.perf_counter() - t)
+    finally:
+        gc.enable()
 
 
 # --- row 3: projection rebuild ------------------------------------------------------------------
@@ -153,8 +170,10 @@ def in_process_fold(raws: list[bytes]) -> Timed:
 class RebuildResult:
     events: int
     publish: Timed
-    raw_replay: Timed  # ordered consumer over the same weft stream (headers and all), no decode
+    raw_replay: Timed  # ordered consumer + callback over the same weft stream (headers and all), no decode
+    raw_replay_iter: Timed  # the same through `sub.messages`, as Tail reads
     inproc: Timed
+    inproc_nogc: Timed
     rebuild: Ready | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -182,10 +201,20 @@ async def bench_rebuild(url: str, project: str, items: int, *, profile: bool) ->
         if last != total:
             raise BenchError(f"stream holds {last} events, expected {total}")
         raw = await replay_ordered(js, stream_name(project), f"weft.{project}.ev.>", total, time_limit_s=120)
+        raw_iter = await replay_ordered_iter(
+            js, stream_name(project), f"weft.{project}.ev.>", total, time_limit_s=120
+        )
     finally:
         await nc.close()
-    inproc = in_process_fold(raws)
-    res = RebuildResult(events=total, publish=pub, raw_replay=raw, inproc=inproc)
+    res = RebuildResult(
+        events=total,
+        publish=pub,
+        raw_replay=raw,
+        raw_replay_iter=raw_iter,
+        inproc=in_process_fold(raws),
+        inproc_nogc=in_process_fold(raws, gc_off=True),
+    )
+    raws.clear()
     ready = await replica_to_ready(url, project, timeout_s=120, profile=profile)
     try:
         check_state(ready.state, total, items)
@@ -218,6 +247,8 @@ class RestartResult:
     snapshot_bytes: int = 0
     snapshot_write_s: float = 0.0
     with_snapshot: Ready | None = None
+    pull_fetch_s: float | None = None  # the same snapshot through a pull consumer (no flow control)
+    decode_nogc_s: float | None = None  # decode_state with the cyclic GC paused
 
 
 async def load_stream(url: str, project: str, items: int, res: RestartResult) -> None:
@@ -247,6 +278,7 @@ async def snapshot_and_measure(
     *,
     skip_no_snapshot: bool,
     no_snapshot_limit_s: float,
+    restart_limit_s: float,
     profile: bool,
     progress: Callable[[str], None],
 ) -> None:
@@ -307,10 +339,57 @@ async def snapshot_and_measure(
             await nc.close()
 
     progress("restart: new replica from snapshot + tail")
-    ready = await replica_to_ready(url, project, timeout_s=120, profile=profile)
+    ready = await replica_to_ready(url, project, timeout_s=restart_limit_s, profile=profile)
     try:
         check_state(ready.state, res.events + res.tail_events, items + tail_items)
         res.with_snapshot = ready
     finally:
         await close_ready(ready)
         ready.state = ProjectState(project=project)
+    gc.collect()
+
+    progress("restart: alternative snapshot fetch (pull consumer) and decode (GC paused)")
+    nc = await connect(url)
+    try:
+        t = time.perf_counter()
+        raw_snapshot = await fetch_snapshot_pull(nc, project)
+        res.pull_fetch_s = time.perf_counter() - t
+    finally:
+        await nc.close()
+    gc.disable()
+    try:
+        t = time.perf_counter()
+        decode_state(raw_snapshot)
+        res.decode_nogc_s = time.perf_counter() - t
+    finally:
+        gc.enable()
+    del raw_snapshot
+    gc.collect()
+
+
+async def fetch_snapshot_pull(nc: NATS, project: str, *, batch: int = 64, time_limit_s: float = 60) -> bytes:
+    """Read the snapshot object's chunks with an ephemeral pull consumer (AckPolicy none) and join
+    them once: linear, and without the push consumer's flow-control stalls on 128 KiB chunks."""
+    js = nc.jetstream()
+    obs = await js.object_store(SNAPSHOT_BUCKET)
+    info = await obs.get_info(project)
+    sub = await js.pull_subscribe(
+        f"$O.{SNAPSHOT_BUCKET}.C.{info.nuid}",
+        stream=f"OBJ_{SNAPSHOT_BUCKET}",
+        config=api.ConsumerConfig(ack_policy=api.AckPolicy.NONE, deliver_policy=api.DeliverPolicy.ALL),
+        pending_bytes_limit=1 << 30,
+    )
+    parts: list[bytes] = []
+    try:
+        async with asyncio.timeout(time_limit_s):
+            while True:
+                msgs = await sub.fetch(batch, timeout=10)
+                parts.extend(m.data for m in msgs)
+                if msgs and msgs[-1].metadata.num_pending == 0:
+                    break
+    finally:
+        await sub.unsubscribe()
+    data = b"".join(parts)
+    if info.size is not None and len(data) != info.size:
+        raise BenchError(f"pull fetch got {len(data)} bytes, object has {info.size}")
+    return data

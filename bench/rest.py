@@ -51,10 +51,15 @@ def weft_binary() -> Path:
 
 
 @contextlib.asynccontextmanager
-async def weft_serve(nats_url: str, work_dir: Path):  # type: ignore[no-untyped-def]
+async def weft_serve(nats_url: str, work_dir: Path, *, profile_to: Path | None = None):  # type: ignore[no-untyped-def]
+    """`weft serve` against the bench's server; with `profile_to`, under cProfile (weft handles
+    SIGTERM by shutting down cleanly, so the profile gets written)."""
     exe = weft_binary()
     if not exe.exists():
         raise NotReady(f"{exe} not found")
+    argv = [str(exe), "serve"]
+    if profile_to is not None:
+        argv = [sys.executable, "-m", "cProfile", "-o", str(profile_to), "-m", "weft.cli", "serve"]
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WEFT_", "API_", "NATS_", "LOOMINAL_"))}
     env.update(
@@ -68,7 +73,7 @@ async def weft_serve(nats_url: str, work_dir: Path):  # type: ignore[no-untyped-
     log_path = work_dir / "weft-serve.log"
     with log_path.open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
-            str(exe), "serve", env=env, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
+            *argv, env=env, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
             start_new_session=True,
         )
     base = f"http://127.0.0.1:{port}"
@@ -111,7 +116,7 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(proc.wait(), 10.0)
+            await asyncio.wait_for(proc.wait(), 20.0)
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()

@@ -13,7 +13,7 @@ from typing import Any
 
 from bench import eventgen, rebuild, rest
 from bench.config import BenchConfig
-from bench.raw import fresh_stream, publish_awaited, publish_pipelined, replay_ordered
+from bench.raw import fresh_stream, publish_awaited, publish_pipelined, replay_ordered, replay_ordered_iter
 from bench.report import Row, render, write_json
 from bench.server import connect, nats_server, quiet_logs
 
@@ -84,8 +84,12 @@ class Bench:
             await js.delete_stream("BENCH_RAW_AWAITED")
             progress(f"raw: ordered-consumer replay of {n:,}")
             replay = await replay_ordered(js, "BENCH_RAW", "bench.raw.>", n, time_limit_s=120)
-            self.row(Row("raw_replay", f"raw ordered-consumer replay ({n:,} x 300 B)", replay.rate, "msgs/s",
-                         ratio="reference", extra={"seconds": replay.seconds}))
+            self.row(Row("raw_replay", f"raw ordered-consumer replay, callback ({n:,} x 300 B)", replay.rate,
+                         "msgs/s", ratio="reference", extra={"seconds": replay.seconds}))
+            replay_iter = await replay_ordered_iter(js, "BENCH_RAW", "bench.raw.>", n, time_limit_s=120)
+            self.row(Row("raw_replay_iter", "raw ordered-consumer replay, `async for msg in sub.messages`",
+                         replay_iter.rate, "msgs/s", ratio=f"x{replay_iter.rate / replay.rate:.2f} of callback",
+                         extra={"seconds": replay_iter.seconds}))
             await js.delete_stream("BENCH_RAW")
         finally:
             await nc.close()
@@ -98,6 +102,7 @@ class Bench:
         progress(f"rebuild: appending {total:,} weft events ({items:,} items x 5 + agents)")
         res = await rebuild.bench_rebuild(url, "benchrebuild", items, profile=self.cfg.profile)
         raw_rate = self.value("raw_replay")
+        raw_pub = self.value("raw_publish_pipelined")
         ready = res.rebuild
         assert ready is not None
         rate = res.events / ready.seconds
@@ -107,14 +112,23 @@ class Bench:
                      ratio=f"x{ratio:.2f} of raw replay (>= {REBUILD_TARGET:.2f})" if ratio is not None else "",
                      verdict=verdict(ratio >= REBUILD_TARGET) if ratio is not None else "",
                      extra={"seconds": ready.seconds, "events": res.events}))
-        self.row(Row("rebuild_raw_weft_replay", "  raw ordered replay of that weft stream (headers, ~400 B)",
+        self.row(Row("rebuild_raw_weft_replay", "  raw replay of that weft stream, callback (2 headers, ~400 B)",
                      res.raw_replay.rate, "msgs/s",
-                     ratio=f"x{res.raw_replay.rate / raw_rate:.2f} of raw replay" if raw_rate else "",
+                     ratio=f"x{rate / res.raw_replay.rate:.2f} rebuild/this",
                      extra={"seconds": res.raw_replay.seconds}))
+        self.row(Row("rebuild_raw_weft_replay_iter", "  raw replay of that weft stream, `sub.messages` (as Tail)",
+                     res.raw_replay_iter.rate, "msgs/s",
+                     ratio=f"x{rate / res.raw_replay_iter.rate:.2f} rebuild/this",
+                     extra={"seconds": res.raw_replay_iter.seconds}))
         self.row(Row("rebuild_inproc", "  decode + apply in process, no NATS", res.inproc.rate, "events/s",
                      extra={"seconds": res.inproc.seconds}))
+        self.row(Row("rebuild_inproc_nogc", "  decode + apply in process, cyclic GC paused", res.inproc_nogc.rate,
+                     "events/s", ratio=f"x{res.inproc_nogc.rate / res.inproc.rate:.2f} of GC on",
+                     extra={"seconds": res.inproc_nogc.seconds}))
         self.row(Row("weft_publish_pipelined", "  weft events published pipelined (Msg-Id + OCC headers)",
-                     res.publish.rate, "events/s", extra={"seconds": res.publish.seconds}))
+                     res.publish.rate, "events/s",
+                     ratio=f"x{res.publish.rate / raw_pub:.2f} of raw pipelined" if raw_pub else "",
+                     extra={"seconds": res.publish.seconds}))
         if ready.profile:
             self.profiles["rebuild"] = ready.profile
         nc = await connect(url)
@@ -129,9 +143,12 @@ class Bench:
         n, c = self.cfg.rest_requests, self.cfg.rest_concurrency
         progress(f"rest: starting weft serve, then {n:,} POST /api/work with {c} workers")
         metric = f"weft REST submit, POST /api/work ({n:,} req, C={c})"
+        prof_path = self.root / "weft-serve.prof" if self.cfg.profile else None
         try:
-            async with rest.weft_serve(url, self.root) as base:
+            async with rest.weft_serve(url, self.root, profile_to=prof_path) as base:
                 res = await rest.fire(base, n, c)
+            if prof_path is not None and prof_path.exists():
+                self.profiles["weft serve (REST submit)"] = rebuild.profile_file_text(prof_path)
         except rest.NotReady as err:
             progress(f"rest: n/a: {err}")
             self.row(Row("rest_submit", metric, None, "req/s", note="n/a (weft serve not ready)",
@@ -174,7 +191,7 @@ class Bench:
             await rebuild.snapshot_and_measure(
                 srv.url, project, items, tail_items, res,
                 skip_no_snapshot=cfg.skip_no_snapshot, no_snapshot_limit_s=cfg.no_snapshot_limit_s,
-                profile=cfg.profile, progress=progress,
+                restart_limit_s=cfg.restart_limit_s, profile=cfg.profile, progress=progress,
             )
         ws = res.with_snapshot
         assert ws is not None
@@ -185,9 +202,16 @@ class Bench:
                             "snapshot_load_s": ws.snapshot_load_s, "snapshot_fetch_s": ws.snapshot_fetch_s,
                             "events": res.events, "tail_events": res.tail_events,
                             "snapshot_seq": res.snapshot_seq}))
-        self.row(Row("restart_snapshot_fetch", "  snapshot fetch (object store get)", ws.snapshot_fetch_s, "s"))
-        self.row(Row("restart_snapshot_decode", "  snapshot decode (orjson -> ProjectState)",
-                     ws.snapshot_load_s - ws.snapshot_fetch_s, "s"))
+        decode_s = ws.snapshot_load_s - ws.snapshot_fetch_s
+        self.row(Row("restart_snapshot_fetch", "  snapshot fetch (EventStore.load_snapshot: ObjectStore.get)",
+                     ws.snapshot_fetch_s, "s"))
+        if res.pull_fetch_s is not None:
+            self.row(Row("restart_snapshot_fetch_pull", "  same snapshot via pull consumer + one join (bench)",
+                         res.pull_fetch_s, "s", ratio=f"x{ws.snapshot_fetch_s / res.pull_fetch_s:.0f} faster"))
+        self.row(Row("restart_snapshot_decode", "  snapshot decode (orjson -> ProjectState)", decode_s, "s"))
+        if res.decode_nogc_s is not None:
+            self.row(Row("restart_snapshot_decode_nogc", "  same decode with the cyclic GC paused (bench)",
+                         res.decode_nogc_s, "s", ratio=f"x{decode_s / res.decode_nogc_s:.1f} faster"))
         tail_s = ws.seconds - ws.attach_s
         self.row(Row("restart_tail", f"  tail replay after attach ({res.tail_events:,} events)", tail_s, "s"))
         self.row(Row("restart_snapshot_size", "  snapshot size", res.snapshot_bytes / 1e6, "MB",
@@ -199,6 +223,10 @@ class Bench:
                      ns.seconds if ns else None, "s", note=res.no_snapshot_note,
                      ratio=f"{res.events / ns.seconds:,.0f} events/s" if ns else "",
                      extra={"seconds": ns.seconds if ns else None}))
+        if res.pull_fetch_s is not None and res.decode_nogc_s is not None:
+            projected = ws.seconds - ws.snapshot_load_s + res.pull_fetch_s + res.decode_nogc_s
+            self.row(Row("restart_projected", "  projected restart with both fixes", projected, "s",
+                         ratio=f"<= {RESTART_TARGET_S:.0f} s", verdict=verdict(projected <= RESTART_TARGET_S)))
         if ws.profile:
             self.profiles["restart_snapshot"] = ws.profile
 
@@ -209,22 +237,28 @@ class Bench:
         progress(f"fresh nats-server (sync_interval always) in {self.root}")
         async with nats_server(self.root / "main", sync_always=True) as srv:
             self.meta["nats_url"] = srv.url
-            await self.guarded("raw", [("raw_publish_pipelined", "raw JetStream publish, pipelined", "msgs/s"),
-                                       ("raw_publish_awaited", "raw JetStream publish, awaited", "msgs/s"),
-                                       ("raw_replay", "raw ordered-consumer replay", "msgs/s")],
-                               self.raw(srv.url))
-            await self.guarded("rebuild", [("rebuild", "projection rebuild", "events/s")], self.rebuild(srv.url))
-            await self.guarded("rest", [("rest_submit", "weft REST submit", "req/s")], self.rest(srv.url))
-        await self.guarded("restart", [("restart_snapshot", "restart to ready with snapshot", "s")],
-                           self.restart())
+            if self.cfg.runs("raw"):
+                raw_keys = [("raw_publish_pipelined", "raw JetStream publish, pipelined", "msgs/s"),
+                            ("raw_publish_awaited", "raw JetStream publish, awaited", "msgs/s"),
+                            ("raw_replay", "raw ordered-consumer replay", "msgs/s")]
+                await self.guarded("raw", raw_keys, self.raw(srv.url))
+            if self.cfg.runs("rebuild"):
+                await self.guarded("rebuild", [("rebuild", "projection rebuild", "events/s")],
+                                   self.rebuild(srv.url))
+            if self.cfg.runs("rest"):
+                await self.guarded("rest", [("rest_submit", "weft REST submit", "req/s")], self.rest(srv.url))
+        if self.cfg.runs("restart"):
+            await self.guarded("restart", [("restart_snapshot", "restart to ready with snapshot", "s")],
+                               self.restart())
         self.meta["total_seconds"] = time.perf_counter() - t0
 
     def ordered_rows(self) -> list[Row]:
-        order = ["raw_publish_pipelined", "raw_publish_awaited", "raw_replay", "rebuild",
-                 "rebuild_raw_weft_replay", "rebuild_inproc", "weft_publish_pipelined", "restart_snapshot",
-                 "restart_snapshot_fetch", "restart_snapshot_decode", "restart_tail", "restart_snapshot_size",
-                 "restart_snapshot_write", "restart_no_snapshot", "restart_load", "rest_submit", "rest_p50",
-                 "rest_p99", "rest_errors"]
+        order = ["raw_publish_pipelined", "raw_publish_awaited", "raw_replay", "raw_replay_iter", "rebuild",
+                 "rebuild_raw_weft_replay", "rebuild_raw_weft_replay_iter", "rebuild_inproc",
+                 "rebuild_inproc_nogc", "weft_publish_pipelined", "restart_snapshot", "restart_snapshot_fetch",
+                 "restart_snapshot_fetch_pull", "restart_snapshot_decode", "restart_snapshot_decode_nogc",
+                 "restart_tail", "restart_projected", "restart_snapshot_size", "restart_snapshot_write",
+                 "restart_no_snapshot", "restart_load", "rest_submit", "rest_p50", "rest_p99", "rest_errors"]
         rows = [self.rows[k] for k in order if k in self.rows]
         rows += [r for k, r in self.rows.items() if k not in order]
         return rows
@@ -248,7 +282,7 @@ def main() -> int:
           f"total {total:.0f} s")
     for name, text in bench.profiles.items():
         print(f"\n--- cProfile: {name} (by tottime) ---\n{text}", file=sys.stderr)
-    path = write_json(rows, {"config": cfg.__dict__, "crashed": bench.crashed, **bench.meta})
+    path = write_json(rows, {"config": {**cfg.__dict__, "only": sorted(cfg.only)}, "crashed": bench.crashed, **bench.meta})
     print(f"results: {path}")
     if bench.crashed:
         print("crashed: " + "; ".join(bench.crashed), file=sys.stderr)

@@ -36,6 +36,7 @@ def new_agent(ev: Event) -> Record:
         "shutdownRequested": None,
         "offlineReason": None,
         "offlineAt": None,
+        "launch": None,
     }
 
 
@@ -79,3 +80,8 @@ def apply_agent(state: ProjectState, ev: Event) -> None:
         _offline(agent, ev, ev.data.get("reason") or "deregistered")
     elif ev.type == "agent.lost":
         _offline(agent, ev, "lost")
+        target = state.targets.get(agent.get("targetId") or "")
+        if target is not None and agent.get("spinUpId"):
+            # A spun-up agent died: the target backs off and eventually gives up (weft.elastic).
+            target["crashes"] = target.get("crashes", 0) + 1
+            target["lastError"] = f"spun-up agent {agent['guid']} was lost"

@@ -26,6 +26,7 @@ MAINTAINED = frozenset(
         "lastSpinUp",
         "activeSpinUps",
         "consecutiveFailures",
+        "crashes",
     }
 )
 
@@ -46,6 +47,7 @@ def new_target(ev: Event) -> Record:
         lastSpinUp=None,
         activeSpinUps={},
         consecutiveFailures=0,
+        crashes=0,  # spun-up agents lost in a row (reset when one completes work, or on enable)
     )
     return t
 
@@ -70,8 +72,16 @@ def _spinup_started(t: Record, ev: Event) -> None:
         op.update(status="started", startedAt=ev.ts, mechanismResult=ev.data.get("mechanismResult"))
 
 
-def _spinup_finished(t: Record, ev: Event, ok: bool) -> None:
+def _spinup_finished(state: ProjectState, t: Record, ev: Event, ok: bool) -> None:
     op = t["activeSpinUps"].pop(ev.data["spinUpId"], None)
+    agent = state.agents.get(ev.data.get("agentGuid") or "")
+    if ok and agent is not None:
+        # What scale-down needs to clean up after this agent (a pid, a Job name...).
+        agent["launch"] = {
+            "targetId": t["id"],
+            "spinUpId": ev.data["spinUpId"],
+            "handle": op.get("mechanismResult") if op else None,
+        }
     t["lastSpinUp"] = {
         "spinUpId": ev.data["spinUpId"],
         "time": ev.ts,
@@ -113,7 +123,7 @@ def apply_target(state: ProjectState, ev: Event) -> None:
     if ev.type == "target.updated":
         t.update({k: v for k, v in ev.data["changes"].items() if k not in MAINTAINED})
     elif ev.type == "target.enabled":
-        t.update(status="available", consecutiveFailures=0)
+        t.update(status="available", consecutiveFailures=0, crashes=0)
     elif ev.type == "target.disabled":
         t.update(status="disabled", disabledReason=ev.data.get("reason"))
     elif ev.type == "target.removed":
@@ -126,5 +136,5 @@ def apply_target(state: ProjectState, ev: Event) -> None:
     elif ev.type == "spinup.started":
         _spinup_started(t, ev)
     elif ev.type in ("spinup.completed", "spinup.failed"):
-        _spinup_finished(t, ev, ok=ev.type == "spinup.completed")
+        _spinup_finished(state, t, ev, ok=ev.type == "spinup.completed")
     t["updatedAt"] = ev.ts

@@ -135,6 +135,10 @@ def _completed(state: ProjectState, item: Record, ev: Event) -> None:
         return
     release_agent(state, item, ev.ts)
     set_status(state, item, "completed")
+    agent = state.agents.get(item["assignedTo"] or "")
+    target = state.targets.get(agent.get("targetId") or "") if agent else None
+    if target is not None:
+        target["crashes"] = 0  # its agents do work: whatever crashed before is behind us
     d = ev.data
     item.update(
         progress=100,

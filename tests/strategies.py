@@ -94,7 +94,7 @@ def _work_data(t: str) -> st.SearchStrategy[dict[str, Any]]:
             {
                 "agentGuid": maybe_agent,
                 "summary": reason,
-                "output": st.one_of(st.none(), st.integers(), st.lists(st.integers(), max_size=2)),
+                "output": st.one_of(st.none(), st.integers(-9, 9), st.lists(st.integers(-9, 9), max_size=2)),
                 "artifacts": st.none(),
             }
         )

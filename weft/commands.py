@@ -309,7 +309,7 @@ class Commands:
         return await self.execute(ctx, f"target.{target_id}", decide)
 
     async def request_spin_up(
-        self, ctx: Ctx, id_or_name: str, work_id: str | None = None, reason: str = "manual"
+        self, ctx: Ctx, id_or_name: str, work_id: str | None = None, reason: str = "manual", epoch: int | None = None
     ) -> tuple[Outcome, str]:
         target_id = self._target_id(await self.view(ctx.project), id_or_name)
         spin_up_id = str(uuid.uuid4())
@@ -326,9 +326,36 @@ class Commands:
                 "boundary": item["boundary"] if item else None,
                 "reason": reason,
             }
-            return self.event(ctx, "spinup.requested", target_id, data)
+            return self.event(ctx, "spinup.requested", target_id, data, epoch=epoch)
 
         return await self.execute(ctx, f"target.{target_id}", decide), spin_up_id
+
+    async def record_spin_up(
+        self, ctx: Ctx, target_id: str, spin_up_id: str, type_: str, data: dict[str, Any], epoch: int
+    ) -> Outcome:
+        """spinup.started / .completed / .failed for a spin-up still in flight (else a no-op)."""
+
+        def decide(state: ProjectState) -> Event | None:
+            t = state.targets.get(target_id)
+            if t is None or spin_up_id not in t["activeSpinUps"]:
+                return None
+            if type_ == "spinup.started" and t["activeSpinUps"][spin_up_id]["status"] != "requested":
+                return None
+            return self.event(ctx, type_, target_id, {"spinUpId": spin_up_id, **data}, epoch=epoch)
+
+        return await self.execute(ctx, f"target.{target_id}", decide)
+
+    async def scale_down_idle(self, ctx: Ctx, guid: str, epoch: int) -> Outcome:
+        """Ask an idle agent to stop, re-checking on the newest state that it still holds nothing."""
+
+        def decide(state: ProjectState) -> Event | None:
+            agent = state.agents.get(guid)
+            if agent is None or agent["status"] == "offline" or agent["currentTaskCount"] or agent["shutdownRequested"]:
+                return None
+            data = {"graceful": True, "reason": "idle-timeout", "gracePeriodMs": None}
+            return self.event(ctx, "agent.shutdown_requested", guid, data, epoch=epoch)
+
+        return await self.execute(ctx, f"agent.{guid}", decide)
 
     def _target_id(self, view: ProjectView, id_or_name: str) -> str:
         t = find_target(view.state, id_or_name)

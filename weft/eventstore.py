@@ -134,7 +134,7 @@ class EventStore:
                 raise
             # The server checks the expected sequence before Msg-Id dedupe, so a retry of an append
             # that already landed (a lost ack, say) looks like a conflict: recognise our own event.
-            own_seq = await self._last_seq_if_own(ev)
+            own_seq = await self._own_seq_after(ev, expected_seq or 0)
             if own_seq is None:
                 raise ConcurrencyConflict(ev.subject, expected_seq or 0) from err
             ev.seq = own_seq
@@ -142,13 +142,18 @@ class EventStore:
         ev.seq = ack.seq
         return Appended(seq=ack.seq, duplicate=bool(ack.duplicate))
 
-    async def _last_seq_if_own(self, ev: Event) -> int | None:
+    async def _own_seq_after(self, ev: Event, expected: int) -> int | None:
+        """The sequence of `ev` if an earlier attempt of this append landed, else None.
+
+        An append that landed with `expected` was the first event on its subject after `expected`,
+        so that one message decides it, even when later events on the entity followed it (the last
+        message would not). Not a direct get: a follower may not have our event yet."""
         try:
-            last = await self.js.get_last_msg(stream_name(ev.project), ev.subject, direct=True)
+            first = await self.js.get_msg(stream_name(ev.project), seq=expected + 1, subject=ev.subject, next=True)
         except nats.js.errors.NotFoundError:
             return None
-        if (last.headers or {}).get(api.Header.MSG_ID.value) == ev.id and last.seq:
-            return int(last.seq)
+        if (first.headers or {}).get(api.Header.MSG_ID.value) == ev.id and first.seq:
+            return int(first.seq)
         return None
 
     # --- read ------------------------------------------------------------------------------
@@ -261,9 +266,13 @@ class Tail:
             except Exception:
                 log.exception("undecodable event skipped", extra={"project": self.project})
                 continue
-            result = self.on_event(ev)
-            if result is not None:
-                await result
+            try:
+                result = self.on_event(ev)
+                if result is not None:
+                    await result
+            except Exception:
+                # A failing callback must not end the tail: every later event would be lost to it.
+                log.exception("event callback failed", extra={"project": self.project, "seq": ev.seq})
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -22,10 +22,12 @@ from projections.state import ProjectState
 from weft.agents import Liveness, Pusher
 from weft.commands import Commands, Ctx, Outcome
 from weft.events import Event, format_ts, parse_ts
+from weft.fleet import FleetConfig, FleetManager
 from weft.leader import LeaderElector
 from weft.logs import project_var
 from weft.replica import ProjectView, Replica
 from weft.routing import Plan, RoutingPolicy, plan_assignments
+from weft.spinup.base import Mechanism
 
 log = logging.getLogger("weft.scheduler")
 
@@ -53,8 +55,10 @@ class ProjectScheduler:
         pusher: Pusher,
         epoch: int,
         config: SchedulerConfig,
+        fleet: FleetManager | None = None,
     ) -> None:
         self.view = view
+        self.fleet = fleet
         self.project = view.project
         self.commands = commands
         self.policy = policy
@@ -71,6 +75,8 @@ class ProjectScheduler:
     def start(self) -> None:
         self.view.listeners.append(self._on_event)
         self._repush_outstanding()
+        if self.fleet is not None:
+            self.fleet.takeover(self.view.state)
         self.wake.set()
         self._task = asyncio.create_task(self._run(), name=f"scheduler:{self.project}")
         log.info("scheduling", extra={"project": self.project, "epoch": self.epoch})
@@ -84,6 +90,8 @@ class ProjectScheduler:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
+        if self.fleet is not None:
+            await self.fleet.stop()
 
     # --- pushes and wake-ups, straight from the fold ---------------------------------------------
 
@@ -101,6 +109,8 @@ class ProjectScheduler:
         elif ev.type == "agent.shutdown_requested":
             body = {"type": "shutdown", **ev.data}
             self.pusher.push(self.project, ev.entity_id, body)
+        if self.fleet is not None:
+            self.fleet.on_event(ev, state)
         self.wake.set()
 
     def _repush_outstanding(self) -> None:
@@ -168,6 +178,8 @@ class ProjectScheduler:
         accept_by_ts = format_ts(now + timedelta(milliseconds=self.config.accept_timeout_ms))
         for work_id, guid in plan.assignments:
             decisions.append(self.commands.assign_work(self.ctx, work_id, guid, self.epoch, accept_by_ts))
+        if self.fleet is not None:
+            decisions += self.fleet.decisions(state, plan, now, {guid for _, guid in plan.assignments})
         if decisions:
             results = await asyncio.gather(*decisions, return_exceptions=True)
             for r in results:
@@ -181,6 +193,10 @@ class ProjectScheduler:
     def _next_deadline(self, state: ProjectState, now: datetime, accept_deadline: datetime | None) -> float:
         """Seconds until something time-based is due: a retry backoff, an accept timeout, a heartbeat."""
         due = [self.config.idle_tick_s, self.config.heartbeat_ms / 1000]
+        if self.fleet is not None:
+            fleet_due = self.fleet.next_deadline(state, now)
+            if fleet_due is not None:
+                due.append(fleet_due)
         if accept_deadline is not None:
             due.append((accept_deadline - now).total_seconds())
         if self.last_plan is not None:
@@ -212,7 +228,11 @@ class SchedulerHost:
         config: SchedulerConfig,
         lease_ttl_s: float,
         replicas: int = 1,
+        mechanisms: dict[str, Mechanism] | None = None,
+        fleet_config: FleetConfig | None = None,
     ) -> None:
+        self.mechanisms = mechanisms or {}
+        self.fleet_config = fleet_config
         self.replica = replica
         self.commands = commands
         self.policy = policy
@@ -240,7 +260,12 @@ class SchedulerHost:
         if old is not None:
             await old.stop()
         view = self.replica.views[project]
-        sched = ProjectScheduler(view, self.commands, self.policy, self.liveness, self.pusher, epoch, self.config)
+        fleet = None
+        if self.fleet_config is not None:
+            fleet = FleetManager(project, self.commands, self.mechanisms, self.policy, epoch, self.fleet_config)
+        sched = ProjectScheduler(
+            view, self.commands, self.policy, self.liveness, self.pusher, epoch, self.config, fleet
+        )
         self.schedulers[project] = sched
         sched.start()
 

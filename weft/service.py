@@ -7,6 +7,7 @@ import logging
 import uuid
 
 import nats
+import nats.errors
 from aiohttp import web
 from nats.aio.client import Client as NATS
 
@@ -15,10 +16,13 @@ from weft.api import create_app
 from weft.api.common import Services
 from weft.commands import Commands, RetryPolicy
 from weft.eventstore import EventStore
+from weft.fleet import FleetConfig
 from weft.replica import Replica
 from weft.routing import DEFAULT_POLICY, load_policy
 from weft.scheduler import SchedulerConfig, SchedulerHost
 from weft.settings import Settings
+from weft.spinup import Mechanism, build_mechanisms
+from weft.warp import WarpBridge
 
 log = logging.getLogger("weft.service")
 
@@ -35,23 +39,36 @@ async def connect_nats(settings: Settings, url: str, *, connect_timeout_s: float
     async def on_error(err: Exception) -> None:
         log.warning("nats error: %s", err)
 
-    return await nats.connect(
-        url,
-        user=settings.nats_user,
-        password=settings.nats_pass,
-        name=f"weft-{settings.replica_name}",
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        allow_reconnect=True,
-        connect_timeout=2,
-        disconnected_cb=on_disconnect,
-        reconnected_cb=on_reconnect,
-        error_cb=on_error,
-    )
+    # NATS_URL may list several servers, comma-separated, as the NATS CLI and other clients accept.
+    servers = [u.strip() for u in url.split(",") if u.strip()]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + connect_timeout_s
+    delay = 0.2
+    while True:
+        try:
+            return await nats.connect(
+                servers,
+                user=settings.nats_user,
+                password=settings.nats_pass,
+                name=f"weft-{settings.replica_name}",
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                allow_reconnect=True,
+                connect_timeout=2,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+                error_cb=on_error,
+            )
+        except (OSError, nats.errors.NoServersError, TimeoutError) as err:
+            if loop.time() + delay > deadline:
+                raise ConnectionError(f"cannot reach NATS at {url}: {err}") from err
+            log.warning("NATS at %s not reachable yet (%s); retrying", url, err)
+            await asyncio.sleep(delay)  # bounded backoff on startup only
+            delay = min(delay * 2, 2.0)
 
 
 class WeftService:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, mechanisms: dict[str, Mechanism] | None = None) -> None:
         self.settings = settings
         self.nc: NATS | None = None
         self.replica: Replica | None = None
@@ -59,9 +76,11 @@ class WeftService:
         self.app: web.Application | None = None
         self._runner: web.AppRunner | None = None
         self.policy = load_policy(settings.routing_policy) if settings.routing_policy else DEFAULT_POLICY
+        self.mechanisms: dict[str, Mechanism] = mechanisms if mechanisms is not None else build_mechanisms()
         self.liveness: Liveness | None = None
         self.gateway: AgentGateway | None = None
         self.scheduler: SchedulerHost | None = None
+        self.warp: WarpBridge | None = None
         self.port: int | None = None
 
     async def start(self, nats_url: str, *, serve_http: bool = True) -> None:
@@ -80,19 +99,40 @@ class WeftService:
         config = SchedulerConfig(
             heartbeat_ms=self.settings.heartbeat_ms, accept_timeout_ms=self.settings.accept_timeout_ms
         )
+        if self.settings.warp_bridge:
+            self.warp = WarpBridge(
+                self.nc,
+                self.commands,
+                self.replica,
+                self.liveness,
+                default_project=self.settings.default_project,
+                project_map=dict(self.settings.warp_project_map),
+                stale_after_s=config.warp_lost_after_s,
+                replicas=self.settings.stream_replicas,
+            )
         self.scheduler = SchedulerHost(
             self.replica,
             self.commands,
             self.policy,
             self.liveness,
-            Pusher(self.nc),
+            Pusher(self.nc, warp_offer=self.warp.offer if self.warp else None),
             holder=f"{self.settings.replica_name}-{uuid.uuid4().hex[:8]}",
             config=config,
             lease_ttl_s=self.settings.lease_ttl_s,
             replicas=self.settings.stream_replicas,
+            mechanisms=self.mechanisms,
+            fleet_config=FleetConfig(
+                agent_nats_url=self.settings.agent_nats_url or nats_url.split(",")[0],
+                idle_timeout_ms=self.settings.idle_timeout_ms,
+                max_crashes=self.settings.max_spinup_crashes,
+            ),
         )
         await self.scheduler.start()
-        self.app = create_app(Services(self.settings, self.replica, self.commands, self.policy, retry))
+        if self.warp is not None:
+            await self.warp.start()  # watches in the background; an empty or absent bucket never blocks
+        self.app = create_app(
+            Services(self.settings, self.replica, self.commands, self.policy, retry, mechanisms=self.mechanisms)
+        )
         if serve_http:
             self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
             await self._runner.setup()
@@ -109,6 +149,8 @@ class WeftService:
             await self._runner.cleanup()
         if self.scheduler is not None:
             await self.scheduler.stop()
+        if self.warp is not None:
+            await self.warp.stop()
         if self.gateway is not None:
             await self.gateway.stop()
         if self.liveness is not None:

@@ -39,6 +39,34 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise SettingsError(f"{name} must be a number, got {raw!r}") from None
 
 
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be true or false, got {raw!r}")
+
+
+def _project_map(raw: str | None) -> tuple[tuple[str, str], ...]:
+    """WEFT_WARP_PROJECT_MAP: `warpProjectId=weftProject,...` (Warp's ids are 16 hex characters)."""
+    from weft.events import is_valid_project_id
+
+    pairs = []
+    for part in (raw or "").split(","):
+        if not part.strip():
+            continue
+        warp_id, sep, project = (x.strip() for x in part.partition("="))
+        if not sep or not warp_id or not is_valid_project_id(project):
+            raise SettingsError(f"WEFT_WARP_PROJECT_MAP: {part.strip()!r} must be warpProjectId=weftProject "
+                                "with weftProject matching [A-Za-z0-9_-]{1,64}")
+        pairs.append((warp_id, project))
+    return tuple(pairs)
+
+
 def _policy_text(raw: str | None) -> str | None:
     """WEFT_ROUTING_POLICY is inline JSON when it starts with '{', else the path of a JSON file."""
     if not raw:
@@ -74,7 +102,11 @@ class Settings:
     accept_timeout_ms: int = 30_000
     lease_ttl_s: float = 6.0
     retry_base_ms: int = 2_000
+    agent_nats_url: str | None = None  # NATS URL handed to spun-up agents (default: weft's own)
+    max_spinup_crashes: int = 5
     routing_policy: str | None = None  # JSON text (from WEFT_ROUTING_POLICY: a file path or inline JSON)
+    warp_bridge: bool = True  # import Warp's agent-registry and offer their work on Warp's queues
+    warp_project_map: tuple[tuple[str, str], ...] = ()  # Warp projectId -> weft project
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -108,4 +140,8 @@ class Settings:
             lease_ttl_s=_float(e, "WEFT_LEASE_TTL_S", 6.0),
             retry_base_ms=_int(e, "WEFT_RETRY_BASE_MS", 2_000, 0),
             routing_policy=_policy_text(e.get("WEFT_ROUTING_POLICY")),
+            agent_nats_url=e.get("WEFT_AGENT_NATS_URL") or None,
+            max_spinup_crashes=_int(e, "WEFT_MAX_SPINUP_CRASHES", 5, 1),
+            warp_bridge=_bool(e, "WEFT_WARP_BRIDGE", True),
+            warp_project_map=_project_map(e.get("WEFT_WARP_PROJECT_MAP")),
         )

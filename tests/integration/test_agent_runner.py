@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -147,9 +148,20 @@ def settings_for(project: str, command: str, **kw: Any) -> AgentSettings:
     return replace(base, **kw)
 
 
+@pytest.fixture(scope="module")
+async def agent_nats(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedNats]:
+    """A nats-server of this module's own: the session's weft replica (tests/conftest.py) would answer
+    the protocol's subjects too and race the fake."""
+    server = EmbeddedNats(NatsServerConfig(store_dir=tmp_path_factory.mktemp("agent-nats"), port=free_port(),
+                                           server_name="weft-agent-test"))
+    await server.start()
+    yield server
+    await server.stop()
+
+
 @pytest.fixture
-async def fake(nats_server: EmbeddedNats, project: str) -> AsyncIterator[FakeWeft]:
-    nc = await nats.connect(nats_server.url)
+async def fake(agent_nats: EmbeddedNats, project: str) -> AsyncIterator[FakeWeft]:
+    nc = await nats.connect(agent_nats.url)
     weft = await FakeWeft(nc, project).start()
     yield weft
     await weft.stop()
@@ -338,7 +350,7 @@ def test_cli_has_the_agent_command() -> None:
 
 
 async def test_registers_with_every_field_after_subscribing_its_inbox(
-    nats_server: EmbeddedNats, fake: FakeWeft, project: str
+    agent_nats: EmbeddedNats, fake: FakeWeft, project: str
 ) -> None:
     s = settings_for(project, "echo from-register", handle="h-1", max_tasks=2, labels={"team": "core", "targetId": "t-1"},
                      spin_up_id="spin-1", target_id="t-1", idle_exit_s=600)
@@ -349,7 +361,7 @@ async def test_registers_with_every_field_after_subscribing_its_inbox(
         return fake._default("agent.register", body)
 
     fake.handlers["agent.register"] = register
-    async with agent(nats_server.url, s):
+    async with agent(agent_nats.url, s):
         body = await fake.wait("agent.register")
         assert body == {
             "guid": s.guid, "agentType": "claude-code", "capabilities": ["python"], "boundaries": ["personal"],
@@ -361,7 +373,7 @@ async def test_registers_with_every_field_after_subscribing_its_inbox(
         assert done["summary"] == "from-register" and done["guid"] == s.guid
 
 
-async def test_accept_progress_complete_with_a_real_command(nats_server: EmbeddedNats, fake: FakeWeft, project: str) -> None:
+async def test_accept_progress_complete_with_a_real_command(agent_nats: EmbeddedNats, fake: FakeWeft, project: str) -> None:
     command = (
         'desc=$(cat); echo "stdin: $desc"; echo "progress: 30 reading"; '
         'echo "env: $WEFT_WORK_ID $WEFT_WORK_TASK_ID $WEFT_WORK_CAPABILITY $WEFT_WORK_BOUNDARY '
@@ -369,7 +381,7 @@ async def test_accept_progress_complete_with_a_real_command(nats_server: Embedde
         'echo "desc-env: $WEFT_WORK_DESCRIPTION"; echo "progress: 90 almost"; echo line-a; echo; echo line-b'
     )
     s = settings_for(project, command)
-    async with agent(nats_server.url, s) as a:
+    async with agent(agent_nats.url, s) as a:
         await fake.wait("agent.register")
         await fake.push(s.guid, {"type": "assignment", "work": work("w1", description="write the parser")})
         await fake.wait("work.accept")
@@ -395,10 +407,10 @@ async def test_accept_progress_complete_with_a_real_command(nats_server: Embedde
 
 @pytest.mark.parametrize(("code", "recoverable"), [(75, True), (3, False)])
 async def test_failure_reports_exit_code_stderr_and_recoverable(
-    nats_server: EmbeddedNats, fake: FakeWeft, project: str, code: int, recoverable: bool
+    agent_nats: EmbeddedNats, fake: FakeWeft, project: str, code: int, recoverable: bool
 ) -> None:
     s = settings_for(project, f"echo partial; echo 'rate limited' >&2; exit {code}")
-    async with agent(nats_server.url, s):
+    async with agent(agent_nats.url, s):
         await fake.wait("agent.register")
         await fake.push(s.guid, {"type": "assignment", "work": work("w1")})
         failed = await fake.wait("work.fail")
@@ -408,10 +420,10 @@ async def test_failure_reports_exit_code_stderr_and_recoverable(
 
 
 async def test_cancel_terminates_the_command_and_reports_nothing_more(
-    nats_server: EmbeddedNats, fake: FakeWeft, project: str, gate: Path
+    agent_nats: EmbeddedNats, fake: FakeWeft, project: str, gate: Path
 ) -> None:
     s = settings_for(project, f'echo "progress: 5 started"; read -r x < "{gate}"; echo never', kill_grace_s=5.0)
-    async with agent(nats_server.url, s) as a:
+    async with agent(agent_nats.url, s) as a:
         await fake.wait("agent.register")
         await fake.push(s.guid, {"type": "assignment", "work": work("w1")})
         await fake.wait("work.progress")
@@ -429,10 +441,10 @@ async def test_cancel_terminates_the_command_and_reports_nothing_more(
 
 
 async def test_graceful_shutdown_finishes_the_running_item_takes_nothing_new_then_deregisters(
-    nats_server: EmbeddedNats, fake: FakeWeft, project: str, gate: Path
+    agent_nats: EmbeddedNats, fake: FakeWeft, project: str, gate: Path
 ) -> None:
     s = settings_for(project, f'echo "progress: 5 started"; read -r x < "{gate}"; echo "finished $x"', max_tasks=2)
-    async with agent(nats_server.url, s) as a:
+    async with agent(agent_nats.url, s) as a:
         await fake.wait("agent.register")
         await fake.push(s.guid, {"type": "assignment", "work": work("w1")})
         await fake.wait("work.progress")
@@ -444,7 +456,7 @@ async def test_graceful_shutdown_finishes_the_running_item_takes_nothing_new_the
             if not offered.done():
                 offered.set_result(item["id"])
 
-        a.runner.offer = spy  # type: ignore[method-assign]
+        a.runner.offer = spy  # type: ignore[method-assign,assignment]
         await fake.push(s.guid, {"type": "shutdown", "graceful": True, "reason": "scale down", "gracePeriodMs": None})
         await fake.push(s.guid, {"type": "assignment", "work": work("w2")})
         assert await asyncio.wait_for(offered, T) == "w2"
@@ -460,10 +472,10 @@ async def test_graceful_shutdown_finishes_the_running_item_takes_nothing_new_the
 
 
 async def test_forced_shutdown_kills_running_commands_and_deregisters(
-    nats_server: EmbeddedNats, fake: FakeWeft, project: str, gate: Path
+    agent_nats: EmbeddedNats, fake: FakeWeft, project: str, gate: Path
 ) -> None:
     s = settings_for(project, f'echo "progress: 5 started"; exec sleep 300 < "{gate}"', kill_grace_s=5.0)
-    async with agent(nats_server.url, s) as a:
+    async with agent(agent_nats.url, s) as a:
         await fake.wait("agent.register")
         await fake.push(s.guid, {"type": "assignment", "work": work("w1")})
         await fake.wait("work.progress")
@@ -476,9 +488,9 @@ async def test_forced_shutdown_kills_running_commands_and_deregisters(
         assert fake.of("agent.deregister") == [{"guid": s.guid, "reason": "node drain"}]
 
 
-async def test_idle_exit_deregisters_and_exits_zero(nats_server: EmbeddedNats, fake: FakeWeft, project: str) -> None:
+async def test_idle_exit_deregisters_and_exits_zero(agent_nats: EmbeddedNats, fake: FakeWeft, project: str) -> None:
     s = settings_for(project, "echo done", idle_exit_s=0.3)
-    async with agent(nats_server.url, s) as a:
+    async with agent(agent_nats.url, s) as a:
         await fake.wait("agent.register")
         await fake.push(s.guid, {"type": "assignment", "work": work("w1")})
         assert await a.result() == 0
@@ -489,10 +501,10 @@ async def test_idle_exit_deregisters_and_exits_zero(nats_server: EmbeddedNats, f
 
 
 async def test_heartbeats_and_sync_backstop_start_held_work_once(
-    nats_server: EmbeddedNats, fake: FakeWeft, project: str
+    agent_nats: EmbeddedNats, fake: FakeWeft, project: str
 ) -> None:
     s = settings_for(project, "echo ran", heartbeat_ms=50)
-    async with agent(nats_server.url, s):
+    async with agent(agent_nats.url, s):
         await fake.wait("agent.register")
         beats = await fake.wait_heartbeats(1)
         assert beats[0]["guid"] == s.guid and beats[0]["currentTaskCount"] == 0 and beats[0]["ts"].endswith("Z")
@@ -510,11 +522,11 @@ async def test_heartbeats_and_sync_backstop_start_held_work_once(
 
 
 async def test_duplicate_assignments_run_once(
-    nats_server: EmbeddedNats, fake: FakeWeft, project: str, gates: Path
+    agent_nats: EmbeddedNats, fake: FakeWeft, project: str, gates: Path
 ) -> None:
     s = settings_for(project, f'read -r x < "{gates}/$WEFT_WORK_ID"; echo "done $WEFT_WORK_ID"', max_tasks=3)
     fake.held = [work("w1")]
-    async with agent(nats_server.url, s) as a:
+    async with agent(agent_nats.url, s) as a:
         await fake.wait("work.accept", lambda b: b["workId"] == "w1")
         for _ in range(3):
             await fake.push(s.guid, {"type": "assignment", "work": work("w1")})
@@ -529,10 +541,10 @@ async def test_duplicate_assignments_run_once(
 
 
 async def test_more_assignments_than_slots_wait_for_a_free_slot(
-    nats_server: EmbeddedNats, fake: FakeWeft, project: str, gate: Path
+    agent_nats: EmbeddedNats, fake: FakeWeft, project: str, gate: Path
 ) -> None:
     s = settings_for(project, f'read -r x < "{gate}"; echo "done $WEFT_WORK_ID"', max_tasks=1)
-    async with agent(nats_server.url, s) as a:
+    async with agent(agent_nats.url, s) as a:
         await fake.wait("agent.register")
         await fake.push(s.guid, {"type": "assignment", "work": work("w1")})
         await fake.push(s.guid, {"type": "assignment", "work": work("w2")})
@@ -547,12 +559,12 @@ async def test_more_assignments_than_slots_wait_for_a_free_slot(
 
 
 async def test_conflict_on_accept_drops_the_item_without_running_it(
-    nats_server: EmbeddedNats, fake: FakeWeft, project: str, tmp_path: Path
+    agent_nats: EmbeddedNats, fake: FakeWeft, project: str, tmp_path: Path
 ) -> None:
     marker = tmp_path / "ran"
     s = settings_for(project, f'touch "{marker}"')
     fake.handlers["work.accept"] = lambda b: {"ok": False, "error": "Conflict", "message": "work is pending", "field": "workId"}
-    async with agent(nats_server.url, s) as a:
+    async with agent(agent_nats.url, s) as a:
         await fake.wait("agent.register")
         await fake.push(s.guid, {"type": "assignment", "work": work("w1")})
         await fake.wait("work.accept")
@@ -561,11 +573,11 @@ async def test_conflict_on_accept_drops_the_item_without_running_it(
 
 
 async def test_conflict_on_progress_stops_the_command(
-    nats_server: EmbeddedNats, fake: FakeWeft, project: str, gate: Path
+    agent_nats: EmbeddedNats, fake: FakeWeft, project: str, gate: Path
 ) -> None:
     s = settings_for(project, f'echo "progress: 5 started"; read -r x < "{gate}"; echo never')
     fake.handlers["work.progress"] = lambda b: {"ok": False, "error": "Conflict", "message": "withdrawn"}
-    async with agent(nats_server.url, s) as a:
+    async with agent(agent_nats.url, s) as a:
         await fake.wait("agent.register")
         await fake.push(s.guid, {"type": "assignment", "work": work("w1")})
         await fake.wait("work.progress")
@@ -576,12 +588,12 @@ async def test_conflict_on_progress_stops_the_command(
 
 
 async def test_unavailable_answers_are_retried_until_weft_answers(
-    nats_server: EmbeddedNats, fake: FakeWeft, project: str
+    agent_nats: EmbeddedNats, fake: FakeWeft, project: str
 ) -> None:
     s = settings_for(project, "echo fine")
     answers = iter([{"ok": False, "error": "Unavailable", "message": "projection behind"}] * 2)
     fake.handlers["work.complete"] = lambda b: next(answers, {"ok": True, "seq": 9})
-    async with agent(nats_server.url, s) as a:
+    async with agent(agent_nats.url, s) as a:
         await fake.wait("agent.register")
         await fake.push(s.guid, {"type": "assignment", "work": work("w1")})
         await fake.wait("work.complete", count=3)
@@ -589,17 +601,40 @@ async def test_unavailable_answers_are_retried_until_weft_answers(
         assert len(fake.of("work.complete")) == 3
 
 
-async def test_sync_of_an_unknown_agent_registers_again(nats_server: EmbeddedNats, fake: FakeWeft, project: str) -> None:
+async def test_sync_of_an_unknown_agent_registers_again(agent_nats: EmbeddedNats, fake: FakeWeft, project: str) -> None:
     s = settings_for(project, "echo fine", heartbeat_ms=50)
     fake.handlers["agent.sync"] = lambda b: {"ok": False, "error": "NotFound", "message": "agent lost", "field": "guid"}
-    async with agent(nats_server.url, s):
+    async with agent(agent_nats.url, s):
         await fake.wait("agent.sync")
         second = await fake.wait("agent.register", count=2)
         assert second["guid"] == s.guid
 
 
-async def test_client_api_directly(nats_server: EmbeddedNats, fake: FakeWeft, project: str) -> None:
-    nc = await nats.connect(nats_server.url)
+async def test_registration_is_retried_and_a_stop_meanwhile_exits_cleanly(
+    agent_nats: EmbeddedNats, fake: FakeWeft, project: str
+) -> None:
+    s = settings_for(project, "true")
+    fake.handlers["agent.register"] = lambda b: {"ok": False, "error": "Unavailable", "message": "starting"}
+    async with agent(agent_nats.url, s) as a:
+        await fake.wait("agent.register", count=2)  # retried while weft cannot answer
+        a.runner.request_stop(StopRequest(True, "received SIGTERM"))
+        assert await a.result() == 0
+        assert not fake.of("agent.deregister")
+
+
+async def test_a_refused_registration_exits_with_a_configuration_error(
+    agent_nats: EmbeddedNats, fake: FakeWeft, project: str
+) -> None:
+    s = settings_for(project, "true")
+    fake.handlers["agent.register"] = lambda b: {"ok": False, "error": "ValidationError",
+                                                 "message": "capabilities[0]: bad", "field": "capabilities[0]"}
+    async with agent(agent_nats.url, s) as a:
+        assert await a.result() == 2
+        assert len(fake.of("agent.register")) == 1
+
+
+async def test_client_api_directly(agent_nats: EmbeddedNats, fake: FakeWeft, project: str) -> None:
+    nc = await nats.connect(agent_nats.url)
     client = AgentClient(project, "direct-1", nc=nc, request_timeout_s=1.0)
     try:
         reply = await client.register(agent_type="copilot-cli", capabilities=["review"], boundaries=["*"])
@@ -623,6 +658,19 @@ async def test_client_api_directly(nats_server: EmbeddedNats, fake: FakeWeft, pr
         await nc.close()
 
 
+class RetryWatch(logging.Handler):
+    """Resolves `seen` when the client logs that a request of `verb` went unanswered."""
+
+    def __init__(self, verb: str) -> None:
+        super().__init__()
+        self.verb = verb
+        self.seen: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith(f"{self.verb}: weft did not answer") and not self.seen.done():
+            self.seen.set_result(None)
+
+
 async def test_item_survives_a_nats_restart(project: str, tmp_path: Path, gate: Path) -> None:
     """NATS dies while the command runs and the command finishes while it is down: the agent keeps
     the command running, retries `complete` until a (restarted) weft answers, and syncs again."""
@@ -641,8 +689,15 @@ async def test_item_survives_a_nats_restart(project: str, tmp_path: Path, gate: 
             run = a.run_of("w1")
             assert run.task is not None
             syncs_before = len(fake.of("agent.sync"))
-            await server.kill()
-            await release(gate)  # the command finishes while NATS is down
+            retrying = RetryWatch("work.complete")
+            logging.getLogger("weft.agent.client").addHandler(retrying)
+            try:
+                await server.kill()
+                await release(gate)  # the command finishes while NATS is down...
+                assert run.proc is not None and await asyncio.wait_for(run.proc.wait(), T) == 0
+                await asyncio.wait_for(retrying.seen, T)  # ...and `complete` found nobody to answer
+            finally:
+                logging.getLogger("weft.agent.client").removeHandler(retrying)
             server = EmbeddedNats(config)
             await server.start()
             done = await fake.wait("work.complete")
@@ -656,10 +711,10 @@ async def test_item_survives_a_nats_restart(project: str, tmp_path: Path, gate: 
         await server.stop()
 
 
-async def test_weft_agent_command_end_to_end(nats_server: EmbeddedNats, fake: FakeWeft, project: str) -> None:
+async def test_weft_agent_command_end_to_end(agent_nats: EmbeddedNats, fake: FakeWeft, project: str) -> None:
     """The real `weft agent` process: env configuration, JSON logs, SIGTERM = graceful shutdown."""
     env = {
-        **os.environ, "NATS_URL": nats_server.url, "LOOMINAL_PROJECT_ID": project, "WEFT_AGENT_GUID": "cli-1",
+        **os.environ, "NATS_URL": agent_nats.url, "LOOMINAL_PROJECT_ID": project, "WEFT_AGENT_GUID": "cli-1",
         "WEFT_SPINUP_ID": "spin-7", "WEFT_TARGET_ID": "tgt-2", "LOG_FORMAT": "json", "LOG_LEVEL": "info",
     }
     proc = await asyncio.create_subprocess_exec(

@@ -249,7 +249,8 @@ class AgentClient:
 
         async def on_disconnect() -> None:
             self._connected.clear()
-            log.warning("nats disconnected", extra={"agent_guid": self.guid})
+            if not self._closed:
+                log.warning("nats disconnected", extra={"agent_guid": self.guid})
 
         async def on_reconnect() -> None:
             self._connected.set()
@@ -371,7 +372,10 @@ class AgentClient:
                 timeout = self.request_timeout_s
                 if until is not None:
                     timeout = max(0.05, min(timeout, until - time.monotonic()))
-                msg = await self.nc.request(subject, payload, timeout=timeout)
+                try:
+                    msg = await self.nc.request(subject, payload, timeout=timeout)
+                finally:
+                    _raise_if_cancelling()
                 reply = orjson.loads(msg.data)
                 if not isinstance(reply, dict):
                     raise RequestError(verb, "ValidationError", "reply is not a JSON object")
@@ -519,6 +523,14 @@ class AgentClient:
         if code is not None:
             body["code"] = code
         return await self.request("work.fail", body, retry=retry)
+
+
+def _raise_if_cancelling() -> None:
+    """Re-raise a cancellation that `asyncio.wait_for` swallowed (Python 3.11 drops a cancel that
+    arrives as the awaited reply completes); otherwise a cancelled retry loop would keep going."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _work_extra(body: Body) -> Body:

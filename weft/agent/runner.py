@@ -323,8 +323,17 @@ class AgentRunner:
     async def run(self) -> int:
         project_var.set(self.settings.project)
         self.client.on_reconnect(self._sync_wanted.set)
+        registering = asyncio.create_task(self._register())
+        stopped = asyncio.create_task(self.stopping.wait())
+        await asyncio.wait({registering, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not registering.done():  # told to stop while weft was not answering: nothing to undo
+            registering.cancel()
+            await asyncio.wait({registering})
+            log.info("stopped before weft answered the registration", extra={"agent_guid": self.settings.guid})
+            return EX_OK
         try:
-            reply = await self._register()
+            reply = registering.result()
         except RequestError as err:
             log.error("registration refused: %s", err, extra={"agent_guid": self.settings.guid})
             return EX_CONFIG
@@ -453,12 +462,14 @@ class AgentRunner:
         while True:
             await self._idle.wait()
             self._busy.clear()
+            busy = asyncio.create_task(self._busy.wait())
             try:
-                await asyncio.wait_for(self._busy.wait(), limit)
-            except TimeoutError:
-                if self._idle.is_set() and not self.draining:
-                    self.request_stop(StopRequest(True, f"idle for {limit:g}s"))
-                    return
+                await asyncio.wait({busy}, timeout=limit)  # not wait_for: it can swallow our cancel
+            finally:
+                busy.cancel()
+            if not busy.done() and self._idle.is_set() and not self.draining:
+                self.request_stop(StopRequest(True, f"idle for {limit:g}s"))
+                return
 
     # --- work -------------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from weft.logs import correlation_var, project_var
 from weft.replica import ProjectView, Replica
 from weft.routing import DEFAULT_POLICY, RoutingPolicy
 from weft.settings import Settings
+from weft.spinup.base import Mechanism
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -30,6 +31,7 @@ class Services:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     # project -> ((seq, second), waiting reasons): the routing plan as last computed for reads
     plan_cache: dict[str, tuple[tuple[int, int], dict[str, str]]] = field(default_factory=dict)
+    mechanisms: dict[str, Mechanism] = field(default_factory=dict)
 
 
 SERVICES = web.AppKey("services", Services)

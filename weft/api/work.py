@@ -21,6 +21,7 @@ from weft.api.common import (
 from weft.api.pagination import page
 from weft.api.schemas import CancelBatch, Reason, WorkSubmit
 from weft.commands import Ctx
+from weft.elastic import plan_spin_ups
 from weft.errors import InvalidInput, NotFound
 from weft.events import utc_now
 from weft.replica import ProjectView
@@ -55,8 +56,11 @@ def waiting_reasons(request: web.Request, view: ProjectView | None) -> dict[str,
     if hit is not None and hit[0] == key:
         return hit[1]
     plan = plan_assignments(view.state, svc.policy, now, ProjectScheduler.spinning_up(view.state))
-    svc.plan_cache[view.project] = (key, plan.waiting)
-    return plan.waiting
+    reasons = dict(plan.waiting)
+    for work_id, why_not in plan_spin_ups(view.state, plan, svc.policy, now).blocked.items():
+        reasons[work_id] = f"{reasons[work_id]}; no spin-up: {why_not}"
+    svc.plan_cache[view.project] = (key, reasons)
+    return reasons
 
 
 async def submit(request: web.Request) -> web.Response:

@@ -1,0 +1,231 @@
+"""The elastic fleet's hands, on the project's leader: launch, watch, complete, clean up, probe.
+
+Decisions come from the pure `weft.elastic`; this module does the I/O and records each outcome as
+an event. A spin-up succeeds only when an agent registers with its id (`spinup.completed`); a
+launch that returns but produces no agent within the target's timeout fails (`spinup.failed`)
+and whatever it started is stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Coroutine
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from projections.state import ProjectState
+from weft import elastic
+from weft.commands import Commands, Ctx, Outcome
+from weft.events import Event, parse_ts
+from weft.routing import Plan, RoutingPolicy
+from weft.spinup.base import Mechanism, SpinUpError, SpinUpRequest
+
+log = logging.getLogger("weft.fleet")
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    agent_nats_url: str
+    idle_timeout_ms: int = 300_000
+    max_crashes: int = elastic.DEFAULT_MAX_CRASHES
+    health_checks: bool = True
+
+
+class FleetManager:
+    def __init__(
+        self,
+        project: str,
+        commands: Commands,
+        mechanisms: dict[str, Mechanism],
+        policy: RoutingPolicy,
+        epoch: int,
+        config: FleetConfig,
+    ) -> None:
+        self.project = project
+        self.commands = commands
+        self.mechanisms = mechanisms
+        self.policy = policy
+        self.epoch = epoch
+        self.config = config
+        self.ctx = Ctx(project=project, actor="scheduler")
+        self._launching: set[str] = set()
+        self._probing: set[str] = set()
+        # When each target was last probed by this leader: probes are frequent, only changes are events.
+        self._probed_at: dict[str, datetime] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.blocked: dict[str, str] = {}
+
+    # --- reacting to folded events -------------------------------------------------------------
+
+    def takeover(self, state: ProjectState) -> None:
+        """A new leader launches what was requested but never started (its predecessor may have
+        died in between; a rare duplicate agent just idles away)."""
+        for t in state.targets.values():
+            for op in t["activeSpinUps"].values():
+                if op["status"] == "requested":
+                    self._launch(state, t["id"], op["spinUpId"])
+
+    def on_event(self, ev: Event, state: ProjectState) -> None:
+        if ev.type == "spinup.requested":
+            self._launch(state, ev.entity_id, ev.data["spinUpId"])
+        elif ev.type == "agent.registered" and ev.data.get("spinUpId"):
+            self._complete(state, ev)
+        elif ev.type in ("agent.deregistered", "agent.lost"):
+            agent = state.agents.get(ev.entity_id)
+            if agent and agent.get("launch"):
+                self._spawn(self._clean_up(state, agent["launch"], graceful=ev.type == "agent.deregistered"))
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _launch(self, state: ProjectState, target_id: str, spin_up_id: str) -> None:
+        if spin_up_id in self._launching:
+            return
+        t = state.targets.get(target_id)
+        if t is None or spin_up_id not in t["activeSpinUps"]:
+            return
+        op = t["activeSpinUps"][spin_up_id]
+        work = state.work.get(op["workId"]) if op.get("workId") else None
+        req = SpinUpRequest(spin_up_id, self.project, dict(t), dict(work) if work else None, self.config.agent_nats_url)
+        self._launching.add(spin_up_id)
+        self._spawn(self._run_launch(req, op["requestedAt"]))
+
+    async def _run_launch(self, req: SpinUpRequest, requested_at: str) -> None:
+        t = req.target
+        started = time.perf_counter()
+        mechanism = self.mechanisms.get(t["mechanism"])
+        try:
+            if mechanism is None:
+                raise SpinUpError(f"mechanism {t['mechanism']} is not available in this weft")
+            launched = await asyncio.wait_for(mechanism.launch(req), t["spinUpTimeoutMs"] / 1000)
+        except (SpinUpError, TimeoutError, OSError) as err:
+            reason = str(err) or type(err).__name__
+            log.warning("spin-up failed: %s", reason, extra={"project": self.project, "target": t["name"]})
+            data = {"error": reason, "durationMs": round((time.perf_counter() - started) * 1000, 3)}
+            await self._record(t["id"], req.spin_up_id, "spinup.failed", data)
+            return
+        finally:
+            self._launching.discard(req.spin_up_id)
+        log.info("agent launched", extra={"project": self.project, "target": t["name"], "spin_up_id": req.spin_up_id})
+        await self._record(t["id"], req.spin_up_id, "spinup.started", {"mechanismResult": launched.handle})
+
+    def _complete(self, state: ProjectState, ev: Event) -> None:
+        spin_up_id = ev.data["spinUpId"]
+        for t in state.targets.values():
+            op = t["activeSpinUps"].get(spin_up_id)
+            if op is not None:
+                took = (parse_ts(ev.ts) - parse_ts(op["requestedAt"])).total_seconds() * 1000
+                data = {"agentGuid": ev.entity_id, "durationMs": round(took, 3)}
+                self._spawn(self._record(t["id"], spin_up_id, "spinup.completed", data))
+                return
+
+    async def _record(self, target_id: str, spin_up_id: str, type_: str, data: dict[str, Any]) -> None:
+        try:
+            await self.commands.record_spin_up(self.ctx, target_id, spin_up_id, type_, data, self.epoch)
+        except Exception:
+            log.exception("could not record %s", type_, extra={"project": self.project, "spin_up_id": spin_up_id})
+
+    async def _clean_up(self, state: ProjectState, launch: dict[str, Any], graceful: bool) -> None:
+        t = state.targets.get(launch["targetId"])
+        mechanism = self.mechanisms.get(t["mechanism"]) if t else None
+        if t is None or mechanism is None or not launch.get("handle"):
+            return
+        try:
+            await mechanism.stop(dict(t), launch["handle"], graceful)
+        except Exception as err:
+            log.warning("clean-up after agent failed: %s", err, extra={"project": self.project, "target": t["name"]})
+
+    # --- decisions on each scheduler tick ---------------------------------------------------------
+
+    def decisions(
+        self, state: ProjectState, plan: Plan, now: datetime, getting_work: set[str]
+    ) -> list[Awaitable[Outcome]]:
+        """Spin-ups for uncovered demand, failures of overdue spin-ups, idle scale-downs (never of an
+        agent that this tick's plan gives work), and due health probes."""
+        out: list[Awaitable[Outcome]] = []
+        elastic_plan = elastic.plan_spin_ups(state, plan, self.policy, now, self.config.max_crashes)
+        self.blocked = elastic_plan.blocked
+        for d in elastic_plan.spin_ups:
+            out.append(self._request(d.target_id, d.work_id))
+        for target_id, spin_up_id, op in elastic.overdue_spin_ups(state, now):
+            if spin_up_id in self._launching:
+                continue  # the launch itself is bounded by the same timeout and will record
+            t = state.targets[target_id]
+            error = f"no agent registered with spin-up id {spin_up_id} within {t['spinUpTimeoutMs']} ms"
+            took = (now - parse_ts(op["requestedAt"])).total_seconds() * 1000
+            out.append(self.commands.record_spin_up(
+                self.ctx, target_id, spin_up_id, "spinup.failed", {"error": error, "durationMs": round(took, 3)},
+                self.epoch))
+            if op.get("mechanismResult"):
+                launch = {"targetId": target_id, "handle": op["mechanismResult"]}
+                self._spawn(self._clean_up(state, launch, graceful=False))
+        for down in elastic.idle_agents(state, now, self.config.idle_timeout_ms):
+            if down.guid not in getting_work:
+                out.append(self.commands.scale_down_idle(self.ctx, down.guid, self.epoch))
+        if self.config.health_checks:
+            self._probe_due(state, now)
+        return out
+
+    async def _request(self, target_id: str, work_id: str) -> Outcome:
+        outcome, _ = await self.commands.request_spin_up(self.ctx, target_id, work_id, "waiting work", self.epoch)
+        return outcome
+
+    def _probe_due(self, state: ProjectState, now: datetime) -> None:
+        for t in state.targets.values():
+            hc = t["healthCheck"]
+            if not hc["enabled"] or t["status"] == "disabled" or t["id"] in self._probing:
+                continue
+            last = self._probed_at.get(t["id"])
+            if last is not None and last + timedelta(milliseconds=hc["intervalMs"]) > now:
+                continue
+            mechanism = self.mechanisms.get(t["mechanism"])
+            if mechanism is None:
+                continue
+            self._probing.add(t["id"])
+            self._probed_at[t["id"]] = now
+            self._spawn(self._probe(mechanism, dict(t)))
+
+    async def _probe(self, mechanism: Mechanism, t: dict[str, Any]) -> None:
+        try:
+            result = await asyncio.wait_for(mechanism.probe(t), t["healthCheck"]["timeoutMs"] / 1000)
+            status, latency, error = result.status, result.latency_ms, result.error
+        except TimeoutError:
+            status, latency, error = "unhealthy", None, f"health check timed out after {t['healthCheck']['timeoutMs']} ms"
+        except Exception as err:
+            status, latency, error = "unhealthy", None, f"health check failed: {err}"
+        try:
+            await self.commands.record_health(self.ctx, t["id"], status, latency, error)
+        except Exception:
+            log.exception("could not record health", extra={"project": self.project, "target": t["name"]})
+        finally:
+            self._probing.discard(t["id"])
+
+    def next_deadline(self, state: ProjectState, now: datetime) -> float | None:
+        """Seconds until the next time-based fleet decision is due."""
+        due: list[float] = []
+        idle = elastic.next_idle_deadline(state, now, self.config.idle_timeout_ms)
+        if idle is not None:
+            due.append(idle)
+        for t in state.targets.values():
+            for op in t["activeSpinUps"].values():
+                started = parse_ts(op.get("startedAt") or op["requestedAt"])
+                due.append((started + timedelta(milliseconds=t["spinUpTimeoutMs"]) - now).total_seconds())
+            until = elastic.cooldown_until(t)
+            if until is not None and until > now:
+                due.append((until - now).total_seconds())
+            hc = t["healthCheck"]
+            probed = self._probed_at.get(t["id"])
+            if hc["enabled"] and t["status"] != "disabled" and probed is not None:
+                due.append((probed + timedelta(milliseconds=hc["intervalMs"]) - now).total_seconds())
+        return min(due) if due else None
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
