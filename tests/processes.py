@@ -84,3 +84,66 @@ class WeftProcess:
     async def post(self, session: aiohttp.ClientSession, path: str, body: Any) -> tuple[int, Any]:
         async with session.post(self.base + path, json=body, params={"projectId": self.project}) as resp:
             return resp.status, await resp.json()
+
+
+class AgentProcess:
+    """A real `weft agent` process."""
+
+    def __init__(self, nats_url: str, project: str, guid: str, command: str, *, capabilities: str = "python",
+                 boundaries: str = "*", agent_type: str = "claude-code", max_tasks: int = 1,
+                 extra: list[str] | None = None, env: Mapping[str, str] | None = None) -> None:
+        self.argv = [WEFT, "agent", "--project", project, "--guid", guid, "--capabilities", capabilities,
+                     "--boundaries", boundaries, "--type", agent_type, "--max-tasks", str(max_tasks),
+                     "--command", command, *(extra or [])]
+        self.env = {**os.environ, "NATS_URL": nats_url, "LOG_LEVEL": "info", **(env or {})}
+        self.guid = guid
+        self.proc: asyncio.subprocess.Process | None = None
+        self.output: list[str] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv, env=self.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            self.output.append(line.decode(errors="replace").rstrip())
+
+    async def wait(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        if self._reader is not None:
+            await self._reader
+        return code
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGKILL)
+            await self.wait()
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await self.wait(30)
+            except TimeoutError:
+                await self.kill()
+
+
+async def until(http: aiohttp.ClientSession, base: str, project: str, check: Any, timeout: float = 60) -> Any:
+    """Await `check()` (an async callable returning a truthy value) by long-polling the projection:
+    each round waits server-side (min_seq) for the next event instead of sleeping."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        assert loop.time() < deadline, "condition not reached in time"
+        async with http.get(f"{base}/api/stats/projection", params={"projectId": project}) as resp:
+            seq = (await resp.json())["seq"]
+        async with http.get(f"{base}/api/stats/projection", params={"projectId": project, "min_seq": seq + 1}):
+            pass  # 200 when something new was folded, 503 after the server's bounded wait

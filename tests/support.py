@@ -122,3 +122,27 @@ class FakeAgent:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._sub is not None:
             await self._sub.unsubscribe()
+
+
+def check_work_invariants(events: list[Any], capacity: dict[str, int] | None = None) -> dict[str, int]:
+    """Replay the stream's own facts: no item assigned while already held, no agent above its
+    capacity, and every item completed at most once. Returns completions per work id."""
+    holder: dict[str, str] = {}
+    load: dict[str, set[str]] = {}
+    completions: dict[str, int] = {}
+    for ev in events:
+        if ev.type == "work.assigned":
+            assert ev.entity_id not in holder, f"{ev.entity_id} assigned while held by {holder[ev.entity_id]}"
+            guid = ev.data["agentGuid"]
+            holder[ev.entity_id] = guid
+            load.setdefault(guid, set()).add(ev.entity_id)
+            if capacity is not None:
+                assert len(load[guid]) <= capacity.get(guid, 1), f"{guid} above capacity"
+        elif ev.type in ("work.completed", "work.requeued", "work.failed", "work.cancelled", "work.dead_lettered"):
+            guid = holder.pop(ev.entity_id, None)
+            if guid is not None:
+                load[guid].discard(ev.entity_id)
+            if ev.type == "work.completed":
+                completions[ev.entity_id] = completions.get(ev.entity_id, 0) + 1
+    assert all(n == 1 for n in completions.values()), "an item completed twice"
+    return completions

@@ -163,10 +163,12 @@ class EventStore:
         project: str,
         from_seq: int,
         on_event: Callable[[Event], Awaitable[None] | None],
+        on_skip: Callable[[int, str], None] | None = None,
     ) -> Tail:
-        """Deliver every event from `from_seq` on, in order, forever (one ordered consumer)."""
+        """Deliver every event from `from_seq` on, in order, forever (one ordered consumer).
+        A message that does not decode is passed to `on_skip(seq, subject)` instead."""
         await self.ensure_stream(project)
-        tail = Tail(self, project, from_seq, on_event)
+        tail = Tail(self, project, from_seq, on_event, on_skip)
         await tail.start()
         return tail
 
@@ -246,11 +248,13 @@ class Tail:
         project: str,
         from_seq: int,
         on_event: Callable[[Event], Awaitable[None] | None],
+        on_skip: Callable[[int, str], None] | None = None,
     ) -> None:
         self.store = store
         self.project = project
         self.from_seq = from_seq
         self.on_event = on_event
+        self.on_skip = on_skip
         self._sub: JetStreamContext.PushSubscription | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -261,10 +265,18 @@ class Tail:
     async def _run(self) -> None:
         assert self._sub is not None
         async for msg in self._sub.messages:
+            seq = _stream_seq(msg)
             try:
-                ev = decode(msg.data, _stream_seq(msg))
+                ev = decode(msg.data, seq)
             except Exception:
-                log.exception("undecodable event skipped", extra={"project": self.project})
+                # Corrupt, or a type from a newer weft (rolling upgrade): skip it, but say so, or a
+                # reader waiting for this sequence would wait for the next event instead.
+                log.exception("undecodable event skipped", extra={"project": self.project, "seq": seq})
+                if self.on_skip is not None:
+                    try:
+                        self.on_skip(seq, msg.subject)
+                    except Exception:
+                        log.exception("skip callback failed", extra={"project": self.project, "seq": seq})
                 continue
             try:
                 result = self.on_event(ev)

@@ -42,8 +42,32 @@ class ProjectView:
     def apply(self, ev: Event) -> None:
         if ev.seq and ev.seq <= self.state.seq:
             return
-        apply(self.state, ev)
+        try:
+            apply(self.state, ev)
+        except Exception:
+            # A malformed event must not stop the projection; the fold already advanced the
+            # sequences, so every replica skips it alike.
+            log.exception("event could not be folded", extra={"project": self.project, "seq": ev.seq})
         self.events_since_snapshot += 1
+        self._advanced()
+        for listener in self.listeners:
+            try:
+                listener(ev, self.state)
+            except Exception:
+                log.exception("listener failed", extra={"project": self.project})
+
+    def skip(self, seq: int, subject: str) -> None:
+        """A message in the stream that does not decode: count its sequence as folded (as
+        `apply` does for an event the fold ignores), so waiters and OCC see the stream's position."""
+        if seq <= self.state.seq:
+            return
+        self.state.seq = seq
+        parts = subject.split(".")
+        if len(parts) == 5:  # weft.<project>.ev.<entity>.<id>
+            self.state.entity_seq[f"{parts[3]}.{parts[4]}"] = seq
+        self._advanced()
+
+    def _advanced(self) -> None:
         seq = self.state.seq
         while self._waiters and self._waiters[0][0] <= seq:
             _, _, fut = heapq.heappop(self._waiters)
@@ -51,11 +75,6 @@ class ProjectView:
                 fut.set_result(None)
         if not self.caught_up.is_set() and seq >= self.target_seq:
             self.caught_up.set()
-        for listener in self.listeners:
-            try:
-                listener(ev, self.state)
-            except Exception:
-                log.exception("listener failed", extra={"project": self.project})
 
     async def wait_for(self, seq: int, timeout: float) -> bool:
         """True once the projection reached `seq`; False after `timeout` seconds."""
@@ -67,6 +86,10 @@ class ProjectView:
             await asyncio.wait_for(asyncio.shield(fut), timeout)
             return True
         except TimeoutError:
+            # Drop our entry: a client's min_seq that never comes must not stay in the heap forever.
+            fut.cancel()
+            self._waiters = [w for w in self._waiters if not w[2].done()]
+            heapq.heapify(self._waiters)
             return False
 
 
@@ -82,12 +105,14 @@ class Replica:
         self.started_at = time.monotonic()
 
     async def start(self) -> None:
+        # Streams created by other replicas: attach as soon as the server announces them. Subscribe
+        # (and flush, so the server has the interest) before listing, or a stream created in between
+        # would be neither listed nor announced.
+        nc = self.store.js._nc
+        self._advisory_sub = await nc.subscribe("$JS.EVENT.ADVISORY.STREAM.CREATED.*", cb=self._on_stream_created)
+        await nc.flush()
         for project in await self.store.list_projects():
             await self.attach(project)
-        # Streams created by other replicas: attach as soon as the server announces them.
-        self._advisory_sub = await self.store.js._nc.subscribe(
-            "$JS.EVENT.ADVISORY.STREAM.CREATED.*", cb=self._on_stream_created
-        )
 
     async def _on_stream_created(self, msg: object) -> None:
         stream = getattr(msg, "subject", "").rsplit(".", 1)[-1]
@@ -123,14 +148,23 @@ class Replica:
             if existing is not None:
                 return existing
             await self.store.ensure_stream(project)
+            last_seq = await self.store.last_seq(project)
             state = await self._load_snapshot(project)
+            if state is not None and state.seq > last_seq:
+                # The snapshot is of an older stream of the same name (deleted and re-created):
+                # resuming from it would skip every event of the new stream.
+                log.warning(
+                    "snapshot ahead of the stream ignored",
+                    extra={"project": project, "snapshot_seq": state.seq, "last_seq": last_seq},
+                )
+                state = None
             view = ProjectView(project, state)
-            view.target_seq = await self.store.last_seq(project)
+            view.target_seq = last_seq
             if view.state.seq >= view.target_seq:
                 view.caught_up.set()
             self.views[project] = view
             view.listeners.append(self._maybe_snapshot)
-            view.tail = await self.store.tail(project, view.state.seq + 1, view.apply)
+            view.tail = await self.store.tail(project, view.state.seq + 1, view.apply, view.skip)
             for hook in self.on_attach:
                 hook(view)
             log.info(
@@ -185,6 +219,9 @@ class Replica:
                 await self._advisory_sub.unsubscribe()  # type: ignore[attr-defined]
             except Exception:
                 pass
+        # Attaches still in flight finish first, so their tails are stopped too.
+        if self._snapshot_tasks:
+            await asyncio.gather(*self._snapshot_tasks, return_exceptions=True)
         for view in self.views.values():
             if view.tail is not None:
                 await view.tail.stop()

@@ -16,7 +16,6 @@ import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from projections.state import ProjectState
 from weft.agents import Liveness, Pusher
@@ -275,7 +274,7 @@ class SchedulerHost:
             log.warning("lost the lease", extra={"project": project})
             await sched.stop()
 
-    def leading(self) -> dict[str, Any]:
+    def leading(self) -> dict[str, int]:
         return {p: s.epoch for p, s in self.schedulers.items()}
 
     async def stop(self) -> None:

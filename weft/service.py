@@ -131,7 +131,15 @@ class WeftService:
         if self.warp is not None:
             await self.warp.start()  # watches in the background; an empty or absent bucket never blocks
         self.app = create_app(
-            Services(self.settings, self.replica, self.commands, self.policy, retry, mechanisms=self.mechanisms)
+            Services(
+                self.settings,
+                self.replica,
+                self.commands,
+                self.policy,
+                retry,
+                mechanisms=self.mechanisms,
+                leading=self.scheduler.leading,
+            )
         )
         if serve_http:
             self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)

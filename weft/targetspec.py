@@ -9,6 +9,7 @@ rejected, so none can ever reach an event or a response.
 from __future__ import annotations
 
 import re
+import shlex
 from typing import Any
 
 from weft.errors import InvalidInput
@@ -126,6 +127,153 @@ def _check_mechanism_fields(mechanism: str, key: str, body: dict[str, Any]) -> N
         raise InvalidInput("config.githubActions.repo must be owner/name", field="config.githubActions.repo")
     if mechanism == "ssh" and not (isinstance(body.get("port"), int) and 0 < body["port"] < 65536):
         raise InvalidInput("config.ssh.port must be an integer port", field="config.ssh.port")
+    if mechanism in REMOTE_CHECKS:
+        REMOTE_CHECKS[mechanism](body)
+
+
+# --- kubernetes, github-actions, webhook: optional fields (messages never echo a value) --------------
+
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+K8S_SECRET_REF = re.compile(r"^secret:[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/[-._a-zA-Z0-9]+)?$")
+RESOLVABLE_REF = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:\S+)$")
+WEFT_INPUTS = ("weft_spinup_id", "weft_work_id", "weft_nats_url", "weft_project")
+
+
+def _fail(key: str, name: str, why: str) -> InvalidInput:
+    return InvalidInput(f"config.{key}.{name} {why}", field=f"config.{key}.{name}")
+
+
+def _opt_int(body: dict[str, Any], key: str, name: str, minimum: int) -> None:
+    value = body.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise _fail(key, name, f"must be an integer >= {minimum}")
+
+
+def _opt_str(body: dict[str, Any], key: str, name: str) -> None:
+    if body.get(name) is not None and not (isinstance(body[name], str) and body[name]):
+        raise _fail(key, name, "must be a non-empty string")
+
+
+def _opt_url(body: dict[str, Any], key: str, name: str) -> None:
+    if body.get(name) is not None and not re.match(r"^https?://[^\s/]+", str(body[name])):
+        raise _fail(key, name, "must be an http(s) URL")
+
+
+def _opt_bool(body: dict[str, Any], key: str, name: str) -> None:
+    if body.get(name) is not None and not isinstance(body[name], bool):
+        raise _fail(key, name, "must be a boolean")
+
+
+def _opt_resolvable_ref(body: dict[str, Any], key: str, name: str) -> None:
+    if body.get(name) is not None and not RESOLVABLE_REF.match(str(body[name])):
+        raise _fail(key, name, "must be a reference weft can resolve: env:NAME or file:PATH (never the value)")
+
+
+def _opt_template(body: dict[str, Any], key: str, name: str) -> None:
+    if body.get(name) is not None and not isinstance(body[name], str | dict | list):
+        raise _fail(key, name, "must be a string or a JSON object/array")
+
+
+def _check_kubernetes(body: dict[str, Any]) -> None:
+    key = "kubernetes"
+    if not (isinstance(body["namespace"], str) and DNS_LABEL.match(body["namespace"]) and len(body["namespace"]) <= 63):
+        raise _fail(key, "namespace", "must be a DNS label: lowercase alphanumerics and '-', at most 63")
+    prefix = body.get("jobNamePrefix")
+    if not (isinstance(prefix, str) and DNS_LABEL.match(prefix) and len(prefix) <= 54):
+        raise _fail(key, "jobNamePrefix", "must be lowercase alphanumerics and '-', at most 54 (9 are added)")
+    _opt_str(body, key, "image")
+    if isinstance(body.get("command"), str):
+        try:
+            body["command"] = shlex.split(body["command"])
+        except ValueError:
+            raise _fail(key, "command", "does not parse as a shell word list") from None
+    if "command" in body and not (isinstance(body["command"], list) and all(isinstance(a, str) for a in body["command"])):
+        raise _fail(key, "command", "must be a list of strings")
+    for name, value in (body.get("env") or {}).items():
+        if not ENV_NAME.match(str(name)):
+            raise _fail(key, f"env.{name}", "is not a valid environment variable name")
+        if not isinstance(value, str | int | float | bool):
+            raise _fail(key, f"env.{name}", "must be a string, number or boolean")
+        if isinstance(value, str) and value.startswith("secret:") and not K8S_SECRET_REF.match(value):
+            raise _fail(key, f"env.{name}", "must be secret:NAME or secret:NAME/KEY")
+    res = body.get("resources")
+    if res is not None:
+        parts = [res.get("requests") or {}, res.get("limits") or {}] if isinstance(res, dict) and (
+            "requests" in res or "limits" in res) else [res]
+        if not all(isinstance(p, dict) and all(isinstance(q, str | int | float) and not isinstance(q, bool)
+                                               for q in p.values()) for p in parts):
+            raise _fail(key, "resources", "must be {cpu, memory} (or {requests, limits}) with quantity values")
+    pull = body.get("imagePullSecret")
+    if pull is not None and not (isinstance(pull, str) and pull) and not (
+            isinstance(pull, list) and all(isinstance(p, str) and p for p in pull)):
+        raise _fail(key, "imagePullSecret", "must be a secret name or a list of them")
+    if body.get("imagePullPolicy") is not None and body["imagePullPolicy"] not in ("Always", "IfNotPresent", "Never"):
+        raise _fail(key, "imagePullPolicy", "must be Always, IfNotPresent or Never")
+    for name in ("serviceAccount", "caCertPath", "kubeconfig", "context"):
+        _opt_str(body, key, name)
+    _opt_int(body, key, "ttlSecondsAfterFinished", 0)
+    _opt_int(body, key, "activeDeadlineSeconds", 1)
+    _opt_int(body, key, "requestTimeoutMs", 100)
+    _opt_url(body, key, "apiServer")
+    _opt_resolvable_ref(body, key, "tokenRef")
+    _opt_bool(body, key, "insecureSkipTlsVerify")
+
+
+def _check_github(body: dict[str, Any]) -> None:
+    key = "githubActions"
+    workflow = body["workflow"]
+    if isinstance(workflow, bool) or not isinstance(workflow, str | int):
+        raise _fail(key, "workflow", "must be a workflow file name or id")
+    _opt_str(body, key, "ref")
+    if body.get("tokenEnvVar") is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", str(body["tokenEnvVar"])):
+        raise _fail(key, "tokenEnvVar", "must be an environment variable name")
+    _opt_resolvable_ref(body, key, "token")
+    _opt_url(body, key, "apiUrl")
+    _opt_int(body, key, "startTimeoutMs", 0)
+    _opt_int(body, key, "requestTimeoutMs", 100)
+    _opt_bool(body, key, "returnRunDetails")
+    for name, value in (body.get("inputs") or {}).items():
+        if name in WEFT_INPUTS:
+            raise _fail(key, f"inputs.{name}", "is set by weft for each spin-up")
+        if value is not None and not isinstance(value, str | int | float | bool):
+            raise _fail(key, f"inputs.{name}", "must be a string, number or boolean (inputs are sent as strings)")
+
+
+def _check_webhook(body: dict[str, Any]) -> None:
+    key = "webhook"
+    codes = body.get("successCodes")
+    if not (isinstance(codes, list) and codes and all(
+            isinstance(c, int) and not isinstance(c, bool) and 100 <= c <= 599 for c in codes)):
+        raise _fail(key, "successCodes", "must be a non-empty list of HTTP status codes")
+    _opt_int(body, key, "timeoutMs", 100)
+    for name, value in (body.get("headers") or {}).items():
+        if not HEADER_NAME.match(str(name)):
+            raise _fail(key, f"headers.{name}", "is not a valid header name")
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise _fail(key, f"headers.{name}", "must be a string")
+        if isinstance(value, str) and value.startswith("secret:"):
+            raise _fail(key, f"headers.{name}", "must be env:NAME or file:PATH: secret: names a Kubernetes secret")
+    _opt_template(body, key, "bodyTemplate")
+    _opt_template(body, key, "stopBodyTemplate")
+    _opt_url(body, key, "stopUrl")
+    if body.get("stopMethod") is not None:
+        if str(body["stopMethod"]).upper() not in ("POST", "PUT", "DELETE", "GET"):
+            raise _fail(key, "stopMethod", "must be POST, PUT, DELETE or GET")
+        body["stopMethod"] = str(body["stopMethod"]).upper()
+    check = body.get("healthCheck")
+    if check is not None:
+        if not isinstance(check, dict):
+            raise _fail(key, "healthCheck", "must be an object {url?, method: HEAD|GET}")
+        _opt_url(check, f"{key}.healthCheck", "url")
+        method = str(check.get("method") or "HEAD").upper()
+        if method not in ("HEAD", "GET"):
+            raise _fail(key, "healthCheck.method", "must be HEAD or GET")
+        body["healthCheck"] = {**check, "method": method}
+
+
+REMOTE_CHECKS = {"kubernetes": _check_kubernetes, "github-actions": _check_github, "webhook": _check_webhook}
 
 
 def _int_field(body: dict[str, Any], name: str, default: int, minimum: int) -> int:

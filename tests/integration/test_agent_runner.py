@@ -392,8 +392,8 @@ async def test_accept_progress_complete_with_a_real_command(agent_nats: Embedded
         progress = fake.of("work.progress", "w1")
         values = [p["progress"] for p in progress]
         assert values and values[-1] == 90 and values == sorted(values) and set(values) <= {30, 90}
-        assert progress[-1] == {"guid": s.guid, "workId": "w1", "progress": 90, "message": "almost"}
-        assert fake.of("work.accept", "w1") == [{"guid": s.guid, "workId": "w1"}]
+        assert progress[-1] == {"guid": s.guid, "workId": "w1", "attempt": 1, "progress": 90, "message": "almost"}
+        assert fake.of("work.accept", "w1") == [{"guid": s.guid, "workId": "w1", "attempt": 1}]
         # summary: the last 5 non-empty, non-progress lines; output: the stdout tail, progress lines included
         assert done["summary"].splitlines() == [
             f"env: w1 task-w1 python personal 5 1 {project} {s.guid}", 'ctx: {"repo":"weft"}',
@@ -414,7 +414,7 @@ async def test_failure_reports_exit_code_stderr_and_recoverable(
         await fake.wait("agent.register")
         await fake.push(s.guid, {"type": "assignment", "work": work("w1")})
         failed = await fake.wait("work.fail")
-        assert failed == {"guid": s.guid, "workId": "w1", "recoverable": recoverable, "code": f"exit-{code}",
+        assert failed == {"guid": s.guid, "workId": "w1", "attempt": 1, "recoverable": recoverable, "code": f"exit-{code}",
                           "message": f"command exited with code {code}; stderr: rate limited"}
         assert not fake.of("work.complete")
 
@@ -517,8 +517,8 @@ async def test_heartbeats_and_sync_backstop_start_held_work_once(
         assert len(fake.of("work.accept", "w1")) == 1
         # a new attempt of the same item (retried by weft) does run
         fake.held = [work("w1", attempts=2)]
-        await fake.wait("work.complete", lambda b: b["workId"] == "w1", count=2)
-        assert len(fake.of("work.accept", "w1")) == 2
+        again = await fake.wait("work.complete", lambda b: b["workId"] == "w1", count=2)
+        assert again["attempt"] == 2 and [b["attempt"] for b in fake.of("work.accept", "w1")] == [1, 2]
 
 
 async def test_duplicate_assignments_run_once(

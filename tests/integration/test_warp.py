@@ -322,6 +322,28 @@ async def test_watcher_is_recreated_when_it_stops_or_loses_its_consumer(
     assert agents[first["guid"]]["status"] == agents[second["guid"]]["status"] == "online"
 
 
+async def test_two_bridges_on_one_bucket_register_each_entry_once(
+    own_bridge: tuple[WarpBridge, NATS, str], project: str, store: EventStore
+) -> None:
+    """Like two replicas: both see every entry, the deterministic event id lets only one append land."""
+    bridge, nc, bucket = own_bridge
+    kv = await open_registry(nc.jetstream(), bucket)
+    entries = [warp_entry(project) for _ in range(5)]
+    last = 0
+    for e in entries:
+        last = await kv.put(e["guid"], orjson.dumps(e))
+    twin = WarpBridge(nc, bridge.commands, bridge.replica, bridge.liveness,
+                      default_project=bridge.default_project, bucket=bucket)
+    try:
+        await asyncio.gather(bridge.start(), twin.start())
+        for b in (bridge, twin):
+            assert await b.wait_processed(last, TIMEOUT)
+    finally:
+        await twin.stop()
+    registered = [ev.entity_id async for ev in store.read_range(project) if ev.type == "agent.registered"]
+    assert sorted(registered) == sorted(e["guid"] for e in entries)
+
+
 # --- work offers -------------------------------------------------------------------------------
 
 

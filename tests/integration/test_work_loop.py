@@ -7,13 +7,12 @@ what the agent does; the reference `weft agent` has its own process-level tests.
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
 from typing import Any
 
 import orjson
 from nats.aio.client import Client as NATS
 
-from tests.support import Api, FakeAgent
+from tests.support import Api, FakeAgent, check_work_invariants
 from weft.eventstore import EventStore
 
 WORK = {"capability": "python", "boundary": "personal", "description": "write the parser"}
@@ -100,22 +99,9 @@ async def test_200_items_over_5_agents_never_double_assigned_never_over_capacity
     for work_id in ids:
         await wait_status(api, work_id, "completed", timeout=60)
     # Check the invariants from the event stream itself, not from logs or the projection.
-    holder: dict[str, str | None] = {}
-    load: dict[str, set[str]] = defaultdict(set)
-    completions: dict[str, int] = defaultdict(int)
-    async for ev in store.read_range(api.project):
-        if ev.type == "work.assigned":
-            assert holder.get(ev.entity_id) is None, f"{ev.entity_id} assigned twice"
-            holder[ev.entity_id] = ev.data["agentGuid"]
-            load[ev.data["agentGuid"]].add(ev.entity_id)
-            assert len(load[ev.data["agentGuid"]]) <= 2, "agent over capacity"
-        elif ev.type in ("work.completed", "work.requeued", "work.failed", "work.cancelled"):
-            guid = holder.pop(ev.entity_id, None)
-            if guid:
-                load[guid].discard(ev.entity_id)
-            if ev.type == "work.completed":
-                completions[ev.entity_id] += 1
-    assert set(completions) == set(ids) and set(completions.values()) == {1}
+    events = [e async for e in store.read_range(api.project)]
+    completions = check_work_invariants(events, {a.guid: 2 for a in agents})
+    assert set(completions) == set(ids)
     assert sum(len(a.completed) for a in agents) == 200
     for a in agents:
         await a.close()

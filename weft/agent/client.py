@@ -13,6 +13,10 @@ Requests that must not be lost (register, accept, complete, fail, and sync when 
 with a capped exponential backoff while weft cannot answer (timeout, no responders, disconnected,
 `Unavailable`): weft answers repeats idempotently. Any other `{"ok": false}` reply raises
 `RequestError` at once (`Conflict`: the item is no longer ours, stop working on it).
+
+`attempt` (optional on the work requests) is the item's `attempts` value from the assignment. It is
+not in protocol v1 (weft ignores unknown fields today); it lets weft tell a late retry of attempt 1's
+`complete`/`fail` from a report about attempt 2 when the item came back to the same agent.
 """
 
 from __future__ import annotations
@@ -261,7 +265,7 @@ class AgentClient:
             log.warning("nats error: %s", err, extra={"agent_guid": self.guid})
 
         connecting = nats.connect(
-            url,
+            [u.strip() for u in url.split(",") if u.strip()],
             user=user,
             password=password,
             name=name or f"weft-agent-{self.guid}",
@@ -483,11 +487,21 @@ class AgentClient:
             return False
         return True
 
-    async def accept(self, work_id: str, *, retry: bool = True) -> Body:
-        return await self.request("work.accept", {"guid": self.guid, "workId": work_id}, retry=retry)
+    def _ref(self, work_id: str, attempt: int | None) -> Body:
+        body: Body = {"guid": self.guid, "workId": work_id}
+        if attempt is not None:
+            body["attempt"] = attempt  # the item's `attempts` when assigned; see the module docstring
+        return body
 
-    async def progress(self, work_id: str, progress: int, message: str | None = None, *, retry: bool = False) -> Body:
-        body: Body = {"guid": self.guid, "workId": work_id, "progress": max(0, min(100, int(progress)))}
+    async def accept(self, work_id: str, *, attempt: int | None = None, retry: bool = True) -> Body:
+        return await self.request("work.accept", self._ref(work_id, attempt), retry=retry)
+
+    async def progress(
+        self, work_id: str, progress: int, message: str | None = None, *, attempt: int | None = None,
+        retry: bool = False,
+    ) -> Body:
+        body = self._ref(work_id, attempt)
+        body["progress"] = max(0, min(100, int(progress)))
         if message:
             body["message"] = message
         return await self.request("work.progress", body, retry=retry)
@@ -499,9 +513,10 @@ class AgentClient:
         summary: str | None = None,
         output: Any = None,
         artifacts: list[Any] | None = None,
+        attempt: int | None = None,
         retry: bool = True,
     ) -> Body:
-        body: Body = {"guid": self.guid, "workId": work_id}
+        body = self._ref(work_id, attempt)
         if summary is not None:
             body["summary"] = summary
         if output is not None:
@@ -517,9 +532,11 @@ class AgentClient:
         *,
         code: str | None = None,
         recoverable: bool = False,
+        attempt: int | None = None,
         retry: bool = True,
     ) -> Body:
-        body: Body = {"guid": self.guid, "workId": work_id, "message": message or "failed", "recoverable": recoverable}
+        body = self._ref(work_id, attempt)
+        body.update(message=message or "failed", recoverable=recoverable)
         if code is not None:
             body["code"] = code
         return await self.request("work.fail", body, retry=retry)

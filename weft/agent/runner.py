@@ -229,7 +229,7 @@ class ProgressPump:
             value, message = self.latest
             self.latest = None
             try:
-                await client.progress(self.run.work_id, value, message)
+                await client.progress(self.run.work_id, value, message, attempt=self.run.attempt)
                 self.runner.log_item(self.run, logging.DEBUG, "progress %s%% sent", value)
             except RequestError as err:
                 if err.conflict or err.not_found:
@@ -256,6 +256,7 @@ class ItemRun:
     work: Body
     work_id: str
     key: tuple[str, Any]
+    attempt: int | None = None
     task: asyncio.Task[None] | None = None
     proc: asyncio.subprocess.Process | None = None
     exited: asyncio.Future[None] | None = None
@@ -499,8 +500,10 @@ class AgentRunner:
         while self.queued and not self.draining and len(self.running) < self.settings.max_tasks:
             work_id, work = self.queued.popitem(last=False)
             s = self.settings
+            attempt = work.get("attempts")
             run = ItemRun(
                 work=work, work_id=work_id, key=_finished_key(work),
+                attempt=attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None,
                 output=TailBuffer(s.output_max_bytes), stderr=TailBuffer(s.stderr_max_bytes),
                 summary=deque(maxlen=max(1, s.summary_lines)),
             )
@@ -581,7 +584,7 @@ class AgentRunner:
         correlation = run.work.get("correlationId")
         correlation_var.set(correlation if isinstance(correlation, str) else None)
         try:
-            if not await self._report(run, "accept", lambda: self.client.accept(run.work_id)):
+            if not await self._report(run, "accept", lambda: self.client.accept(run.work_id, attempt=run.attempt)):
                 if run.stopped is None:
                     run.stopped = "accept refused"
                 return
@@ -686,7 +689,7 @@ class AgentRunner:
             output = run.output.text()
             if run.output.truncated:
                 output = "[... earlier output truncated ...]\n" + output
-            call = lambda: self.client.complete(run.work_id, summary=summary, output=output)  # noqa: E731
+            call = lambda: self.client.complete(run.work_id, summary=summary, output=output, attempt=run.attempt)  # noqa: E731
             if await self._report(run, "complete", call):
                 self.log_item(run, logging.INFO, "completed")
             return
@@ -704,5 +707,6 @@ class AgentRunner:
             elif run.summary:
                 message += "; last output: " + "\n".join(run.summary)
         message = tail_text(message, 16 * 1024)
-        if await self._report(run, "fail", lambda: self.client.fail(run.work_id, message, code=code, recoverable=recoverable)):
+        if await self._report(run, "fail", lambda: self.client.fail(
+            run.work_id, message, code=code, recoverable=recoverable, attempt=run.attempt)):
             self.log_item(run, logging.INFO, "failed (%s, recoverable=%s)", code, recoverable)

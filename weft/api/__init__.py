@@ -27,6 +27,7 @@ async def health(request: web.Request) -> web.Response:
         "nats": {"connected": connected},
         "replica": svc.settings.replica_name,
         "projects": len(svc.replica.views),
+        "leading": svc.leading(),
         "uptimeSeconds": round(time.monotonic() - svc.replica.started_at, 3),
     }
     return json_response(body, 200 if connected and ready else 503)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -32,6 +33,7 @@ class Services:
     # project -> ((seq, second), waiting reasons): the routing plan as last computed for reads
     plan_cache: dict[str, tuple[tuple[int, int], dict[str, str]]] = field(default_factory=dict)
     mechanisms: dict[str, Mechanism] = field(default_factory=dict)
+    leading: Callable[[], dict[str, int]] = field(default=lambda: {})  # project -> epoch led here
 
 
 SERVICES = web.AppKey("services", Services)

@@ -248,8 +248,10 @@ class KubernetesMechanism:
             first = err.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             raise SpinUpError(f"the Job does not validate: {where}: {first['msg']}") from None
-        except OSError as err:  # e.g. an unreadable caCertPath
-            raise SpinUpError(redact(f"Kubernetes client: {err}", secrets)[:500]) from None
+        except (SpinUpError, ApiException):
+            raise
+        except Exception as err:  # e.g. an unreadable caCertPath: the fleet expects SpinUpError
+            raise SpinUpError(redact(f"Kubernetes client: {type(err).__name__}: {err}", secrets)[:500]) from None
 
     @staticmethod
     def _timeout(cfg: dict[str, Any]) -> float:
@@ -311,7 +313,8 @@ class KubernetesMechanism:
         """Healthy when the namespace's Job API answers a one-item list for our identity."""
         cfg = target["config"]["kubernetes"]
         namespace = cfg["namespace"]
-        timeout = int((target.get("healthCheck") or {}).get("timeoutMs") or DEFAULT_PROBE_TIMEOUT_MS) / 1000
+        # A little under the fleet's own deadline for the probe, so the API's answer wins the race.
+        timeout = int((target.get("healthCheck") or {}).get("timeoutMs") or DEFAULT_PROBE_TIMEOUT_MS) * 0.9 / 1000
         secrets: list[str] = []
         watch = Stopwatch()
 

@@ -1,0 +1,312 @@
+"""Replicas against a real nats-server: live views, snapshots, convergence, lazy attach, waiting.
+
+Events here are target and unassignable work events, so a scheduler that another suite may run on
+the shared server has nothing to decide in these projects and never adds events of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+
+from projections import ProjectState, decode_state, encode_state, fold, state_hash
+from tests.integration.test_eventstore import read_all, target_registered, target_updated, work_submitted
+from weft.embedded import EmbeddedNats
+from weft.events import Event, stream_name
+from weft.eventstore import ConcurrencyConflict, EventStore
+from weft.replica import ProjectView, Replica
+
+WAIT = 10.0  # upper bound for a wait that should end long before; never a synchronisation sleep
+
+ReplicaFactory = Callable[..., Awaitable[Replica]]
+
+
+@pytest.fixture
+async def replicas(nats_server: EmbeddedNats) -> AsyncIterator[ReplicaFactory]:
+    """Makes replicas, each on its own connection (as separate processes would be); stops them all."""
+    made: list[tuple[Replica, NATS]] = []
+
+    async def make(*, snapshot_every: int = 0, start: bool = False) -> Replica:
+        conn = await nats.connect(nats_server.url)
+        replica = Replica(EventStore(conn.jetstream()), snapshot_every=snapshot_every)
+        made.append((replica, conn))
+        if start:
+            await replica.start()
+        return replica
+
+    yield make
+    for replica, conn in made:
+        await replica.stop()
+        await conn.close()
+
+
+async def append_work(store: EventStore, project: str, n: int, prefix: str = "w") -> int:
+    seq = 0
+    for i in range(n):
+        seq = (await store.append(work_submitted(project, f"{prefix}{i}"), 0)).seq
+    return seq
+
+
+async def attached(replica: Replica, project: str, seq: int) -> ProjectView:
+    view = await replica.attach(project)
+    assert await view.wait_for(seq, WAIT)
+    return view
+
+
+async def full_replay(store: EventStore, project: str) -> ProjectState:
+    return fold(await read_all(store, project), project=project)
+
+
+# --- the live view ------------------------------------------------------------------------
+
+
+async def test_view_folds_what_is_appended(store: EventStore, project: str, replicas: ReplicaFactory) -> None:
+    replica = await replicas()
+    view = await replica.attach(project)
+    seq = await append_work(store, project, 3)
+    assert await view.wait_for(seq, WAIT)
+    assert sorted(view.state.work) == ["w0", "w1", "w2"]
+    assert view.state.seq == seq
+    assert state_hash(view.state) == state_hash(await full_replay(store, project))
+
+
+async def test_attach_catches_up_with_existing_events(store: EventStore, project: str, replicas: ReplicaFactory) -> None:
+    seq = await append_work(store, project, 5)
+    replica = await replicas()
+    view = await replica.attach(project)
+    assert view.target_seq == seq
+    await asyncio.wait_for(view.caught_up.wait(), WAIT)
+    assert view.state.seq == seq
+    assert await replica.attach(project) is view, "one view (one ordered consumer) per project"
+
+
+async def test_wait_for_returns_false_after_its_timeout_when_the_seq_never_comes(
+    store: EventStore, project: str, replicas: ReplicaFactory
+) -> None:
+    seq = await append_work(store, project, 1)
+    view = await attached(await replicas(), project, seq)
+    assert await view.wait_for(seq + 1, 0.05) is False
+    assert view._waiters == [], "a timed-out waiter is forgotten"
+    assert await view.wait_for(seq, 0.05) is True
+
+
+async def test_wait_for_wakes_when_the_seq_is_folded(store: EventStore, project: str, replicas: ReplicaFactory) -> None:
+    seq = await append_work(store, project, 1)
+    view = await attached(await replicas(), project, seq)
+    waiters = [asyncio.create_task(view.wait_for(seq + k, WAIT)) for k in (2, 1, 3)]
+    await append_work(store, project, 3, prefix="late")
+    assert await asyncio.gather(*waiters) == [True, True, True]
+    assert view.state.seq == seq + 3
+
+
+async def test_catch_up_reaches_the_streams_last_seq(store: EventStore, project: str, replicas: ReplicaFactory) -> None:
+    replica = await replicas()
+    view = await replica.attach(project)
+    seq = await append_work(store, project, 4)
+    assert await replica.catch_up(project, WAIT)
+    assert view.state.seq >= seq
+
+
+async def test_listeners_see_every_event_in_order(store: EventStore, project: str, replicas: ReplicaFactory) -> None:
+    replica = await replicas()
+    view = await replica.attach(project)
+    seen: list[int] = []
+    view.listeners.append(lambda ev, state: seen.append(state.seq))
+    view.listeners.insert(0, lambda ev, state: 1 / 0)  # a failing listener harms no one
+    seq = await append_work(store, project, 4)
+    assert await view.wait_for(seq, WAIT)
+    assert seen == [1, 2, 3, 4]
+
+
+async def test_the_view_survives_an_event_it_cannot_decode(
+    store: EventStore, project: str, nc: NATS, replicas: ReplicaFactory
+) -> None:
+    """Corrupt or from a newer weft: skipped, but its sequence counts, so nobody waits forever."""
+    view = await (await replicas()).attach(project)
+    await append_work(store, project, 1)
+    ack = await nc.jetstream().publish(f"weft.{project}.ev.work.w0", b"{not json", stream=stream_name(project))
+    assert await view.wait_for(ack.seq, WAIT)
+    assert view.state.entity_seq["work.w0"] == ack.seq, "OCC sees the subject's real last sequence"
+    later = await store.append(target_registered(project), 0)
+    assert await view.wait_for(later.seq, WAIT)
+    assert "t1" in view.state.targets
+
+
+async def test_the_view_survives_an_event_it_cannot_fold(
+    store: EventStore, project: str, replicas: ReplicaFactory
+) -> None:
+    view = await (await replicas()).attach(project)
+    bad = Event(type="work.submitted", entity_id="w-bad", data={"capability": "x"}, project=project)  # no taskId
+    first = await store.append(bad, 0)
+    assert await view.wait_for(first.seq, WAIT)
+    seq = await append_work(store, project, 1)
+    assert await view.wait_for(seq, WAIT)
+    assert "w0" in view.state.work
+
+
+async def test_a_replica_attached_when_ready_is_caught_up(store: EventStore, project: str, replicas: ReplicaFactory) -> None:
+    seq = await append_work(store, project, 3)
+    replica = await replicas(start=True)
+    await replica.wait_ready(WAIT)
+    view = replica.views[project]
+    assert view.state.seq >= seq
+
+
+# --- optimistic concurrency through the view ----------------------------------------------
+
+
+async def test_a_writer_using_its_views_entity_seq_wins_and_a_stale_one_loses(
+    store: EventStore, project: str, replicas: ReplicaFactory
+) -> None:
+    view = await (await replicas()).attach(project)
+    created = await store.append(target_registered(project), 0)
+    assert await view.wait_for(created.seq, WAIT)
+    stale = view.state.entity_seq["target.t1"]
+    moved = await store.append(target_updated(project, "first"), stale)
+    with pytest.raises(ConcurrencyConflict):
+        await store.append(target_updated(project, "second"), stale)
+    assert await view.wait_for(moved.seq, WAIT)
+    fresh = view.state.entity_seq["target.t1"]
+    assert fresh == moved.seq
+    await store.append(target_updated(project, "second"), fresh)
+
+
+# --- snapshots ----------------------------------------------------------------------------
+
+
+async def test_attach_from_snapshot_plus_tail_equals_a_full_replay(
+    store: EventStore, project: str, replicas: ReplicaFactory
+) -> None:
+    first = await replicas()
+    seq = await append_work(store, project, 5)
+    await attached(first, project, seq)
+    assert await first.snapshot_now(project) == seq
+    seq = await append_work(store, project, 3, prefix="after")
+
+    second = await replicas()
+    view = await second.attach(project)
+    assert view.tail is not None and view.tail.from_seq == 6, "resumed after the snapshot"
+    assert await view.wait_for(seq, WAIT)
+    assert state_hash(view.state) == state_hash(await full_replay(store, project))
+    await store.delete_snapshot(project)
+
+
+async def test_deleting_all_snapshots_yields_the_same_state_hash(
+    store: EventStore, project: str, replicas: ReplicaFactory
+) -> None:
+    writer = await replicas(snapshot_every=4)
+    view = await writer.attach(project)
+    seq = await append_work(store, project, 10)
+    await store.append(target_registered(project), 0)
+    seq = (await store.append(target_updated(project, "x"), seq + 1)).seq
+    assert await view.wait_for(seq, WAIT)
+    await writer.stop()  # waits for the snapshot writes it started
+    assert await store.load_snapshot(project) is not None
+
+    with_snapshot = await attached(await replicas(), project, seq)
+    await store.delete_snapshot(project)
+    without = await attached(await replicas(), project, seq)
+    assert with_snapshot.tail is not None and with_snapshot.tail.from_seq > 1
+    assert without.tail is not None and without.tail.from_seq == 1
+    assert state_hash(with_snapshot.state) == state_hash(without.state) == state_hash(view.state)
+
+
+async def test_snapshots_are_written_every_n_events(store: EventStore, project: str, replicas: ReplicaFactory) -> None:
+    replica = await replicas(snapshot_every=3)
+    view = await replica.attach(project)
+    seq = await append_work(store, project, 7)
+    assert await view.wait_for(seq, WAIT)
+    await replica.stop()
+    raw = await store.load_snapshot(project)
+    assert raw is not None
+    assert decode_state(raw).seq in (3, 6), "a snapshot exactly at a multiple of N"
+    await store.delete_snapshot(project)
+
+
+async def test_an_unreadable_snapshot_means_a_full_replay(store: EventStore, project: str, replicas: ReplicaFactory) -> None:
+    seq = await append_work(store, project, 3)
+    await store.save_snapshot(project, b"garbage")
+    view = await attached(await replicas(), project, seq)
+    assert state_hash(view.state) == state_hash(await full_replay(store, project))
+    await store.save_snapshot(project, encode_state(ProjectState(project=project)).replace(b'"schema":1', b'"schema":0'))
+    view = await attached(await replicas(), project, seq)
+    assert state_hash(view.state) == state_hash(await full_replay(store, project))
+    await store.delete_snapshot(project)
+
+
+async def test_a_snapshot_ahead_of_the_stream_is_ignored(store: EventStore, project: str, replicas: ReplicaFactory) -> None:
+    """A snapshot of an older stream of the same name (deleted, then re-created) must not hide
+    the new stream's events."""
+    old = ProjectState(project=project, seq=100)
+    old.work["ghost"] = {"id": "ghost", "status": "pending"}
+    await store.save_snapshot(project, encode_state(old))
+    seq = await append_work(store, project, 2)
+    view = await attached(await replicas(), project, seq)
+    assert sorted(view.state.work) == ["w0", "w1"]
+    assert state_hash(view.state) == state_hash(await full_replay(store, project))
+    await store.delete_snapshot(project)
+
+
+# --- several replicas ---------------------------------------------------------------------
+
+
+async def test_two_replicas_converge_after_concurrent_appends_from_both(
+    project: str, replicas: ReplicaFactory
+) -> None:
+    a, b = await replicas(), await replicas()
+    views = [await a.attach(project), await b.attach(project)]
+    await a.store.append(target_registered(project), 0)
+
+    async def writer(replica: Replica, view: ProjectView, name: str) -> None:
+        for i in range(10):
+            await replica.store.append(work_submitted(project, f"{name}{i}"), 0)
+            # Contended entity: OCC against the writer's own view, catch up and retry on conflict.
+            while True:
+                expected = view.state.entity_seq.get("target.t1", 0)
+                try:
+                    await replica.store.append(target_updated(project, f"{name}{i}"), expected)
+                    break
+                except ConcurrencyConflict:
+                    assert await replica.catch_up(project, WAIT)
+
+    await asyncio.gather(writer(a, views[0], "a"), writer(b, views[1], "b"))
+    last = await a.store.last_seq(project)
+    assert last == 1 + 4 * 10
+    assert all([await v.wait_for(last, WAIT) for v in views])
+    assert state_hash(views[0].state) == state_hash(views[1].state)
+    assert state_hash(views[0].state) == state_hash(await full_replay(a.store, project))
+    assert len(views[0].state.work) == 20
+
+
+async def test_a_started_replica_attaches_a_project_another_replica_creates(
+    store: EventStore, project: str, replicas: ReplicaFactory
+) -> None:
+    """The advisory path: no request ever named the project on this replica."""
+    watcher = await replicas(start=True)
+    announced = asyncio.Event()
+    watcher.on_attach.append(lambda v: announced.set() if v.project == project else None)
+    creator = await replicas()
+    await creator.attach(project)  # creates the stream
+    seq = await append_work(creator.store, project, 3)
+    await asyncio.wait_for(announced.wait(), WAIT)
+    view = watcher.views[project]
+    assert await view.wait_for(seq, WAIT)
+    assert state_hash(view.state) == state_hash(await full_replay(store, project))
+
+
+async def test_view_attaches_lazily_and_only_for_existing_projects(
+    store: EventStore, project: str, replicas: ReplicaFactory
+) -> None:
+    replica = await replicas()
+    assert await replica.view(project) is None
+    assert not await store.stream_exists(project), "looking does not create"
+    seq = await append_work(store, project, 2)
+    view = await replica.view(project)
+    assert view is not None and await view.wait_for(seq, WAIT)
+    other = project + "new"
+    created = await replica.view(other, create=True)
+    assert created is not None and await store.stream_exists(other)
