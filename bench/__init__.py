@@ -3,11 +3,14 @@
 Run as `python -m bench`. Knobs (environment):
   WEFT_BENCH_EVENTS            events in the restart row's stream (default 1,000,000; ~5 per work item)
   WEFT_BENCH_SKIP_NO_SNAPSHOT  1: skip the full-rebuild timing of the restart row
-  WEFT_BENCH_RAW_MSGS          messages for the raw publish/replay rows (default 50,000)
-  WEFT_BENCH_REBUILD_ITEMS     work items for the projection-rebuild row (default 10,000 = 50k events)
+  WEFT_BENCH_RAW_MSGS          messages for the raw publish/replay rows (default 40,000)
+  WEFT_BENCH_AWAITED_MSGS      messages for the awaited-publish row (default 1,000)
+  WEFT_BENCH_REBUILD_ITEMS     work items for the projection-rebuild row (default 8,000 = 40k events)
   WEFT_BENCH_REST_REQUESTS     POST /api/work requests for the REST row (default 5,000)
   WEFT_BENCH_REST_CONCURRENCY  concurrent HTTP workers (default 64)
+  WEFT_BENCH_REST_SECONDS      stop issuing REST requests after this many seconds (default 45)
   WEFT_BENCH_LOAD_SYNC         lazy (default) | always: fsync policy while bulk-loading the 1M stream
+                               (the server is then restarted with sync_interval always to measure)
   WEFT_BENCH_PROFILE           1: cProfile the rebuild and restart replicas and `weft serve`, print the
                                top functions to stderr (numbers are then slower: for diagnosis only)
   WEFT_BENCH_ONLY              comma list of sections to run: raw, rebuild, rest, restart (default all)

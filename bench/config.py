@@ -24,6 +24,7 @@ class BenchConfig:
     rebuild_items: int
     rest_requests: int
     rest_concurrency: int
+    rest_time_limit_s: float
     load_sync_always: bool
     profile: bool
     only: frozenset[str]
@@ -35,11 +36,12 @@ class BenchConfig:
         return cls(
             restart_events=max(10, _int("WEFT_BENCH_EVENTS", 1_000_000)),
             skip_no_snapshot=_flag("WEFT_BENCH_SKIP_NO_SNAPSHOT"),
-            raw_msgs=max(100, _int("WEFT_BENCH_RAW_MSGS", 50_000)),
-            awaited_msgs=max(10, _int("WEFT_BENCH_AWAITED_MSGS", 2_000)),
-            rebuild_items=max(10, _int("WEFT_BENCH_REBUILD_ITEMS", 10_000)),
+            raw_msgs=max(100, _int("WEFT_BENCH_RAW_MSGS", 40_000)),
+            awaited_msgs=max(10, _int("WEFT_BENCH_AWAITED_MSGS", 1_000)),
+            rebuild_items=max(10, _int("WEFT_BENCH_REBUILD_ITEMS", 8_000)),
             rest_requests=max(10, _int("WEFT_BENCH_REST_REQUESTS", 5_000)),
             rest_concurrency=max(1, _int("WEFT_BENCH_REST_CONCURRENCY", 64)),
+            rest_time_limit_s=float(max(1, _int("WEFT_BENCH_REST_SECONDS", 45))),
             load_sync_always=os.environ.get("WEFT_BENCH_LOAD_SYNC", "lazy").strip().lower() == "always",
             profile=_flag("WEFT_BENCH_PROFILE"),
             only=frozenset(x.strip() for x in os.environ.get("WEFT_BENCH_ONLY", "").split(",") if x.strip()),

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
@@ -69,6 +70,43 @@ async def publish_pipelined(
     if errors and errors == count:
         raise BenchError(f"every publish failed: {first_error[0]!r}")
     return Timed(count, elapsed, errors)
+
+
+async def publish_core(
+    nc: NATS,
+    js: JetStreamContext,
+    stream: str,
+    messages: Iterable[tuple[str, bytes, dict[str, str] | None]],
+    *,
+    expect_last_seq: int,
+    time_limit_s: float,
+) -> Timed:
+    """Bulk load: core NATS publishes (no reply subject, so no acks and no futures), then wait until
+    the stream's last sequence reaches `expect_last_seq`. About 3x faster than publish_async from
+    Python; a message the stream rejected (an OCC header, say) shows up as a short count."""
+    count = 0
+    start = time.perf_counter()
+    try:
+        async with asyncio.timeout(time_limit_s):
+            for subject, payload, headers in messages:
+                await nc.publish(subject, payload, headers=headers)
+                count += 1
+                if not count % 50_000:
+                    await nc.flush(timeout=30)  # a PING/PONG: the server has read all of it
+            await nc.flush(timeout=30)
+            last, stalled_since = -1, time.perf_counter()
+            while True:
+                now_last = int((await js.stream_info(stream)).state.last_seq)
+                if now_last >= expect_last_seq:
+                    break
+                if now_last != last:
+                    last, stalled_since = now_last, time.perf_counter()
+                elif time.perf_counter() - stalled_since > 5.0:
+                    raise BenchError(f"stream {stream} stopped at {now_last}, expected {expect_last_seq}")
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise BenchError(f"bulk load of {stream} took longer than {time_limit_s:.0f}s") from None
+    return Timed(count, time.perf_counter() - start)
 
 
 async def publish_awaited(js: JetStreamContext, subject: str, payload: bytes, n: int) -> Timed:

@@ -16,7 +16,7 @@ from nats.aio.client import Client as NATS
 from nats.js import api
 
 from bench import eventgen
-from bench.raw import BenchError, Timed, publish_pipelined, replay_ordered, replay_ordered_iter
+from bench.raw import BenchError, Timed, publish_core, publish_pipelined, replay_ordered, replay_ordered_iter
 from bench.server import connect
 from projections import ProjectState, apply, decode_state
 from weft.events import decode, stream_name
@@ -257,11 +257,10 @@ async def load_stream(url: str, project: str, items: int, res: RestartResult) ->
         js = nc.jetstream()
         store = EventStore(js)
         await store.ensure_stream(project)
-        res.load = await publish_pipelined(
-            js, eventgen.messages(eventgen.generate(project, items)), time_limit_s=300
+        res.load = await publish_core(
+            nc, js, stream_name(project), eventgen.messages(eventgen.generate(project, items)),
+            expect_last_seq=res.events, time_limit_s=240,
         )
-        if res.load.errors:
-            raise BenchError(f"{res.load.errors} events rejected while loading")
         last = await store.last_seq(project)
         if last != res.events:
             raise BenchError(f"stream holds {last} events, expected {res.events}")

@@ -142,11 +142,11 @@ class Bench:
     async def rest(self, url: str) -> None:
         n, c = self.cfg.rest_requests, self.cfg.rest_concurrency
         progress(f"rest: starting weft serve, then {n:,} POST /api/work with {c} workers")
-        metric = f"weft REST submit, POST /api/work ({n:,} req, C={c})"
+        metric = f"weft REST submit, POST /api/work (C={c})"
         prof_path = self.root / "weft-serve.prof" if self.cfg.profile else None
         try:
             async with rest.weft_serve(url, self.root, profile_to=prof_path) as base:
-                res = await rest.fire(base, n, c)
+                res = await rest.fire(base, n, c, time_limit_s=self.cfg.rest_time_limit_s)
             if prof_path is not None and prof_path.exists():
                 self.profiles["weft serve (REST submit)"] = rebuild.profile_file_text(prof_path)
         except rest.NotReady as err:
@@ -156,7 +156,10 @@ class Bench:
             return
         raw = self.value("raw_publish_pipelined")
         ratio = res.rate / raw if raw else None
-        extra = {"seconds": res.seconds, "ok": res.ok, "errors": res.errors, "statuses": res.statuses,
+        metric = f"weft REST submit, POST /api/work ({res.requests:,} req, C={c})"
+        if res.time_bounded:
+            metric = f"weft REST submit, POST /api/work ({res.requests:,} req in {res.seconds:.0f} s cap, C={c})"
+        extra = {"seconds": res.seconds, "time_bounded": res.time_bounded, "ok": res.ok, "errors": res.errors, "statuses": res.statuses,
                  "first_error": res.first_error}
         self.row(Row("rest_submit", metric, res.rate, "req/s",
                      ratio=f"x{ratio:.2f} of raw pipelined (>= {SUBMIT_TARGET:.2f})" if ratio is not None else "",
@@ -184,7 +187,7 @@ class Bench:
         async with nats_server(store_dir, sync_always=cfg.load_sync_always, name="weft-bench-load") as srv:
             await rebuild.load_stream(srv.url, project, items, res)
         assert res.load is not None
-        self.row(Row("restart_load", f"  bulk load of the restart stream (publish_async, sync {res.load_sync})",
+        self.row(Row("restart_load", f"  bulk load of that stream (core publish, no acks; sync {res.load_sync})",
                      res.load.rate, "events/s", extra={"seconds": res.load.seconds, "events": res.events}))
         progress("restart: nats-server restarted on that store with sync_interval always")
         async with nats_server(store_dir, sync_always=True, name="weft-bench-restart") as srv:

@@ -15,7 +15,7 @@ import orjson
 Record = dict[str, Any]
 
 # Bump when the folded shape changes: snapshots of another schema are ignored and state is rebuilt.
-STATE_SCHEMA = 1
+STATE_SCHEMA = 2
 
 WORK_STATUSES = ("pending", "assigned", "in-progress", "completed", "failed", "cancelled")
 TERMINAL_WORK = frozenset({"completed", "failed", "cancelled"})

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from projections.state import LIVE_ASSIGNMENT, ProjectState
 from weft import protocol
 from weft.commands import Commands, Ctx, RetryPolicy
-from weft.errors import WeftError, field_of
+from weft.errors import NotFound, WeftError, field_of
 from weft.events import is_valid_project_id, utc_now
 from weft.logs import correlation_var, project_var
 from weft.replica import Replica
@@ -165,8 +165,10 @@ class AgentGateway:
 
     async def _sync(self, project: str, body: Any) -> dict[str, Any]:
         view = await self.replica.view(project)
-        if view is None or body.guid not in view.state.agents:
-            raise WeftError(f"agent {body.guid} is not registered in {project}", field="guid")
+        agent = view.state.agents.get(body.guid) if view else None
+        if view is None or agent is None or agent["status"] == "offline":
+            # Unknown, deregistered or declared lost: the agent must register again (same guid).
+            raise NotFound(f"agent {body.guid} is not registered (or offline) in {project}", field="guid")
         self.liveness.beat(project, body.guid)
         return {"assignments": held_items(view.state, body.guid), "shutdown": pending_shutdown(view.state, body.guid)}
 
@@ -175,25 +177,29 @@ class AgentGateway:
         return {"seq": outcome.seq}
 
     async def _accept(self, project: str, body: Any) -> dict[str, Any]:
-        outcome = await self.commands.accept_work(self._ctx(project, body.guid), body.workId, body.guid)
+        outcome = await self.commands.accept_work(
+            self._ctx(project, body.guid), body.workId, body.guid, attempt=body.attempt
+        )
         return {"seq": outcome.seq}
 
     async def _progress(self, project: str, body: Any) -> dict[str, Any]:
         ctx = self._ctx(project, body.guid)
-        outcome = await self.commands.progress_work(ctx, body.workId, body.guid, body.progress, body.message)
+        outcome = await self.commands.progress_work(
+            ctx, body.workId, body.guid, body.progress, body.message, attempt=body.attempt
+        )
         return {"seq": outcome.seq}
 
     async def _complete(self, project: str, body: Any) -> dict[str, Any]:
         ctx = self._ctx(project, body.guid)
         outcome = await self.commands.complete_work(
-            ctx, body.workId, body.guid, body.summary, body.output, body.artifacts
+            ctx, body.workId, body.guid, body.summary, body.output, body.artifacts, attempt=body.attempt
         )
         return {"seq": outcome.seq}
 
     async def _fail(self, project: str, body: Any) -> dict[str, Any]:
         ctx = self._ctx(project, body.guid)
         outcome = await self.commands.fail_work(
-            ctx, body.workId, body.guid, body.message, body.code, body.recoverable, self.retry
+            ctx, body.workId, body.guid, body.message, body.code, body.recoverable, self.retry, attempt=body.attempt
         )
         item = self.replica.views[project].state.work[body.workId]
         retry = item["status"] == "pending"

@@ -428,15 +428,17 @@ class Commands:
 
         return await self.execute(ctx, f"work.{work_id}", decide)
 
-    def _held(self, state: ProjectState, work_id: str, guid: str) -> Record:
+    def _held(self, state: ProjectState, work_id: str, guid: str, attempt: int | None) -> Record:
         item = _work(state, work_id)
         if item["assignedTo"] != guid:
             raise Conflict(f"work item {work_id} is not held by agent {guid}", field="guid")
+        if attempt is not None and attempt != item["attempts"]:
+            raise Conflict(f"work item {work_id} is at attempt {item['attempts']}, not {attempt}", field="attempt")
         return item
 
-    async def accept_work(self, ctx: Ctx, work_id: str, guid: str) -> Outcome:
+    async def accept_work(self, ctx: Ctx, work_id: str, guid: str, attempt: int | None = None) -> Outcome:
         def decide(state: ProjectState) -> Event | None:
-            item = self._held(state, work_id, guid)
+            item = self._held(state, work_id, guid, attempt)
             if item["status"] == "in-progress":
                 return None
             if item["status"] != "assigned":
@@ -445,9 +447,11 @@ class Commands:
 
         return await self.execute(ctx, f"work.{work_id}", decide)
 
-    async def progress_work(self, ctx: Ctx, work_id: str, guid: str, progress: int, message: str | None) -> Outcome:
+    async def progress_work(
+        self, ctx: Ctx, work_id: str, guid: str, progress: int, message: str | None, attempt: int | None = None
+    ) -> Outcome:
         def decide(state: ProjectState) -> Event:
-            item = self._held(state, work_id, guid)
+            item = self._held(state, work_id, guid, attempt)
             if item["status"] not in LIVE_ASSIGNMENT:
                 raise Conflict(f"work item {work_id} is {item['status']}", field="workId")
             data = {"agentGuid": guid, "progress": progress, "message": message}
@@ -456,10 +460,17 @@ class Commands:
         return await self.execute(ctx, f"work.{work_id}", decide)
 
     async def complete_work(
-        self, ctx: Ctx, work_id: str, guid: str, summary: str | None, output: Any, artifacts: list[Any] | None
+        self,
+        ctx: Ctx,
+        work_id: str,
+        guid: str,
+        summary: str | None,
+        output: Any,
+        artifacts: list[Any] | None,
+        attempt: int | None = None,
     ) -> Outcome:
         def decide(state: ProjectState) -> Event | None:
-            item = self._held(state, work_id, guid)
+            item = self._held(state, work_id, guid, attempt)
             if item["status"] == "completed":
                 return None
             if item["status"] not in LIVE_ASSIGNMENT:
@@ -479,11 +490,12 @@ class Commands:
         recoverable: bool,
         retry: RetryPolicy,
         now: datetime | None = None,
+        attempt: int | None = None,
     ) -> Outcome:
         at = now or datetime.now(UTC)
 
         def decide(state: ProjectState) -> Event:
-            item = self._held(state, work_id, guid)
+            item = self._held(state, work_id, guid, attempt)
             if item["status"] not in LIVE_ASSIGNMENT:
                 raise Conflict(f"work item {work_id} is {item['status']}", field="workId")
             again = recoverable and item["attempts"] < item["maxAttempts"]

@@ -59,6 +59,7 @@ class Register(Msg):
 
 class AgentRef(Msg):
     guid: str = Field(pattern=GUID)
+    attempt: int | None = Field(None, ge=1)
 
 
 class Deregister(AgentRef):
@@ -67,6 +68,9 @@ class Deregister(AgentRef):
 
 class WorkRef(AgentRef):
     workId: str = Field(min_length=1, max_length=128)
+    # The item's `attempts` when it was assigned: a late request about an earlier attempt of an
+    # item re-assigned to the same agent is answered Conflict instead of landing on the new attempt.
+    attempt: int | None = Field(None, ge=1)
 
 
 class Progress(WorkRef):

@@ -52,7 +52,7 @@ MUTABLE = (
     "circuitBreakerThreshold",
 )
 
-SECRET_KEY = re.compile(r"(secret|token|password|passwd|private_?key|privatekey|api_?key|authorization|credential)", re.I)
+SECRET_KEY = re.compile(r"(secret|token|password|passwd|passphrase|private_?key|privatekey|api_?key|authorization|credential)", re.I)
 REFERENCE = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:/?\S+|secret:[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/[A-Za-z0-9_.-]+)?)$")
 # Fields whose value names where a secret is, and so are not secrets themselves.
 REFERENCE_FIELDS = {"privateKeyPath", "tokenEnvVar", "imagePullSecret", "serviceAccount", "knownHosts"}
@@ -274,6 +274,50 @@ def _check_webhook(body: dict[str, Any]) -> None:
 
 
 REMOTE_CHECKS = {"kubernetes": _check_kubernetes, "github-actions": _check_github, "webhook": _check_webhook}
+
+
+# --- local, ssh: optional fields -------------------------------------------------------------------
+
+POSIX_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _check_process_fields(body: dict[str, Any], key: str) -> None:
+    """What local and ssh share: a command line, a working directory, env, log dir, stop grace."""
+    if not isinstance(body["command"], str):
+        raise _fail(key, "command", "must be a command line (a string)")
+    try:
+        shlex.split(body["command"])
+    except ValueError:
+        raise _fail(key, "command", "does not parse as a shell word list") from None
+    for name, value in (body.get("env") or {}).items():
+        if not POSIX_ENV_NAME.match(str(name)):
+            raise _fail(key, f"env.{name}", "is not a valid environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+        if not isinstance(value, str | int | float | bool):
+            raise _fail(key, f"env.{name}", "must be a string, number or boolean")
+        if isinstance(value, str) and value.startswith("secret:"):
+            raise _fail(key, f"env.{name}", "must be env:NAME or file:PATH: secret: names a Kubernetes secret")
+    for name in ("workingDirectory", "logDir"):
+        _opt_str(body, key, name)
+    _opt_int(body, key, "stopGraceMs", 0)
+
+
+def _check_local(body: dict[str, Any]) -> None:
+    _check_process_fields(body, "local")
+    _opt_bool(body, "local", "detached")
+
+
+def _check_ssh(body: dict[str, Any]) -> None:
+    key = "ssh"
+    _check_process_fields(body, key)
+    for name in ("host", "user", "privateKeyPath"):
+        _opt_str(body, key, name)
+    _opt_resolvable_ref(body, key, "privateKey")
+    _opt_resolvable_ref(body, key, "passphrase")
+    _opt_str(body, key, "knownHosts")  # default | accept-new | insecure | a known_hosts file path
+    _opt_int(body, key, "connectionTimeoutMs", 100)
+
+
+REMOTE_CHECKS.update({"local": _check_local, "ssh": _check_ssh})
 
 
 def _int_field(body: dict[str, Any], name: str, default: int, minimum: int) -> int:

@@ -254,6 +254,10 @@ async def open_registry(js: Any, bucket: str = REGISTRY_BUCKET, replicas: int = 
 
 
 class WarpBridge:
+    """One per replica: imports the registry bucket into projects' registries and offers Warp agents'
+    assignments on Warp's queues (`offer` is the Pusher's `warp_offer` hook). Entries are handled
+    one at a time in watch order; `wait_processed(revision)` tells when a put has been handled."""
+
     def __init__(
         self,
         nc: NATS,

@@ -297,11 +297,20 @@ def test_settings_from_flags_and_environment() -> None:
     assert (s.nats_url, s.nats_user, s.nats_pass) == ("nats://127.0.0.1:1", "u", "p")
     assert (s.spin_up_id, s.target_id, s.log_format) == ("spin-9", "target-3", "json")
     assert s.child_env["PATH"] == "/bin"
-    # the default guid is stable for host + project + type + capabilities, and valid in subjects
-    again = AgentSettings.from_args(_args("--capabilities", "review,python", "--command", "x"), env)
-    assert again.guid == s.guid == default_guid(s.hostname, "proj1", "claude-code", ("python", "review"))
-    other = AgentSettings.from_args(_args("--capabilities", "python", "--command", "x", "--type", "copilot-cli"), env)
-    assert other.guid != s.guid and other.guid.startswith("copilot-cli@")
+    # a spun-up agent's guid comes from its spin-up id (many may share a host)
+    assert s.guid == "claude-code-spin-9"
+    # otherwise the default guid is stable for host + project + type + capabilities, and valid in subjects
+    own = {k: v for k, v in env.items() if k != "WEFT_SPINUP_ID"}
+    first = AgentSettings.from_args(_args("--capabilities", "python,review", "--command", "x"), own)
+    again = AgentSettings.from_args(_args("--capabilities", "review,python", "--command", "x"), own)
+    assert again.guid == first.guid == default_guid(s.hostname, "proj1", "claude-code", ("python", "review"))
+    other = AgentSettings.from_args(_args("--capabilities", "python", "--command", "x", "--type", "copilot-cli"), own)
+    assert other.guid != first.guid and other.guid.startswith("copilot-cli@")
+    # the target's declaration arrives as WEFT_AGENT_* variables when no flags are given
+    spun = AgentSettings.from_args(_args(), {"WEFT_AGENT_CAPABILITIES": "go,rust", "WEFT_AGENT_BOUNDARIES": "personal",
+                                             "WEFT_AGENT_TYPE": "copilot-cli", "WEFT_AGENT_COMMAND": "echo hi"})
+    assert (spun.capabilities, spun.boundaries, spun.agent_type, spun.command) == (
+        ("go", "rust"), ("personal",), "copilot-cli", "echo hi")
     # WEFT_AGENT_GUID overrides the derived guid, --guid overrides both; --project beats the env
     assert AgentSettings.from_args(_args("--capabilities", "a", "--command", "x"), {**env, "WEFT_AGENT_GUID": "e-1"}).guid == "e-1"
     flagged = AgentSettings.from_args(_args("--capabilities", "a", "--command", "x", "--guid", "f-1", "--project", "p2"),

@@ -10,10 +10,12 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import nats
+import orjson
 import pytest
 from nats.aio.client import Client as NATS
 
 from projections import ProjectState, decode_state, encode_state, fold, state_hash
+from projections.state import STATE_SCHEMA
 from tests.integration.test_eventstore import read_all, target_registered, target_updated, work_submitted
 from weft.embedded import EmbeddedNats
 from weft.events import Event, stream_name
@@ -116,7 +118,11 @@ async def test_listeners_see_every_event_in_order(store: EventStore, project: st
     view = await replica.attach(project)
     seen: list[int] = []
     view.listeners.append(lambda ev, state: seen.append(state.seq))
-    view.listeners.insert(0, lambda ev, state: 1 / 0)  # a failing listener harms no one
+
+    def failing(ev: Event, state: ProjectState) -> None:
+        raise RuntimeError("listener bug")
+
+    view.listeners.insert(0, failing)  # a failing listener harms no one
     seq = await append_work(store, project, 4)
     assert await view.wait_for(seq, WAIT)
     assert seen == [1, 2, 3, 4]
@@ -232,8 +238,11 @@ async def test_an_unreadable_snapshot_means_a_full_replay(store: EventStore, pro
     await store.save_snapshot(project, b"garbage")
     view = await attached(await replicas(), project, seq)
     assert state_hash(view.state) == state_hash(await full_replay(store, project))
-    await store.save_snapshot(project, encode_state(ProjectState(project=project)).replace(b'"schema":1', b'"schema":0'))
+    old_schema = ProjectState(project=project, seq=seq).to_dict()
+    old_schema.update(schema=STATE_SCHEMA - 1)  # a complete, current-looking state of another schema
+    await store.save_snapshot(project, orjson.dumps(old_schema))
     view = await attached(await replicas(), project, seq)
+    assert view.tail is not None and view.tail.from_seq == 1
     assert state_hash(view.state) == state_hash(await full_replay(store, project))
     await store.delete_snapshot(project)
 

@@ -41,8 +41,10 @@ async def own_store(own_nats: EmbeddedNats) -> AsyncIterator[EventStore]:
     await nc.close()
 
 WORK = {"capability": "python", "boundary": "personal", "description": "restart test"}
-TARGET = {"name": "laptop", "agentType": "claude-code", "mechanism": "local", "capabilities": ["python"],
-          "config": {"command": "python3 -c pass"}}
+# A target no pending item can use, with probes off: the restarted replica (which schedules) has
+# nothing to decide, so its state must equal the one before the restart.
+TARGET = {"name": "laptop", "agentType": "claude-code", "mechanism": "local", "capabilities": ["go"],
+          "config": {"command": "python3 -c pass"}, "healthCheck": {"enabled": False}}
 
 
 async def replayed_hash(store: EventStore, project: str) -> tuple[int, str]:

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from projections import ProjectState, apply, decode_state, encode_state, fold, state_hash
-from projections.state import LIVE_ASSIGNMENT, WORK_STATUSES
+from projections.state import LIVE_ASSIGNMENT, STATE_SCHEMA, WORK_STATUSES
 from tests.strategies import PROJECT, event_sequences
 from weft.events import Event
 
@@ -265,13 +266,57 @@ def test_an_ignored_event_still_advances_the_sequences() -> None:
 
 
 def test_snapshot_of_another_schema_is_rejected() -> None:
-    raw = encode_state(ProjectState(project="p")).replace(b'"schema":1', b'"schema":999')
+    raw = orjson.dumps({**ProjectState(project="p").to_dict(), "schema": STATE_SCHEMA - 1})
     with pytest.raises(ValueError, match="schema"):
         decode_state(raw)
 
 
 def test_equal_folds_of_different_projects_hash_differently() -> None:
     assert state_hash(ProjectState(project="a")) != state_hash(ProjectState(project="b"))
+
+
+def golden_stream() -> Stream:
+    """One of everything: a fixed history whose folded bytes stand for the state's shape."""
+    s = Stream("golden")
+    s.register("a1", capacity=2)
+    s.register_target("t1")
+    s.submit("w1", key="work:k1")
+    s.submit("w2")
+    s.submit("w3")
+    s.ev("spinup.requested", "t1", spinUpId="s1", workId="w1", capability="code", boundary=None, reason="r")
+    s.ev("spinup.started", "t1", spinUpId="s1", mechanismResult={"pid": 1})
+    s.ev("spinup.completed", "t1", spinUpId="s1", agentGuid="a1", durationMs=5.0)
+    s.spinup_failed("t1", "s2")
+    s.assign("w1", "a1").epoch = 1
+    s.ev("work.started", "w1", agentGuid="a1")
+    s.ev("work.progressed", "w1", agentGuid="a1", progress=50, message="half")
+    s.ev("work.completed", "w1", agentGuid="a1", summary="ok", output=None, artifacts=None)
+    s.assign("w2", "a1").epoch = 1
+    s.fail("w2", "retry", guid="a1", retry_at="2026-01-01T00:10:00.000Z")
+    s.assign("w2", "a1", attempt=2).epoch = 1
+    s.fail("w2", "dead-letter", guid="a1")
+    s.ev("work.discarded", "w2", reason=None)
+    s.ev("work.cancelled", "w3", reason="no")
+    s.ev("target.health_changed", "t1", healthStatus="healthy", latencyMs=1.0, error=None)
+    s.ev("agent.shutdown_requested", "a1", graceful=True, reason="idle-timeout", gracePeriodMs=None)
+    s.ev("agent.lost", "a1", lastHeartbeat=None).epoch = 2
+    return s
+
+
+# The folded shape, pinned per schema version. A snapshot is only interchangeable with a replay if
+# both have the same shape: when this test fails, the shape changed, so bump STATE_SCHEMA (older
+# snapshots are then ignored and rebuilt) and pin the new hash under the new version.
+GOLDEN_HASHES = {
+    2: "eacf387439458ba552e6b61a5981fd72e2a7d29a7ce7f81a45c6ed13c2666048",
+}
+
+
+def test_the_folded_shape_is_pinned_to_the_state_schema_version() -> None:
+    got = state_hash(golden_stream().state())
+    assert STATE_SCHEMA in GOLDEN_HASHES, f"pin STATE_SCHEMA {STATE_SCHEMA}: {got}"
+    assert got == GOLDEN_HASHES[STATE_SCHEMA], (
+        f"the folded shape changed without a STATE_SCHEMA bump; bump it and pin {got}"
+    )
 
 
 # --- work transitions -----------------------------------------------------------------------

@@ -23,13 +23,17 @@ log = logging.getLogger("weft.agent")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--project", help="project id (default: LOOMINAL_PROJECT_ID, else 'default')")
-    parser.add_argument("--capabilities", required=True, help="comma-separated capabilities, e.g. python,review")
-    parser.add_argument("--boundaries", default="*", help="comma-separated boundaries; '*' = any allowed (default)")
-    parser.add_argument("--type", default="claude-code", help="agent type (default: claude-code)")
+    # Spin-up mechanisms pass the target's declaration as WEFT_AGENT_* variables: flags win over them.
+    parser.add_argument("--capabilities", help="comma-separated capabilities, e.g. python,review "
+                        "(default: WEFT_AGENT_CAPABILITIES)")
+    parser.add_argument("--boundaries", help="comma-separated boundaries; '*' = any allowed "
+                        "(default: WEFT_AGENT_BOUNDARIES, else '*')")
+    parser.add_argument("--type", help="agent type (default: WEFT_AGENT_TYPE, else claude-code)")
     parser.add_argument("--max-tasks", type=int, default=1, help="items run at the same time (default: 1)")
     # dest is not "command": `weft`'s subparsers already store the subcommand's name there
-    parser.add_argument("--command", required=True, dest="agent_command", metavar="CMD",
-                        help="shell command run per item: description on stdin, WEFT_WORK_* in its environment")
+    parser.add_argument("--command", dest="agent_command", metavar="CMD",
+                        help="shell command run per item: description on stdin, WEFT_WORK_* in its environment "
+                        "(default: WEFT_AGENT_COMMAND)")
     parser.add_argument("--guid", help="agent id (default: WEFT_AGENT_GUID, else derived from host+project+type+capabilities)")
     parser.add_argument("--handle", help="human-readable name shown in weft")
     parser.add_argument("--idle-exit", type=float, default=0.0, metavar="SECONDS",

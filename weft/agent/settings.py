@@ -121,11 +121,11 @@ class AgentSettings:
         if not self.agent_type.strip():
             raise AgentSettingsError("--type must not be empty")
         if not self.capabilities:
-            raise AgentSettingsError("--capabilities needs at least one capability")
+            raise AgentSettingsError("--capabilities (or WEFT_AGENT_CAPABILITIES) needs at least one capability")
         if not self.boundaries:
             raise AgentSettingsError("--boundaries needs at least one boundary (or '*')")
         if not self.command.strip():
-            raise AgentSettingsError("--command must not be empty")
+            raise AgentSettingsError("--command (or WEFT_AGENT_COMMAND) is required")
         if self.max_tasks < 1:
             raise AgentSettingsError("--max-tasks must be >= 1")
         if self.idle_exit_s < 0:
@@ -140,21 +140,30 @@ class AgentSettings:
         """Flags win over the environment: --project over LOOMINAL_PROJECT_ID, --guid over WEFT_AGENT_GUID."""
         e = dict(os.environ if env is None else env)
         project = args.project or e.get("LOOMINAL_PROJECT_ID") or "default"
-        capabilities = split_list(args.capabilities)
-        boundaries = split_list(args.boundaries)
+        capabilities = split_list(args.capabilities or e.get("WEFT_AGENT_CAPABILITIES"))
+        boundaries = split_list(args.boundaries or e.get("WEFT_AGENT_BOUNDARIES") or "*")
+        agent_type = args.type or e.get("WEFT_AGENT_TYPE") or "claude-code"
+        command = args.agent_command or e.get("WEFT_AGENT_COMMAND") or ""
+        spin_up_id = e.get("WEFT_SPINUP_ID") or None
         hostname = os.uname().nodename
         labels = parse_labels(args.label)
         target_id = e.get("WEFT_TARGET_ID") or None
         if target_id is not None:
             labels.setdefault("targetId", target_id)
-        guid = args.guid or e.get("WEFT_AGENT_GUID") or default_guid(hostname, project, args.type, capabilities)
+        # A spun-up agent is one of possibly many on its host: its spin-up id makes its guid unique.
+        guid = (
+            args.guid
+            or e.get("WEFT_AGENT_GUID")
+            or (f"{agent_type}-{spin_up_id}" if spin_up_id else None)
+            or default_guid(hostname, project, agent_type, capabilities)
+        )
         return cls(
             project=project,
             guid=guid,
-            agent_type=args.type,
+            agent_type=agent_type,
             capabilities=capabilities,
             boundaries=boundaries,
-            command=args.agent_command,
+            command=command,
             max_tasks=args.max_tasks,
             handle=args.handle,
             labels=labels,
@@ -167,7 +176,7 @@ class AgentSettings:
             nats_url=e.get("NATS_URL") or DEFAULT_NATS_URL,
             nats_user=e.get("NATS_USER") or None,
             nats_pass=e.get("NATS_PASS") or None,
-            spin_up_id=e.get("WEFT_SPINUP_ID") or None,
+            spin_up_id=spin_up_id,
             target_id=target_id,
             hostname=hostname,
             username=_username(e),

@@ -194,7 +194,9 @@ async def cancel_batch(request: web.Request) -> web.Response:
 async def accept(request: web.Request) -> web.Response:
     body = await parse_body(request, protocol.RestAccept)
     view, item = await find_item(request, request.match_info["id"])
-    outcome = await services(request).commands.accept_work(_agent_ctx(request, view, body.guid), item["id"], body.guid)
+    outcome = await services(request).commands.accept_work(
+        _agent_ctx(request, view, body.guid), item["id"], body.guid, attempt=body.attempt
+    )
     return json_response({"success": True, "seq": outcome.seq}, seq=outcome.seq)
 
 
@@ -202,7 +204,7 @@ async def progress(request: web.Request) -> web.Response:
     body = await parse_body(request, protocol.RestProgress)
     view, item = await find_item(request, request.match_info["id"])
     outcome = await services(request).commands.progress_work(
-        _agent_ctx(request, view, body.guid), item["id"], body.guid, body.progress, body.message
+        _agent_ctx(request, view, body.guid), item["id"], body.guid, body.progress, body.message, attempt=body.attempt
     )
     return json_response({"success": True, "seq": outcome.seq}, seq=outcome.seq)
 
@@ -211,7 +213,13 @@ async def complete(request: web.Request) -> web.Response:
     body = await parse_body(request, protocol.RestComplete)
     view, item = await find_item(request, request.match_info["id"])
     outcome = await services(request).commands.complete_work(
-        _agent_ctx(request, view, body.guid), item["id"], body.guid, body.summary, body.output, body.artifacts
+        _agent_ctx(request, view, body.guid),
+        item["id"],
+        body.guid,
+        body.summary,
+        body.output,
+        body.artifacts,
+        attempt=body.attempt,
     )
     return json_response({"success": True, "seq": outcome.seq}, seq=outcome.seq)
 
@@ -221,7 +229,14 @@ async def fail(request: web.Request) -> web.Response:
     view, item = await find_item(request, request.match_info["id"])
     svc = services(request)
     outcome = await svc.commands.fail_work(
-        _agent_ctx(request, view, body.guid), item["id"], body.guid, body.message, body.code, body.recoverable, svc.retry
+        _agent_ctx(request, view, body.guid),
+        item["id"],
+        body.guid,
+        body.message,
+        body.code,
+        body.recoverable,
+        svc.retry,
+        attempt=body.attempt,
     )
     fresh = view.state.work[item["id"]]
     result = "retry" if fresh["status"] == "pending" else "dead-letter"

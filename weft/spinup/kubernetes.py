@@ -267,8 +267,9 @@ class KubernetesMechanism:
         def create(api: k8s.BatchV1Api) -> k8s.V1Job:
             body = k8s.V1Job.model_validate(manifest)
             try:
+                # (`_content_type` is ignored by this generated client; the header is set directly.)
                 return api.create_namespaced_job(
-                    namespace, body, _request_timeout=timeout, _content_type="application/json"
+                    namespace, body, _request_timeout=timeout, _headers={"Content-Type": "application/json"}
                 )
             except ApiException as err:
                 if err.status != 409:

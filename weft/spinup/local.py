@@ -23,23 +23,18 @@ import shlex
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from weft.health import agent_path
 from weft.spinup.base import Launched, ProbeResult, SpinUpError, SpinUpRequest, Stopwatch, resolve_secret
 
 log = logging.getLogger(__name__)
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 PROC = Path("/proc")
-
-
-def agent_path() -> str:
-    """PATH for local agents: weft's own bin directory first, so `weft agent` resolves in a venv.
-    (Same semantics as weft.health.agent_path.)"""
-    return os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+EXITED_KEPT = 256
 
 
 def is_reference(value: str) -> bool:
@@ -140,6 +135,18 @@ def proc_stat(pid: int) -> tuple[str, int, int] | None:
     return rest[0].decode(), int(rest[2]), int(rest[19])
 
 
+def proc_spinup_id(pid: int) -> str | None:
+    """WEFT_SPINUP_ID from a process's initial environment (/proc/<pid>/environ), if readable."""
+    try:
+        raw = (PROC / str(pid) / "environ").read_bytes()
+    except OSError:
+        return None
+    for entry in raw.split(b"\0"):
+        if entry.startswith(b"WEFT_SPINUP_ID="):
+            return entry.split(b"=", 1)[1].decode(errors="replace")
+    return ""
+
+
 def boot_id() -> str | None:
     try:
         return (PROC / "sys/kernel/random/boot_id").read_text().strip()
@@ -221,6 +228,7 @@ class LocalMechanism:
         self.kill_wait_s = kill_wait_s
         self._children: dict[int, asyncio.subprocess.Process] = {}
         self._waiters: dict[int, asyncio.Task[int]] = {}
+        self._exited: dict[int, int] = {}  # pid -> exit status of the most recent EXITED_KEPT children
 
     # --- launch --------------------------------------------------------------------------------
 
@@ -287,6 +295,7 @@ class LocalMechanism:
             "log": str(log_path),
             "host": "localhost",
             "hostname": socket.gethostname(),
+            "spinUpId": req.spin_up_id,
         }
         if stat is not None:
             handle["startTime"] = stat[2]
@@ -296,14 +305,17 @@ class LocalMechanism:
     def _reaped(self, pid: int, _task: asyncio.Task[int]) -> None:
         proc = self._children.pop(pid, None)
         self._waiters.pop(pid, None)
-        if proc is not None:
+        if proc is not None and proc.returncode is not None:
+            self._exited[pid] = proc.returncode
+            while len(self._exited) > EXITED_KEPT:
+                del self._exited[next(iter(self._exited))]
             log.info("local agent exited", extra={"pid": pid, "returncode": proc.returncode})
 
     async def wait(self, pid: int) -> int | None:
-        """The exit status of an agent this instance spawned, once it exits (None if untracked)."""
+        """The exit status of an agent this instance spawned, once it exits (None if unknown)."""
         waiter = self._waiters.get(pid)
         if waiter is None:
-            return None
+            return self._exited.get(pid)
         return await asyncio.shield(waiter)
 
     # --- stop ----------------------------------------------------------------------------------
@@ -333,7 +345,14 @@ class LocalMechanism:
         stat = proc_stat(pid)
         if stat is not None:
             if started is None:
-                return "unknown", pgid
+                # No start time recorded: the agent env's spin-up id identifies it, if readable.
+                spin_up_id = handle.get("spinUpId")
+                if not spin_up_id or stat[0] in ("Z", "X"):
+                    return "unknown", pgid
+                found = proc_spinup_id(pid)
+                if found is None:
+                    return "unknown", pgid
+                return ("alive" if found == spin_up_id else "reused"), pgid
             if stat[2] != started:
                 return "reused", pgid
             return ("alive" if stat[0] not in ("Z", "X") else "orphans"), pgid
