@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 run: install
-	$(BIN)/weft serve --embedded
+	$(BIN)/weft serve --embedded --demo-agent
 
 # Packages some tests need (nginx, openssh-server, prometheus): installed only as root with apt (CI);
 # elsewhere those tests skip and name the package.

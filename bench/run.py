@@ -120,6 +120,12 @@ class Bench:
                      res.raw_replay_iter.rate, "msgs/s",
                      ratio=f"x{rate / res.raw_replay_iter.rate:.2f} rebuild/this",
                      extra={"seconds": res.raw_replay_iter.seconds}))
+        if res.callback_fold is not None:
+            cbf = res.callback_fold
+            self.row(Row("rebuild_callback_fold", "  prototype: ordered consumer cb= + decode + apply (bench)",
+                         cbf.rate, "events/s",
+                         ratio=f"x{cbf.rate / raw_rate:.2f} of raw replay" if raw_rate else "",
+                         extra={"seconds": cbf.seconds}))
         self.row(Row("rebuild_inproc", "  decode + apply in process, no NATS", res.inproc.rate, "events/s",
                      extra={"seconds": res.inproc.seconds}))
         self.row(Row("rebuild_inproc_nogc", "  decode + apply in process, cyclic GC paused", res.inproc_nogc.rate,
@@ -257,7 +263,7 @@ class Bench:
 
     def ordered_rows(self) -> list[Row]:
         order = ["raw_publish_pipelined", "raw_publish_awaited", "raw_replay", "raw_replay_iter", "rebuild",
-                 "rebuild_raw_weft_replay", "rebuild_raw_weft_replay_iter", "rebuild_inproc",
+                 "rebuild_raw_weft_replay", "rebuild_raw_weft_replay_iter", "rebuild_callback_fold", "rebuild_inproc",
                  "rebuild_inproc_nogc", "weft_publish_pipelined", "restart_snapshot", "restart_snapshot_fetch",
                  "restart_snapshot_fetch_pull", "restart_snapshot_decode", "restart_snapshot_decode_nogc",
                  "restart_tail", "restart_projected", "restart_snapshot_size", "restart_snapshot_write",

@@ -39,6 +39,19 @@ async def store(nc: NATS) -> EventStore:
     return EventStore(nc.jetstream())
 
 
+@pytest.fixture(autouse=True)
+async def no_leftover_processes() -> AsyncIterator[None]:
+    """Kill any weft/agent process a test started and did not stop (a failed assertion, say)."""
+    yield
+    from tests.processes import LIVE
+
+    for proc in list(LIVE):
+        if proc.proc is not None and proc.proc.returncode is None:
+            proc.proc.kill()
+            await proc.proc.wait()
+        LIVE.discard(proc)
+
+
 @pytest.fixture
 def project() -> str:
     """A fresh project id, hence a fresh stream, for each test."""

@@ -12,9 +12,11 @@ from typing import Any
 
 import aiohttp
 
-from weft.embedded import free_port
+from weft.embedded import die_with_parent, free_port
 
 WEFT = str(Path(sys.executable).parent / "weft")
+# Every process a test starts, so a failing test cannot leave one behind (see conftest).
+LIVE: set[Any] = set()
 
 
 class WeftProcess:
@@ -43,8 +45,10 @@ class WeftProcess:
             **self.extra_env,
         }
         self.proc = await asyncio.create_subprocess_exec(
-            WEFT, "serve", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+            WEFT, "serve", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            preexec_fn=die_with_parent,
         )
+        LIVE.add(self)
         ready = asyncio.get_running_loop().create_future()
         self._reader = asyncio.create_task(self._read(ready))
         await asyncio.wait_for(ready, timeout)
@@ -103,8 +107,10 @@ class AgentProcess:
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, env=self.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+            *self.argv, env=self.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            preexec_fn=die_with_parent,
         )
+        LIVE.add(self)
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:

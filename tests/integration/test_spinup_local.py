@@ -104,10 +104,11 @@ def dead(pid: int) -> bool:
 async def died(*pids: int) -> bool:
     """After EOF on its socket a killed process may still be finishing its exit: nothing more can be
     awaited, so poll /proc, bounded, until it is a zombie or gone."""
-    async with asyncio.timeout(30):
-        while not all(dead(p) for p in pids):
-            await asyncio.sleep(0.01)
-    return True
+    for _ in range(3000):  # at most ~30 s
+        if all(dead(p) for p in pids):
+            return True
+        await asyncio.sleep(0.01)
+    return False
 
 
 @pytest.fixture
@@ -194,7 +195,7 @@ async def test_launch_gives_a_clean_explicit_environment(
 
     handle = launched.handle
     assert handle["pid"] == pid and handle["pgid"] == pid and handle["host"] == "localhost"
-    assert handle["log"] == str(tmp_path / "logs" / "su-1.log") and Path(handle["log"]).exists()
+    assert handle["log"] == str(tmp_path / "logs" / "su-1.log") and await asyncio.to_thread(Path(handle["log"]).exists)
     assert isinstance(handle["startTime"], int) and handle["bootId"] == boot_id()
     # Secrets never reach the handle or the log records.
     text = orjson.dumps(handle).decode() + "\n".join(r.getMessage() + str(r.__dict__) for r in caplog.records)
@@ -219,7 +220,7 @@ async def test_output_goes_to_the_per_spinup_log(mech: LocalMechanism) -> None:
     assert await mech.wait(launched.handle["pid"]) == 0
     log_path = Path(launched.handle["log"])
     assert log_path.parent == mech.log_dir and log_path.name == "su_.._odd_id.log"
-    assert log_path.read_text().splitlines() == ["to stdout", "to stderr"]
+    assert (await asyncio.to_thread(log_path.read_text)).splitlines() == ["to stdout", "to stderr"]
 
 
 async def test_a_command_that_fails_at_once_raises_with_exit_code_and_log_tail(tmp_path: Path) -> None:
@@ -264,7 +265,7 @@ async def test_stop_terminates_the_process_group_and_its_child(mech: LocalMechan
 
 async def test_graceful_stop_escalates_to_sigkill(mech: LocalMechanism, reporter: Reporter) -> None:
     port = reporter.port
-    t, handle, reader, writer, report = await launch_agent(
+    t, handle, reader, _, report = await launch_agent(
         mech, reporter, port, env={"IGNORE_TERM": "1"}, stopGraceMs=200)
     await mech.stop(t, handle, graceful=True)
     await until_eof(reader)
@@ -283,7 +284,7 @@ async def test_forced_stop_kills_at_once(mech: LocalMechanism, reporter: Reporte
 async def test_stop_after_a_restart_works_from_the_handle_alone(
         mech: LocalMechanism, reporter: Reporter, tmp_path: Path) -> None:
     port = reporter.port
-    t, handle, reader, writer, report = await launch_agent(mech, reporter, port)
+    t, handle, reader, _, report = await launch_agent(mech, reporter, port)
     # A new weft process: a fresh mechanism that never saw the launch, and the handle as stored in
     # the spinup.started event (JSON round trip).
     restarted = LocalMechanism(log_dir=tmp_path / "other")
@@ -300,11 +301,11 @@ async def test_stop_never_signals_a_reused_pid(mech: LocalMechanism, reporter: R
     victim = await asyncio.create_subprocess_exec(
         sys.executable, "-c", AGENT, str(port), start_new_session=True,
         env={"PATH": os.environ["PATH"]})
-    report, reader, writer = await reporter.next()
+    _, reader, writer = await reporter.next()
     st = proc_stat(victim.pid)
     assert st is not None
     t = target("python")
-    fakes = [
+    fakes: list[dict[str, Any]] = [
         {"pid": victim.pid, "pgid": victim.pid, "startTime": st[2] - 1, "bootId": boot_id(), "host": "localhost"},
         {"pid": victim.pid, "pgid": victim.pid, "spinUpId": "su-someone-else"},  # no start time: env identity
         {"pid": victim.pid, "pgid": victim.pid},  # nothing to verify with: refused

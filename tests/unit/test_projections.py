@@ -186,19 +186,12 @@ def test_folding_the_same_sequence_twice_gives_the_same_state_hash(events: list[
 @PROPERTY
 @given(event_sequences(), st.data())
 def test_snapshot_at_any_cut_plus_tail_equals_the_full_fold(events: list[Event], data: st.DataObject) -> None:
+    """The snapshot goes through its byte encoding; the tail may overlap it (a consumer started
+    before the snapshot's sequence), and the overlap must change nothing."""
     cut = data.draw(st.integers(0, len(events)), label="cut")
+    tail_from = data.draw(st.one_of(st.just(cut), st.integers(0, cut)), label="tail_from")
     restored = decode_state(encode_state(fold(events[:cut], project=PROJECT)))
-    fold(events[cut:], state=restored)
-    assert state_hash(restored) == state_hash(fold(events, project=PROJECT))
-
-
-@PROPERTY
-@given(event_sequences(), st.data())
-def test_a_tail_overlapping_the_snapshot_changes_nothing(events: list[Event], data: st.DataObject) -> None:
-    cut = data.draw(st.integers(0, len(events)), label="cut")
-    overlap = data.draw(st.integers(0, cut), label="overlap")
-    restored = decode_state(encode_state(fold(events[:cut], project=PROJECT)))
-    fold(events[overlap:], state=restored)
+    fold(events[tail_from:], state=restored)
     assert state_hash(restored) == state_hash(fold(events, project=PROJECT))
 
 
@@ -222,13 +215,6 @@ def test_a_repeated_idempotency_key_is_ignored(events: list[Event]) -> None:
     everything = fold(events, project=PROJECT)
     firsts_only = fold(without_repeated_keys(events), project=PROJECT)
     assert content(everything) == content(firsts_only)
-
-
-@PROPERTY
-@given(event_sequences())
-def test_the_state_survives_a_json_round_trip_unchanged(events: list[Event]) -> None:
-    state = fold(events, project=PROJECT)
-    assert encode_state(decode_state(encode_state(state))) == encode_state(state)
 
 
 # --- sequences and snapshots, by example ------------------------------------------------------
@@ -303,9 +289,10 @@ def golden_stream() -> Stream:
     return s
 
 
-# The folded shape, pinned per schema version. A snapshot is only interchangeable with a replay if
-# both have the same shape: when this test fails, the shape changed, so bump STATE_SCHEMA (older
-# snapshots are then ignored and rebuilt) and pin the new hash under the new version.
+# The folded state of a fixed history, pinned per schema version. A snapshot is interchangeable with
+# a replay only if the fold that wrote it folds like today's: when this test fails, the state's shape
+# or a fold rule changed, so bump STATE_SCHEMA (older snapshots are then ignored and rebuilt) and pin
+# the new hash under the new version.
 GOLDEN_HASHES = {
     2: "eacf387439458ba552e6b61a5981fd72e2a7d29a7ce7f81a45c6ed13c2666048",
 }
@@ -315,7 +302,7 @@ def test_the_folded_shape_is_pinned_to_the_state_schema_version() -> None:
     got = state_hash(golden_stream().state())
     assert STATE_SCHEMA in GOLDEN_HASHES, f"pin STATE_SCHEMA {STATE_SCHEMA}: {got}"
     assert got == GOLDEN_HASHES[STATE_SCHEMA], (
-        f"the folded shape changed without a STATE_SCHEMA bump; bump it and pin {got}"
+        f"the fold's output changed without a STATE_SCHEMA bump; bump it and pin {got}"
     )
 
 
@@ -400,6 +387,19 @@ def test_assignment_of_work_that_is_not_pending_is_ignored() -> None:
     state = s.state()
     assert state.work["w1"]["assignedTo"] == "a1"
     assert state.agents["a2"]["currentTasks"] == []
+
+
+def test_a_decision_of_an_older_epoch_is_in_the_stream_but_never_applied() -> None:
+    s = Stream()
+    s.register("a1")
+    s.submit("w1")
+    s.assign("w1", "a1").epoch = 2
+    s.ev("work.requeued", "w1", reason="deposed leader", retryAt=None).epoch = 1
+    state = s.state()
+    assert state.work["w1"]["status"] == "assigned"
+    assert state.entity_seq["work.w1"] == 4, "OCC still sees the subject's last sequence"
+    s.ev("work.requeued", "w1", reason="current leader", retryAt=None).epoch = 2
+    assert s.state().work["w1"]["status"] == "pending"
 
 
 def test_start_by_another_agent_is_ignored() -> None:
