@@ -11,7 +11,7 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
 from weft.api import create_app
-from weft.api.common import Services
+from weft.api.common import SERVICES
 from weft.service import WeftService
 
 
@@ -35,9 +35,11 @@ class Api:
 
 
 async def make_client(service: WeftService, **overrides: Any) -> TestClient:
-    assert service.replica is not None and service.commands is not None
-    settings = replace(service.settings, **overrides)
-    app = create_app(Services(settings, service.replica, service.commands))
+    """A second app on the service's replica (same projections, commands, mechanisms), with settings
+    overridden (tokens, body limit...), served over real HTTP on 127.0.0.1."""
+    assert service.app is not None
+    base = service.app[SERVICES]
+    app = create_app(replace(base, settings=replace(base.settings, **overrides), plan_cache={}))
     client = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()
     return client

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from typing import Any
 
@@ -15,7 +16,12 @@ from projections.state import LIVE_ASSIGNMENT, STATE_SCHEMA, WORK_STATUSES
 from tests.strategies import PROJECT, event_sequences
 from weft.events import Event
 
-PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# 75 random histories per property keep `make test` fast; WEFT_PROPERTY_EXAMPLES=2000 for a deep run.
+PROPERTY = settings(
+    max_examples=int(os.environ.get("WEFT_PROPERTY_EXAMPLES", "75")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 # The work lifecycle's edges: (status before, status after) for an event that changed the status.
 ALLOWED_MOVES = {
