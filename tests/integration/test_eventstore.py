@@ -394,7 +394,7 @@ async def test_a_replay_of_the_stream_equals_the_fold_of_what_was_appended(store
     assert replayed.entity_seq == {"target.t1": 3, "work.w1": 2}
 
 
-async def test_publish_headers_carry_msg_id_and_expected_seq(store: EventStore, project: str, nc: NATS) -> None:
+async def test_the_event_id_is_the_nats_msg_id(store: EventStore, project: str, nc: NATS) -> None:
     ev = work_submitted(project, "w1")
     await store.append(ev, 0)
     raw = await nc.jetstream().get_last_msg(stream_name(project), ev.subject)

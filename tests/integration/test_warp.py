@@ -186,7 +186,9 @@ async def test_sparse_garbage_foreign_and_deleted_entries(
         assert agents[gone["guid"]]["status"] == "offline"
         assert agents[gone["guid"]]["offlineReason"] == "warp: registry entry deleted"
     # The odd type must not break routing or listing (no 500), and the watcher is still alive.
-    await api.ok("POST", "/api/work", {"capability": "go", "boundary": "personal", "description": "x"}, status=201)
+    item = await api.ok("POST", "/api/work", {"capability": "python", "boundary": "personal", "description": "x"},
+                        status=201)
+    await api.ok("POST", f"/api/work/{item['id']}/cancel", {})  # nobody here will ever accept it
     late = warp_entry(p)
     await put(registry, bridge, late["guid"], late)
     assert late["guid"] in await agents_of(api)
