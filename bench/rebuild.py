@@ -331,7 +331,7 @@ async def snapshot_and_measure(
             res.no_snapshot_note = f"> {no_snapshot_limit_s:.0f} s ({err})"
             writer = None
     else:
-        res.no_snapshot_note = "skipped (WEFT_BENCH_SKIP_NO_SNAPSHOT)"
+        res.no_snapshot_note = "skipped"
 
     if writer is None:
         progress("restart: folding the stream's events in process for the snapshot")

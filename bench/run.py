@@ -112,7 +112,7 @@ class Bench:
                      ratio=f"x{ratio:.2f} of raw replay (>= {REBUILD_TARGET:.2f})" if ratio is not None else "",
                      verdict=verdict(ratio >= REBUILD_TARGET) if ratio is not None else "",
                      extra={"seconds": ready.seconds, "events": res.events}))
-        self.row(Row("rebuild_raw_weft_replay", "  raw replay of that weft stream, callback (2 headers, ~400 B)",
+        self.row(Row("rebuild_raw_weft_replay", "  raw replay of that weft stream, callback (3 headers, ~400 B)",
                      res.raw_replay.rate, "msgs/s",
                      ratio=f"x{rate / res.raw_replay.rate:.2f} rebuild/this",
                      extra={"seconds": res.raw_replay.seconds}))

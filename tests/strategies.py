@@ -1,9 +1,11 @@
 """Hypothesis strategies: random, valid-ish event sequences for one project.
 
-Ids come from small pools so that events often hit an entity in a state where they apply, and just
-as often one where they do not (assign before submit, complete after cancel, an offline agent,
-an unknown spin-up): the fold must apply the first kind and ignore the second. Every event is
-well-formed (the shape its type declares); only its timing relative to the state is random.
+`event_sequences()` folds as it generates: four events in five are drawn from those the current
+state accepts (so items really get assigned, progress, fail, retry, land in the DLQ, finish), the
+fifth is blind and often invalid for the state (assign before submit, complete after cancel, an
+offline agent, an unknown spin-up), which the fold must ignore. Decision events sometimes carry a
+scheduler epoch, lower ones included. Ids come from small pools so entities collide. Every event
+is well-formed (the shape its type declares); only its fit to the state is random.
 """
 
 from __future__ import annotations
@@ -171,7 +173,9 @@ def _target_data(t: str) -> st.SearchStrategy[dict[str, Any]]:
                         "mechanism": st.just("local"),
                         "capabilities": st.just(["code"]),
                         "status": st.sampled_from(["available", "disabled"]),
-                        "config": st.fixed_dictionaries({"local": st.fixed_dictionaries({"command": short_text})}),
+                        "config": st.fixed_dictionaries(
+                            {"local": st.fixed_dictionaries({"command": short_text})}
+                        ),
                     },
                     optional={"circuitBreakerThreshold": st.integers(1, 4)},
                 )
@@ -222,8 +226,12 @@ ONE_IN_FIVE = st.integers(0, 4)
 @functools.cache
 def _index(n: int) -> st.SearchStrategy[int]:
     return st.integers(0, n - 1)
+
+
 # Scheduler decisions carry the leader's epoch; a lower epoch than one already seen is fenced.
-DECISIONS = frozenset({"work.assigned", "work.requeued", "work.dead_lettered", "agent.lost", "spinup.requested"})
+DECISIONS = frozenset(
+    {"work.assigned", "work.requeued", "work.dead_lettered", "agent.lost", "spinup.requested"}
+)
 
 
 @st.composite
@@ -264,13 +272,17 @@ def _applicable(state: ProjectState) -> list[tuple[str, str, str | None]]:
             out.append(("work.started", wid, item["assignedTo"]))
         if status in LIVE_ASSIGNMENT:
             holder = item["assignedTo"]
-            out += [(t, wid, holder) for t in ("work.progressed", "work.completed", "work.failed", "work.failed")]
+            out += [
+                (t, wid, holder) for t in ("work.progressed", "work.completed", "work.failed", "work.failed")
+            ]
             out.append(("work.requeued", wid, None))
         if status not in TERMINAL_WORK:
             out += [("work.cancelled", wid, None), ("work.dead_lettered", wid, None)]
         if status == "failed" and item["deadLetter"] and not item["deadLetter"]["discarded"]:
             out += [("work.retried", wid, None), ("work.discarded", wid, None)]
-    out += [("agent.registered", g, None) for g in AGENT_IDS if state.agents.get(g, {}).get("status") != "online"]
+    out += [
+        ("agent.registered", g, None) for g in AGENT_IDS if state.agents.get(g, {}).get("status") != "online"
+    ]
     for g, a in state.agents.items():
         if a["status"] != "offline":
             out += [(t, g, None) for t in ("agent.shutdown_requested", "agent.deregistered", "agent.lost")]

@@ -122,6 +122,14 @@ def plan_spin_ups(
     return out
 
 
+def any_target_can_launch(state: ProjectState, now: datetime, max_crashes: int = DEFAULT_MAX_CRASHES) -> bool:
+    """Cheap pre-check (O(targets + agents)) so a scheduler tick can skip spin-up planning."""
+    return any(
+        target_refusal(t, now, max_crashes) is None and target_load(state, t) < t["maxConcurrentAgents"]
+        for t in state.targets.values()
+    )
+
+
 def _choose(
     state: ProjectState, item: Record, policy: RoutingPolicy, now: datetime, max_crashes: int, load: dict[str, int]
 ) -> tuple[Record | None, list[str]]:

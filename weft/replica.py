@@ -8,6 +8,7 @@ Snapshots are written every `snapshot_every` events and only ever shorten a rebu
 from __future__ import annotations
 
 import asyncio
+import gc
 import heapq
 import itertools
 import logging
@@ -178,7 +179,15 @@ class Replica:
             raw = await self.store.load_snapshot(project)
             if raw is None:
                 return None
-            return decode_state(raw)
+            # Millions of fresh dicts make the cyclic GC rescan the heap over and over while
+            # decoding (6.1 s vs 3.5 s for 230 MB in make bench); none of them can form cycles.
+            was_enabled = gc.isenabled()
+            gc.disable()
+            try:
+                return decode_state(raw)
+            finally:
+                if was_enabled:
+                    gc.enable()
         except (ValueError, orjson.JSONDecodeError, KeyError) as err:
             # A snapshot is an optimisation: an unreadable or old-schema one means a full replay.
             log.warning("snapshot ignored: %s", err, extra={"project": project})

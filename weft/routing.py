@@ -15,6 +15,7 @@ A boundary rule comes from the `RoutingPolicy`; boundaries without a rule accept
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -322,6 +323,13 @@ def effective_priority(item: Record, now: datetime, aging_per_minute: float) -> 
     return float(item["priority"]) + waited_min * aging_per_minute
 
 
+def reason_for_new_item(state: ProjectState, item: Record, policy: RoutingPolicy, now: datetime) -> str | None:
+    """Why a just-submitted item would wait (None: an eligible agent has a free slot now), judged
+    as if it were the only pending item: O(agents), for the submit response."""
+    alone = ProjectState(project=state.project, work={item["id"]: item}, agents=state.agents, targets=state.targets)
+    return plan_assignments(alone, policy, now).waiting.get(item["id"])
+
+
 def plan_assignments(
     state: ProjectState,
     policy: RoutingPolicy,
@@ -435,6 +443,9 @@ def _best(cls: _Class) -> _Slot | None:
     return best
 
 
+@functools.lru_cache(maxsize=65536)
 def _parse_ts(ts: str) -> datetime:
+    # Every plan re-reads every pending item's offeredAt: memoised, a plan over 10k items does not
+    # parse 10k timestamps again (immutable datetimes make the cache safe).
     dt = datetime.fromisoformat(ts.replace("Z", "+00:00"))
     return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)

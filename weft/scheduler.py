@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from projections.state import ProjectState
+from weft import elastic
 from weft.agents import Liveness, Pusher
 from weft.commands import Commands, Ctx, Outcome
 from weft.events import Event, format_ts, parse_ts
@@ -172,7 +173,10 @@ class ProjectScheduler:
                         decisions.append(self._withdraw(work_id, f"not accepted by {guid} in time"))
                     elif accept_deadline is None or accept_by < accept_deadline:
                         accept_deadline = accept_by
-        plan = plan_assignments(state, self.policy, now, self.spinning_up(state))
+        if self._worth_planning(state, now):
+            plan = plan_assignments(state, self.policy, now, self.spinning_up(state))
+        else:
+            plan = Plan()  # nobody could take anything: an O(pending) plan would change nothing
         self.last_plan = plan
         accept_by_ts = format_ts(now + timedelta(milliseconds=self.config.accept_timeout_ms))
         for work_id, guid in plan.assignments:
@@ -185,6 +189,14 @@ class ProjectScheduler:
                 if isinstance(r, BaseException):
                     log.warning("decision not applied: %s", r, extra={"project": self.project})
         self._deadline_s = self._next_deadline(state, now, accept_deadline)
+
+    def _worth_planning(self, state: ProjectState, now: datetime) -> bool:
+        if state.work_counts["pending"] == 0:
+            return False
+        for a in state.agents.values():
+            if a["status"] != "offline" and not a["shutdownRequested"] and a["currentTaskCount"] < a["maxConcurrentTasks"]:
+                return True
+        return self.fleet is not None and elastic.any_target_can_launch(state, now, self.fleet.config.max_crashes)
 
     def _withdraw(self, work_id: str, reason: str) -> Awaitable[Outcome]:
         return self.commands.withdraw_assignment(self.ctx, work_id, reason, self.epoch, self.config.max_withdrawals)

@@ -22,12 +22,18 @@ from weft.eventstore import Appended, ConcurrencyConflict, EventStore
 
 def target_registered(project: str, target_id: str = "t1", **kw: Any) -> Event:
     target = {"name": target_id, "agentType": "developer", "mechanism": "local", "capabilities": ["code"]}
-    return Event(type="target.registered", entity_id=target_id, data={"target": target}, project=project, **kw)
+    return Event(
+        type="target.registered", entity_id=target_id, data={"target": target}, project=project, **kw
+    )
 
 
 def target_updated(project: str, description: str, target_id: str = "t1", **kw: Any) -> Event:
     return Event(
-        type="target.updated", entity_id=target_id, data={"changes": {"description": description}}, project=project, **kw
+        type="target.updated",
+        entity_id=target_id,
+        data={"changes": {"description": description}},
+        project=project,
+        **kw,
     )
 
 
@@ -94,7 +100,9 @@ async def test_a_second_create_of_the_same_entity_conflicts(store: EventStore, p
         await store.append(target_registered(project), 0)
 
 
-async def test_concurrent_writers_on_one_entity_exactly_one_wins(nats_server: EmbeddedNats, project: str) -> None:
+async def test_concurrent_writers_on_one_entity_exactly_one_wins(
+    nats_server: EmbeddedNats, project: str
+) -> None:
     conns = [await nats.connect(nats_server.url) for _ in range(2)]
     try:
         a, b = (EventStore(c.jetstream()) for c in conns)
@@ -102,7 +110,9 @@ async def test_concurrent_writers_on_one_entity_exactly_one_wins(nats_server: Em
         for round_ in range(5):
             expected = await a.last_seq(project)
             evs = [target_updated(project, f"a{round_}"), target_updated(project, f"b{round_}")]
-            results = await asyncio.gather(a.append(evs[0], expected), b.append(evs[1], expected), return_exceptions=True)
+            results = await asyncio.gather(
+                a.append(evs[0], expected), b.append(evs[1], expected), return_exceptions=True
+            )
             winners = [ev for ev, r in zip(evs, results, strict=True) if isinstance(r, Appended)]
             losers = [ev for ev, r in zip(evs, results, strict=True) if isinstance(r, ConcurrencyConflict)]
             assert len(winners) == 1 and len(losers) == 1, results
@@ -129,7 +139,9 @@ async def test_writers_on_different_entities_do_not_conflict(store: EventStore, 
     assert sorted(r.seq for r in results) == list(range(1, 11))
 
 
-async def test_retried_append_after_it_landed_returns_the_original_seq(store: EventStore, project: str) -> None:
+async def test_retried_append_after_it_landed_returns_the_original_seq(
+    store: EventStore, project: str
+) -> None:
     """A lost ack: the writer retries the same event with the same expected seq after it landed."""
     await store.append(target_registered(project), 0)
     ev = target_updated(project, "once")
@@ -141,7 +153,9 @@ async def test_retried_append_after_it_landed_returns_the_original_seq(store: Ev
     assert await store.last_seq(project) == 2
 
 
-async def test_a_retry_after_the_entity_moved_on_still_finds_its_event(store: EventStore, project: str) -> None:
+async def test_a_retry_after_the_entity_moved_on_still_finds_its_event(
+    store: EventStore, project: str
+) -> None:
     """Our append landed (ack lost), then another writer appended to the entity: the retry must
     report our event as a duplicate, not a conflict (which would make the caller redo its work)."""
     await store.append(target_registered(project), 0)  # seq 1
@@ -153,7 +167,9 @@ async def test_a_retry_after_the_entity_moved_on_still_finds_its_event(store: Ev
     assert await store.last_seq(project) == 3
 
 
-async def test_a_stale_append_whose_slot_another_writer_took_conflicts(store: EventStore, project: str) -> None:
+async def test_a_stale_append_whose_slot_another_writer_took_conflicts(
+    store: EventStore, project: str
+) -> None:
     await store.append(target_registered(project), 0)  # seq 1
     await store.append(target_updated(project, "theirs"), 1)  # seq 2 took the slot after 1
     await store.append(target_updated(project, "theirs again"), 2)  # seq 3
@@ -206,7 +222,9 @@ async def test_each_project_is_its_own_stream(store: EventStore, project: str) -
 # --- streams --------------------------------------------------------------------------------
 
 
-async def test_stream_is_created_with_dedupe_window_and_direct_get(store: EventStore, project: str, nc: NATS) -> None:
+async def test_stream_is_created_with_dedupe_window_and_direct_get(
+    store: EventStore, project: str, nc: NATS
+) -> None:
     assert not await store.stream_exists(project)
     await store.ensure_stream(project)
     assert await store.stream_exists(project)
@@ -217,7 +235,9 @@ async def test_stream_is_created_with_dedupe_window_and_direct_get(store: EventS
     assert project in await store.list_projects()
 
 
-async def test_two_stores_creating_one_stream_concurrently_both_succeed(nats_server: EmbeddedNats, project: str) -> None:
+async def test_two_stores_creating_one_stream_concurrently_both_succeed(
+    nats_server: EmbeddedNats, project: str
+) -> None:
     conns = [await nats.connect(nats_server.url) for _ in range(3)]
     try:
         stores = [EventStore(c.jetstream()) for c in conns]
@@ -385,8 +405,14 @@ async def test_snapshots_are_per_project(store: EventStore, project: str) -> Non
     await store.delete_snapshot(project)
 
 
-async def test_a_replay_of_the_stream_equals_the_fold_of_what_was_appended(store: EventStore, project: str) -> None:
-    appended = [target_registered(project, "t1"), work_submitted(project, "w1"), target_updated(project, "d", "t1")]
+async def test_a_replay_of_the_stream_equals_the_fold_of_what_was_appended(
+    store: EventStore, project: str
+) -> None:
+    appended = [
+        target_registered(project, "t1"),
+        work_submitted(project, "w1"),
+        target_updated(project, "d", "t1"),
+    ]
     for e, expected in zip(appended, [0, 0, 1], strict=True):
         await store.append(e, expected)
     replayed = fold(await read_all(store, project), project=project)

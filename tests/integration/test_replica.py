@@ -76,7 +76,9 @@ async def test_view_folds_what_is_appended(store: EventStore, project: str, repl
     assert state_hash(view.state) == state_hash(await full_replay(store, project))
 
 
-async def test_attach_catches_up_with_existing_events(store: EventStore, project: str, replicas: ReplicaFactory) -> None:
+async def test_attach_catches_up_with_existing_events(
+    store: EventStore, project: str, replicas: ReplicaFactory
+) -> None:
     seq = await append_work(store, project, 5)
     replica = await replicas()
     view = await replica.attach(project)
@@ -96,7 +98,9 @@ async def test_wait_for_returns_false_after_its_timeout_when_the_seq_never_comes
     assert await view.wait_for(seq, 0.05) is True
 
 
-async def test_wait_for_wakes_when_the_seq_is_folded(store: EventStore, project: str, replicas: ReplicaFactory) -> None:
+async def test_wait_for_wakes_when_the_seq_is_folded(
+    store: EventStore, project: str, replicas: ReplicaFactory
+) -> None:
     seq = await append_work(store, project, 1)
     view = await attached(await replicas(), project, seq)
     waiters = [asyncio.create_task(view.wait_for(seq + k, WAIT)) for k in (2, 1, 3)]
@@ -105,7 +109,9 @@ async def test_wait_for_wakes_when_the_seq_is_folded(store: EventStore, project:
     assert view.state.seq == seq + 3
 
 
-async def test_catch_up_reaches_the_streams_last_seq(store: EventStore, project: str, replicas: ReplicaFactory) -> None:
+async def test_catch_up_reaches_the_streams_last_seq(
+    store: EventStore, project: str, replicas: ReplicaFactory
+) -> None:
     replica = await replicas()
     view = await replica.attach(project)
     seq = await append_work(store, project, 4)
@@ -113,7 +119,9 @@ async def test_catch_up_reaches_the_streams_last_seq(store: EventStore, project:
     assert view.state.seq >= seq
 
 
-async def test_listeners_see_every_event_in_order(store: EventStore, project: str, replicas: ReplicaFactory) -> None:
+async def test_listeners_see_every_event_in_order(
+    store: EventStore, project: str, replicas: ReplicaFactory
+) -> None:
     replica = await replicas()
     view = await replica.attach(project)
     seen: list[int] = []
@@ -134,7 +142,9 @@ async def test_the_view_survives_an_event_it_cannot_decode(
     """Corrupt or from a newer weft: skipped, but its sequence counts, so nobody waits forever."""
     view = await (await replicas()).attach(project)
     await append_work(store, project, 1)
-    ack = await nc.jetstream().publish(f"weft.{project}.ev.work.w0", b"{not json", stream=stream_name(project))
+    ack = await nc.jetstream().publish(
+        f"weft.{project}.ev.work.w0", b"{not json", stream=stream_name(project)
+    )
     assert await view.wait_for(ack.seq, WAIT)
     assert view.state.entity_seq["work.w0"] == ack.seq, "OCC sees the subject's real last sequence"
     later = await store.append(target_registered(project), 0)
@@ -146,7 +156,9 @@ async def test_the_view_survives_an_event_it_cannot_fold(
     store: EventStore, project: str, replicas: ReplicaFactory
 ) -> None:
     view = await (await replicas()).attach(project)
-    bad = Event(type="work.submitted", entity_id="w-bad", data={"capability": "x"}, project=project)  # no taskId
+    bad = Event(
+        type="work.submitted", entity_id="w-bad", data={"capability": "x"}, project=project
+    )  # no taskId
     first = await store.append(bad, 0)
     assert await view.wait_for(first.seq, WAIT)
     seq = await append_work(store, project, 1)
@@ -154,7 +166,9 @@ async def test_the_view_survives_an_event_it_cannot_fold(
     assert "w0" in view.state.work
 
 
-async def test_a_replica_attached_when_ready_is_caught_up(store: EventStore, project: str, replicas: ReplicaFactory) -> None:
+async def test_a_replica_attached_when_ready_is_caught_up(
+    store: EventStore, project: str, replicas: ReplicaFactory
+) -> None:
     seq = await append_work(store, project, 3)
     replica = await replicas(start=True)
     await replica.wait_ready(WAIT)
@@ -221,7 +235,9 @@ async def test_deleting_all_snapshots_yields_the_same_state_hash(
     assert state_hash(with_snapshot.state) == state_hash(without.state) == state_hash(view.state)
 
 
-async def test_snapshots_are_written_every_n_events(store: EventStore, project: str, replicas: ReplicaFactory) -> None:
+async def test_snapshots_are_written_every_n_events(
+    store: EventStore, project: str, replicas: ReplicaFactory
+) -> None:
     replica = await replicas(snapshot_every=3)
     view = await replica.attach(project)
     seq = await append_work(store, project, 7)
@@ -233,7 +249,9 @@ async def test_snapshots_are_written_every_n_events(store: EventStore, project: 
     await store.delete_snapshot(project)
 
 
-async def test_an_unreadable_snapshot_means_a_full_replay(store: EventStore, project: str, replicas: ReplicaFactory) -> None:
+async def test_an_unreadable_snapshot_means_a_full_replay(
+    store: EventStore, project: str, replicas: ReplicaFactory
+) -> None:
     seq = await append_work(store, project, 3)
     await store.save_snapshot(project, b"garbage")
     view = await attached(await replicas(), project, seq)
@@ -247,7 +265,9 @@ async def test_an_unreadable_snapshot_means_a_full_replay(store: EventStore, pro
     await store.delete_snapshot(project)
 
 
-async def test_a_snapshot_ahead_of_the_stream_is_ignored(store: EventStore, project: str, replicas: ReplicaFactory) -> None:
+async def test_a_snapshot_ahead_of_the_stream_is_ignored(
+    store: EventStore, project: str, replicas: ReplicaFactory
+) -> None:
     """A snapshot of an older stream of the same name (deleted, then re-created) must not hide
     the new stream's events."""
     old = ProjectState(project=project, seq=100)

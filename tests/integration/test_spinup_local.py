@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 import pytest
 
+from weft.errors import InvalidInput
 from weft.spinup.base import SpinUpError, SpinUpRequest
 from weft.spinup.local import LocalMechanism, boot_id, proc_stat
 from weft.targetspec import validate_new_target
@@ -226,11 +227,15 @@ async def test_output_goes_to_the_per_spinup_log(mech: LocalMechanism) -> None:
 async def test_a_command_that_fails_at_once_raises_with_exit_code_and_log_tail(tmp_path: Path) -> None:
     # A generous window: it is awaited on the process, so it costs nothing when the process exits.
     mech = LocalMechanism(log_dir=tmp_path, startup_window_s=60)
-    code = 'import sys; print("bad flag --nope"); sys.exit(3)'
-    t = target(f"{PY} -c {shlex.quote(code)}")
-    with pytest.raises(SpinUpError) as err:
-        await mech.launch(request(t))
+    code = 'import os, sys; print("bad flag --nope", os.environ["TOKEN"]); sys.exit(3)'
+    t = target(f"{PY} -c {shlex.quote(code)}", env={"TOKEN": "env:WEFT_TEST_TOKEN"})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WEFT_TEST_TOKEN", "tok-s3cret")
+        with pytest.raises(SpinUpError) as err:
+            await mech.launch(request(t))
     assert "exited with status 3" in str(err.value) and "bad flag --nope" in str(err.value)
+    # The message is recorded in a spin-up failure event: a resolved secret is masked in the tail.
+    assert "tok-s3cret" not in str(err.value) and "<env:WEFT_TEST_TOKEN>" in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -333,6 +338,20 @@ async def test_stop_of_a_handle_from_another_boot_is_a_no_op(mech: LocalMechanis
     await until_eof(reader)
 
 
+async def test_a_cancelled_launch_leaves_no_agent_behind(reporter: Reporter, tmp_path: Path) -> None:
+    """Cancelled (say, by the spin-up timeout) after spawning but before returning the handle: nobody
+    could stop that agent later, so launch kills it."""
+    mech = LocalMechanism(log_dir=tmp_path, startup_window_s=60)
+    t = target(f"{PY} -c {shlex.quote(AGENT)}", args=[str(reporter.port)])
+    task = asyncio.create_task(mech.launch(request(t)))
+    report, reader, _ = await reporter.next()  # spawned, and launch is still in its startup window
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await until_eof(reader)
+    assert await died(report["pid"], report["child"])
+
+
 async def test_stop_refuses_init_and_garbage(mech: LocalMechanism) -> None:
     t = target("python")
     for bad in ({"pid": 1}, {"pid": 0}, {"pid": "x"}, {}):
@@ -362,3 +381,20 @@ async def test_probe_unhealthy(mech: LocalMechanism, tmp_path: Path) -> None:
     for t, message in cases:
         result = await mech.probe(t)
         assert result.status == "unhealthy" and message in (result.error or ""), result
+
+
+@pytest.mark.parametrize(
+    ("local", "field"),
+    [
+        ({"env": {"1BAD": "x"}}, "config.local.env.1BAD"),
+        ({"env": {"K": "secret:k8s-only"}}, "config.local.env.K"),
+        ({"env": {"SSH_PASSPHRASE": "literal"}}, "config.local.env.SSH_PASSPHRASE"),
+        ({"stopGraceMs": "soon"}, "config.local.stopGraceMs"),
+        ({"logDir": 3}, "config.local.logDir"),
+        ({"detached": "yes"}, "config.local.detached"),
+    ],
+)
+def test_registration_rejects_bad_local_fields(local: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidInput) as err:
+        target("weft agent", **local)
+    assert err.value.field == field

@@ -25,6 +25,7 @@ import pytest
 
 from tests.integration.test_spinup_local import AGENT, Reporter, died, ping, until_eof
 from weft.embedded import free_port
+from weft.errors import InvalidInput
 from weft.spinup.base import SpinUpError, SpinUpRequest
 from weft.spinup.ssh import SshMechanism
 from weft.targetspec import validate_new_target
@@ -327,3 +328,39 @@ async def test_a_host_that_never_answers_times_out(sshd: SshServer) -> None:
             w.close()
         silent.close()
         await silent.wait_closed()
+
+
+# --- what registration accepts (weft.targetspec) ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ssh", "field"),
+    [
+        ({"privateKey": "-----BEGIN OPENSSH PRIVATE KEY-----"}, "config.ssh.privateKey"),
+        ({"privateKey": "secret:k8s-name"}, "config.ssh.privateKey"),
+        ({"passphrase": "hunter2"}, "config.ssh.passphrase"),
+        ({"env": {"BAD-NAME": "x"}}, "config.ssh.env.BAD-NAME"),
+        ({"env": {"K": ["list"]}}, "config.ssh.env.K"),
+        ({"connectionTimeoutMs": 5}, "config.ssh.connectionTimeoutMs"),
+        ({"stopGraceMs": -1}, "config.ssh.stopGraceMs"),
+        ({"knownHosts": ""}, "config.ssh.knownHosts"),
+        ({"command": "weft 'agent"}, "config.ssh.command"),
+    ],
+)
+def test_registration_rejects_bad_ssh_fields(ssh: dict[str, Any], field: str) -> None:
+    body = {"name": "box", "agentType": "x", "mechanism": "ssh", "capabilities": ["python"],
+            "config": {"ssh": {"host": "h", "user": "u", "command": "weft agent", **ssh}}}
+    with pytest.raises(InvalidInput) as err:
+        validate_new_target(body)
+    assert err.value.field == field
+    assert "hunter2" not in str(err.value) and "BEGIN" not in str(err.value)
+
+
+def test_registration_accepts_the_supported_ssh_fields() -> None:
+    cfg = {"host": "h", "user": "u", "command": "weft agent", "args": ["--x"], "port": 2222,
+           "privateKeyPath": "~/.ssh/id_ed25519", "passphrase": "env:KEY_PASS", "knownHosts": "accept-new",
+           "connectionTimeoutMs": 5000, "workingDirectory": "/srv", "logDir": "/var/tmp/agents",
+           "stopGraceMs": 0, "env": {"A": "1", "B": 2, "C": True, "TOKEN": "file:/run/secrets/t"}}
+    t = validate_new_target({"name": "box", "agentType": "x", "mechanism": "ssh", "capabilities": ["python"],
+                             "config": {"ssh": cfg}})
+    assert t["config"] == {"mechanism": "ssh", "ssh": cfg}

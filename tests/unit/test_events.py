@@ -40,20 +40,36 @@ def test_encode_decode_round_trip_keeps_every_envelope_field() -> None:
     ev = full_event()
     back = decode(ev.encode(), seq=42)
     assert back.seq == 42
-    for name in ("type", "entity_id", "data", "project", "id", "v", "ts", "actor", "correlation_id",
-                 "causation_id", "epoch", "idempotency_key"):
+    for name in (
+        "type",
+        "entity_id",
+        "data",
+        "project",
+        "id",
+        "v",
+        "ts",
+        "actor",
+        "correlation_id",
+        "causation_id",
+        "epoch",
+        "idempotency_key",
+    ):
         assert getattr(back, name) == getattr(ev, name), name
 
 
 def test_encode_omits_absent_optional_fields() -> None:
-    body = orjson.loads(Event(type="work.cancelled", entity_id="w1", data={"reason": None}, project="p").encode())
+    body = orjson.loads(
+        Event(type="work.cancelled", entity_id="w1", data={"reason": None}, project="p").encode()
+    )
     assert set(body) == {"id", "type", "v", "ts", "actor", "project", "entityId", "data"}
     back = decode(orjson.dumps(body))
     assert back.epoch is None and back.correlation_id is None and back.idempotency_key is None
 
 
 def test_epoch_zero_survives_the_round_trip() -> None:
-    ev = Event(type="work.requeued", entity_id="w1", data={"reason": "r", "retryAt": None}, project="p", epoch=0)
+    ev = Event(
+        type="work.requeued", entity_id="w1", data={"reason": "r", "retryAt": None}, project="p", epoch=0
+    )
     assert decode(ev.encode()).epoch == 0
 
 

@@ -104,7 +104,9 @@ class Stream:
         )
 
     def assign(self, work_id: str, guid: str, attempt: int = 1) -> Event:
-        return self.ev("work.assigned", work_id, agentGuid=guid, attempt=attempt, acceptBy="2026-01-01T01:00:00.000Z")
+        return self.ev(
+            "work.assigned", work_id, agentGuid=guid, attempt=attempt, acceptBy="2026-01-01T01:00:00.000Z"
+        )
 
     def fail(self, work_id: str, outcome: str, guid: str | None = None, retry_at: str | None = None) -> Event:
         return self.ev(

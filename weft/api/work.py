@@ -25,7 +25,7 @@ from weft.elastic import plan_spin_ups
 from weft.errors import InvalidInput, NotFound
 from weft.events import utc_now
 from weft.replica import ProjectView
-from weft.routing import plan_assignments, spin_up_agent_types
+from weft.routing import plan_assignments, reason_for_new_item, spin_up_agent_types
 from weft.scheduler import ProjectScheduler
 
 WORK_STATUSES = ("pending", "assigned", "in-progress", "completed", "failed", "cancelled")
@@ -79,7 +79,7 @@ async def submit(request: web.Request) -> web.Response:
     view = services(request).replica.views[project]
     item = view.state.work[outcome.entity_id]
     types = spin_up_agent_types(item, policy)
-    reason = waiting_reasons(request, view).get(item["id"])
+    reason = reason_for_new_item(view.state, item, policy, datetime.now(UTC)) if item["status"] == "pending" else None
     body = {
         "id": item["id"],
         "workItemId": item["id"],

@@ -72,6 +72,18 @@ def target_env(env: Any, what: str) -> dict[str, str]:
     return out
 
 
+def redact(text: str, env_cfg: Any, resolved: dict[str, str]) -> str:
+    """`text` with the values of secret references (as resolved into `resolved`) masked: a log tail
+    ends up in a spin-up failure event, and an event never holds a secret."""
+    if not isinstance(env_cfg, dict):
+        return text
+    for key, ref in env_cfg.items():
+        value = resolved.get(key)
+        if isinstance(ref, str) and is_reference(ref) and value and len(value) >= 4:
+            text = text.replace(value, f"<{ref}>")
+    return text
+
+
 def base_env() -> dict[str, str]:
     """What a local agent inherits from weft: only PATH (weft's bin dir first), HOME, LANG, LC_ALL."""
     env = {"PATH": agent_path()}
@@ -281,10 +293,17 @@ class LocalMechanism:
         )
         # A command that fails at once (bad flags, missing module, ...) is reported as a failed
         # launch with its exit status and the end of its log, not as a spin-up that never registers.
-        done, _ = await asyncio.wait({waiter}, timeout=self.startup_window_s)
+        try:
+            done, _ = await asyncio.wait({waiter}, timeout=self.startup_window_s)
+        except asyncio.CancelledError:
+            # Cancelled (e.g. the spin-up timeout) before the handle could be returned and recorded:
+            # an agent nobody could ever stop must not be left behind.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            raise
         if done and waiter.result() != 0:
             code = waiter.result()
-            tail = _log_tail(log_path)
+            tail = redact(_log_tail(log_path), cfg.get("env"), env)
             raise SpinUpError(
                 f"local command {argv[0]} {_describe_exit(code)} right after start (log {log_path})"
                 + (f":\n{tail}" if tail else "")
