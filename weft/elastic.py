@@ -35,13 +35,11 @@ class ElasticPlan:
     blocked: dict[str, str] = field(default_factory=dict)
 
 
-def live_agents(state: ProjectState, target_id: str) -> int:
-    return sum(1 for a in state.agents.values() if a.get("targetId") == target_id and a["status"] != "offline")
-
-
 def target_load(state: ProjectState, t: Record) -> int:
-    """Agents of this target alive or on their way (a started spin-up has no agent yet)."""
-    return live_agents(state, t["id"]) + len(t["activeSpinUps"])
+    """Agents of this target alive, plus spin-ups whose agent has not registered yet."""
+    live = [a for a in state.agents.values() if a.get("targetId") == t["id"] and a["status"] != "offline"]
+    registered = {a.get("spinUpId") for a in live}
+    return len(live) + sum(1 for op in t["activeSpinUps"] if op not in registered)
 
 
 def cooldown_until(t: Record) -> datetime | None:

@@ -51,7 +51,9 @@ class FleetManager:
         self.epoch = epoch
         self.config = config
         self.ctx = Ctx(project=project, actor="scheduler")
-        self._launching: set[str] = set()
+        # spin-up id -> its launch task, while launching: completion waits for it, because a fast
+        # agent can register before launch() returns, and its handle must be recorded first.
+        self._launching: dict[str, asyncio.Task[None]] = {}
         self._probing: set[str] = set()
         # When each target was last probed by this leader: probes are frequent, only changes are events.
         self._probed_at: dict[str, datetime] = {}
@@ -92,8 +94,10 @@ class FleetManager:
         op = t["activeSpinUps"][spin_up_id]
         work = state.work.get(op["workId"]) if op.get("workId") else None
         req = SpinUpRequest(spin_up_id, self.project, dict(t), dict(work) if work else None, self.config.agent_nats_url)
-        self._launching.add(spin_up_id)
-        self._spawn(self._run_launch(req, op["requestedAt"]))
+        task = asyncio.create_task(self._run_launch(req, op["requestedAt"]))
+        self._launching[spin_up_id] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _run_launch(self, req: SpinUpRequest, requested_at: str) -> None:
         t = req.target
@@ -109,10 +113,13 @@ class FleetManager:
             data = {"error": reason, "durationMs": round((time.perf_counter() - started) * 1000, 3)}
             await self._record(t["id"], req.spin_up_id, "spinup.failed", data)
             return
-        finally:
-            self._launching.discard(req.spin_up_id)
+            self._launching.pop(req.spin_up_id, None)
+            return
         log.info("agent launched", extra={"project": self.project, "target": t["name"], "spin_up_id": req.spin_up_id})
-        await self._record(t["id"], req.spin_up_id, "spinup.started", {"mechanismResult": launched.handle})
+        try:
+            await self._record(t["id"], req.spin_up_id, "spinup.started", {"mechanismResult": launched.handle})
+        finally:
+            self._launching.pop(req.spin_up_id, None)
 
     def _complete(self, state: ProjectState, ev: Event) -> None:
         spin_up_id = ev.data["spinUpId"]
@@ -121,8 +128,14 @@ class FleetManager:
             if op is not None:
                 took = (parse_ts(ev.ts) - parse_ts(op["requestedAt"])).total_seconds() * 1000
                 data = {"agentGuid": ev.entity_id, "durationMs": round(took, 3)}
-                self._spawn(self._record(t["id"], spin_up_id, "spinup.completed", data))
+                self._spawn(self._record_completion(t["id"], spin_up_id, data))
                 return
+
+    async def _record_completion(self, target_id: str, spin_up_id: str, data: dict[str, Any]) -> None:
+        launching = self._launching.get(spin_up_id)
+        if launching is not None:
+            await asyncio.wait({launching})  # its spinup.started (with the handle) goes first
+        await self._record(target_id, spin_up_id, "spinup.completed", data)
 
     async def _record(self, target_id: str, spin_up_id: str, type_: str, data: dict[str, Any]) -> None:
         try:

@@ -10,24 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import re
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.servers import Recorded, RecordingServer
 from weft.errors import InvalidInput
 from weft.spinup.base import SpinUpError, SpinUpRequest
 from weft.spinup.github import GithubActionsMechanism
@@ -42,64 +40,6 @@ SECRETS = (K8S_TOKEN, GH_TOKEN, HOOK_SECRET)
 
 
 # --- the stand-in server ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Recorded:
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-Responder = Callable[[Recorded], Awaitable[web.StreamResponse] | web.StreamResponse]
-
-
-class RecordingServer:
-    """Records every request; answers from `(method, path)` responders, else a JSON 404."""
-
-    def __init__(self) -> None:
-        self.requests: list[Recorded] = []
-        self.routes: dict[tuple[str, str], Responder] = {}
-        self.arrived = asyncio.Event()
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self.server = TestServer(app, host="127.0.0.1")
-
-    @property
-    def url(self) -> str:
-        return str(self.server.make_url("")).rstrip("/")
-
-    def on(self, method: str, path: str, responder: Responder) -> None:
-        self.routes[(method, path)] = responder
-
-    def reply(self, method: str, path: str, status: int, body: Any = None) -> None:
-        self.on(method, path, lambda _r: json_response(status, body))
-
-    def of(self, method: str, path: str) -> list[Recorded]:
-        return [r for r in self.requests if r.method == method and r.path == path]
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        rec = Recorded(
-            request.method, request.path, dict(request.query), dict(request.headers), await request.read()
-        )
-        self.requests.append(rec)
-        self.arrived.set()
-        responder = self.routes.get((rec.method, rec.path))
-        if responder is None:
-            return json_response(404, {"message": "Not Found"})
-        answer = responder(rec)
-        return await answer if asyncio.iscoroutine(answer) else answer  # type: ignore[return-value]
-
-
-def json_response(status: int, body: Any) -> web.Response:
-    if body is None:
-        return web.Response(status=status)
-    return web.json_response(body, status=status)
 
 
 @pytest.fixture

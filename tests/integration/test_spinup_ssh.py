@@ -12,11 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import shlex
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ import asyncssh
 import pytest
 
 from tests.integration.test_spinup_local import AGENT, Reporter, died, ping, until_eof
+from tests.servers import SshServer, run_sshd
 from weft.embedded import free_port
 from weft.errors import InvalidInput
 from weft.spinup.base import SpinUpError, SpinUpRequest
@@ -34,62 +33,10 @@ NATS_URL = "nats://10.0.0.5:4222"
 USER = "agent"
 
 
-class _Server(asyncssh.SSHServer):
-    def begin_auth(self, username: str) -> bool:
-        return True  # authentication required: public key only (authorized_client_keys)
-
-    def password_auth_supported(self) -> bool:
-        return False
-
-
-@dataclass
-class SshServer:
-    port: int
-    host_key: asyncssh.SSHKey
-    client_key_path: Path
-    known_hosts: Path
-    home: Path
-    commands: list[str]
-    sessions_done: list[str]
-
-
 @pytest.fixture
 async def sshd(tmp_path: Path) -> AsyncIterator[SshServer]:
-    host_key = asyncssh.generate_private_key("ssh-ed25519")
-    client_key = asyncssh.generate_private_key("ssh-ed25519")
-    key_path = tmp_path / "id_ed25519"
-    client_key.write_private_key(key_path)
-    key_path.chmod(0o600)
-    home = tmp_path / "remote-home"
-    home.mkdir()
-    login_env = {"PATH": f"{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin", "HOME": str(home)}
-    commands: list[str] = []
-    done: list[str] = []
-
-    async def session(process: asyncssh.SSHServerProcess[str]) -> None:
-        command = process.command or "/bin/sh"
-        commands.append(command)
-        script = await process.stdin.read()  # until EOF
-        proc = await asyncio.create_subprocess_shell(
-            command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=login_env, cwd=home)
-        out, err = await proc.communicate(script.encode())
-        process.stdout.write(out.decode())
-        process.stderr.write(err.decode())
-        done.append(command)
-        process.exit(proc.returncode or 0)
-
-    acceptor = await asyncssh.listen(
-        "127.0.0.1", 0, server_factory=_Server, server_host_keys=[host_key],
-        authorized_client_keys=asyncssh.import_authorized_keys(client_key.export_public_key().decode()),
-        process_factory=session,
-    )
-    port = acceptor.get_port()
-    known_hosts = tmp_path / "known_hosts"
-    known_hosts.write_text(f"[127.0.0.1]:{port} {host_key.export_public_key().decode()}")
-    yield SshServer(port, host_key, key_path, known_hosts, home, commands, done)
-    acceptor.close()
-    await acceptor.wait_closed()
+    async with run_sshd(tmp_path) as server:
+        yield server
 
 
 @pytest.fixture
