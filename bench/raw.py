@@ -91,8 +91,10 @@ async def publish_core(
             for subject, payload, headers in messages:
                 await nc.publish(subject, payload, headers=headers)
                 count += 1
-                if not count % 50_000:
-                    await nc.flush(timeout=30)  # a PING/PONG: the server has read all of it
+                if not count % 2_000:
+                    # A PING/PONG: the server has read all of it. Small bursts keep JetStream's
+                    # ingest queue from overflowing (it drops core publishes it cannot queue).
+                    await nc.flush(timeout=30)
             await nc.flush(timeout=30)
             last, stalled_since = -1, time.perf_counter()
             while True:

@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench import eventgen, rebuild, rest
+from bench import eventgen, rebuild, rest, workloop
 from bench.config import BenchConfig
 from bench.raw import fresh_stream, publish_awaited, publish_pipelined, replay_ordered, replay_ordered_iter
 from bench.report import Row, render, write_json
@@ -177,6 +177,27 @@ class Bench:
             self.row(Row("rest_errors", "  submit errors (non-2xx / failed)", float(res.errors), "requests",
                          note="", ratio=res.first_error[:60]))
 
+    # --- 6: the agent work loop ---------------------------------------------------------------------
+
+    async def workloop(self, url: str) -> None:
+        n, items, agents = 300, 2_000, 20
+        progress(f"workloop: {n} submit->assignment round trips, then {items:,} items over {agents} agents")
+        nc = await connect(url)
+        try:
+            async with rest.weft_serve(url, self.root) as base:
+                lat = await workloop.latency(base, nc, "benchlatency", n)
+                tp = await workloop.throughput(base, nc, "benchloop", items, agents)
+        finally:
+            await nc.close()
+        s = workloop.summary(lat)
+        for key, p, target in (("loop_p50", 50, 3.0), ("loop_p95", 95, None), ("loop_p99", 99, 10.0)):
+            label = f"submit -> idle agent holds assignment, p{p} ({n} samples)" if p == 50 else f"  p{p}"
+            value = s[f"p{p}_ms"]
+            self.row(Row(key, label, value, "ms", ratio=f"<= {target:.0f} ms" if target else "",
+                         verdict=verdict(value <= target) if target else "", extra=s if p == 50 else {}))
+        self.row(Row("loop_throughput", f"assignments/s, {agents} agents x 1 slot ({items:,} items, "
+                     "assign+accept+complete)", tp.rate, "items/s", extra={"seconds": tp.seconds}))
+
     # --- 4: restart with a snapshot --------------------------------------------------------------
 
     async def restart(self) -> None:
@@ -256,6 +277,9 @@ class Bench:
                                    self.rebuild(srv.url))
             if self.cfg.runs("rest"):
                 await self.guarded("rest", [("rest_submit", "weft REST submit", "req/s")], self.rest(srv.url))
+            if self.cfg.runs("workloop"):
+                await self.guarded("workloop", [("loop_p50", "submit -> assignment latency", "ms")],
+                                   self.workloop(srv.url))
         if self.cfg.runs("restart"):
             await self.guarded("restart", [("restart_snapshot", "restart to ready with snapshot", "s")],
                                self.restart())
@@ -267,7 +291,8 @@ class Bench:
                  "rebuild_inproc_nogc", "weft_publish_pipelined", "restart_snapshot", "restart_snapshot_fetch",
                  "restart_snapshot_fetch_pull", "restart_snapshot_decode", "restart_snapshot_decode_nogc",
                  "restart_tail", "restart_projected", "restart_snapshot_size", "restart_snapshot_write",
-                 "restart_no_snapshot", "restart_load", "rest_submit", "rest_p50", "rest_p99", "rest_errors"]
+                 "restart_no_snapshot", "restart_load", "rest_submit", "rest_p50", "rest_p99", "rest_errors",
+                 "loop_p50", "loop_p95", "loop_p99", "loop_throughput"]
         rows = [self.rows[k] for k in order if k in self.rows]
         rows += [r for k, r in self.rows.items() if k not in order]
         return rows

@@ -8,7 +8,7 @@ from projections.agents import apply_agent
 from projections.state import ProjectState
 from projections.targets import apply_target
 from projections.work import apply_work
-from weft.events import Event
+from weft.events import ENTITY_OF, Event
 
 _BY_ENTITY = {"work": apply_work, "agent": apply_agent, "target": apply_target}
 
@@ -18,9 +18,10 @@ def apply(state: ProjectState, ev: Event) -> ProjectState:
     (a tail that overlaps a snapshot), and so are repeats of a client's Idempotency-Key."""
     if ev.seq and ev.seq <= state.seq:
         return state
+    entity = ENTITY_OF[ev.type]
     if ev.seq:
         state.seq = ev.seq
-        state.entity_seq[f"{ev.entity}.{ev.entity_id}"] = ev.seq
+        state.entity_seq[entity + "." + ev.entity_id] = ev.seq
     key = ev.idempotency_key
     if key is not None:
         if key in state.idempotency:
@@ -30,7 +31,7 @@ def apply(state: ProjectState, ev: Event) -> ProjectState:
         if ev.epoch < state.epoch:
             return state  # a deposed leader's late decision: in the stream, never applied
         state.epoch = ev.epoch
-    handler = _BY_ENTITY.get(ev.entity)
+    handler = _BY_ENTITY.get(entity)
     if handler is not None:
         handler(state, ev)
     state.events_applied += 1

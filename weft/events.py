@@ -215,6 +215,10 @@ CATALOGUE: Final[dict[str, EventSpec]] = dict(
 )
 
 
+# Hot-path lookup (every fold and subject): the entity of each event type.
+ENTITY_OF: Final[dict[str, Entity]] = {name: spec.entity for name, spec in CATALOGUE.items()}
+
+
 class UnknownEventType(ValueError):
     pass
 
@@ -259,17 +263,16 @@ class Event:
     seq: int = 0
 
     def __post_init__(self) -> None:
-        spec = CATALOGUE.get(self.type)
-        if spec is None:
+        if self.type not in ENTITY_OF:
             raise UnknownEventType(self.type)
         if not self.v:
-            self.v = spec.version
+            self.v = CATALOGUE[self.type].version
         if not self.ts:
             self.ts = utc_now()
 
     @property
     def entity(self) -> Entity:
-        return CATALOGUE[self.type].entity
+        return ENTITY_OF[self.type]
 
     @property
     def subject(self) -> str:

@@ -39,6 +39,8 @@ class ProjectView:
         self.target_seq = 0  # the stream's last sequence when we attached
         self.tail: Tail | None = None
         self.events_since_snapshot = 0
+        self.snapshot_every = 0
+        self.on_snapshot_due: Callable[[ProjectView], None] | None = None
 
     def apply(self, ev: Event) -> None:
         if ev.seq and ev.seq <= self.state.seq:
@@ -51,6 +53,8 @@ class ProjectView:
             log.exception("event could not be folded", extra={"project": self.project, "seq": ev.seq})
         self.events_since_snapshot += 1
         self._advanced()
+        if self.events_since_snapshot >= self.snapshot_every > 0 and self.on_snapshot_due is not None:
+            self.on_snapshot_due(self)
         for listener in self.listeners:
             try:
                 listener(ev, self.state)
@@ -164,7 +168,8 @@ class Replica:
             if view.state.seq >= view.target_seq:
                 view.caught_up.set()
             self.views[project] = view
-            view.listeners.append(self._maybe_snapshot)
+            view.snapshot_every = self.snapshot_every
+            view.on_snapshot_due = self._snapshot_due
             view.tail = await self.store.tail(project, view.state.seq + 1, view.apply, view.skip)
             for hook in self.on_attach:
                 hook(view)
@@ -193,12 +198,10 @@ class Replica:
             log.warning("snapshot ignored: %s", err, extra={"project": project})
             return None
 
-    def _maybe_snapshot(self, ev: Event, state: ProjectState) -> None:
-        view = self.views.get(state.project)
-        if view is None or not self.snapshot_every or view.events_since_snapshot < self.snapshot_every:
-            return
+    def _snapshot_due(self, view: ProjectView) -> None:
         view.events_since_snapshot = 0
         # Encode now, on the loop, so the snapshot is exactly the state at this sequence.
+        state = view.state
         payload = encode_state(state)
         task = asyncio.create_task(self._write_snapshot(state.project, payload, state.seq))
         self._snapshot_tasks.add(task)

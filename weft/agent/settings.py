@@ -111,6 +111,7 @@ class AgentSettings:
     workdir: str | None = None
     log_level: str = "INFO"
     log_format: str = "text"
+    uvloop: bool = True
     child_env: Mapping[str, str] = field(default_factory=dict)  # the environment commands inherit
 
     def __post_init__(self) -> None:
@@ -183,5 +184,6 @@ class AgentSettings:
             workdir=args.workdir,
             log_level=e.get("LOG_LEVEL", "info").upper(),
             log_format=e.get("LOG_FORMAT", "text").lower(),
+            uvloop=e.get("WEFT_UVLOOP", "1").lower() not in ("0", "false", "no", "off"),
             child_env=e,
         )
