@@ -189,7 +189,12 @@ class Replica:
             was_enabled = gc.isenabled()
             gc.disable()
             try:
-                return decode_state(raw)
+                state = decode_state(raw)
+                # The snapshot's objects live as long as the replica: move them out of the GC's
+                # generations, or every later full collection rescans millions of dicts (the tail
+                # replay after a 230 MB snapshot ran 10x slower in make bench).
+                gc.freeze()
+                return state
             finally:
                 if was_enabled:
                     gc.enable()

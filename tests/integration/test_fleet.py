@@ -280,3 +280,26 @@ async def test_kubernetes_job_runs_the_agent_and_scale_down_deletes_the_job(
                 pod.kill()
                 await pod.wait()
         await api.server.close()
+
+
+async def test_a_spun_up_agent_that_dies_holding_work_is_replaced_and_the_work_completes(fleet_api: Api) -> None:
+    # The first attempt hangs (as if the model stalled); kill -9 of its agent must not lose the item.
+    command = 'if [ "$WEFT_WORK_ATTEMPT" = 1 ]; then exec sleep 600; fi; echo "finished on attempt $WEFT_WORK_ATTEMPT"'
+    target = {
+        "name": "flaky", "agentType": "claude-code", "mechanism": "local", "capabilities": ["python"],
+        "config": {"command": WEFT, "args": ["agent", "--command", command]},
+        "maxConcurrentAgents": 1, "cooldownMs": 100, "healthCheck": {"enabled": False},
+    }
+    await fleet_api.ok("POST", "/api/targets", target, status=201)
+    item = await fleet_api.ok("POST", "/api/work", WORK, status=201)
+    first = await until(fleet_api, lambda s: (w := s.work[item["id"]])["status"] == "in-progress" and
+                        s.agents[w["assignedTo"]]["launch"] and s.agents[w["assignedTo"]])
+    os.kill(first["launch"]["handle"]["pid"], 9)
+    done = await until(fleet_api, lambda s: s.work[item["id"]]["status"] == "completed" and s.work[item["id"]])
+    assert done["result"]["summary"] == "finished on attempt 2"
+    assert done["assignedTo"] != first["guid"]
+    state = fleet_api.service.replica.views[fleet_api.project].state  # type: ignore[union-attr]
+    assert state.agents[first["guid"]]["offlineReason"] == "lost"
+    flaky = next(iter(state.targets.values()))
+    assert flaky["crashes"] == 0  # reset once a replacement completed work
+    assert flaky["useCount"] == 2
