@@ -44,17 +44,41 @@ def pending_shutdown(state: ProjectState, guid: str) -> dict[str, Any] | None:
 
 
 class Liveness:
-    """Last heartbeat of each agent as seen by this replica (monotonic clock, memory only)."""
+    """Last heartbeat of each agent as seen by this replica (monotonic clock, memory only).
+
+    It also watches this replica's own event loop: after a stall (CPU starvation, a long GC, a
+    huge snapshot decode) heartbeats that arrived meanwhile are still unread, so silence measured
+    then says nothing about the agents. `stalled_since(t)` lets the scheduler hold its judgement."""
+
+    PROBE_S = 0.1
 
     def __init__(self, nc: NATS) -> None:
         self.nc = nc
         self.seen: dict[tuple[str, str], float] = {}
         self.wall: dict[tuple[str, str], str] = {}
         self.started = time.monotonic()
+        self.last_stall = 0.0  # monotonic time at which the last loop stall ended
+        self.stall_threshold_s = 0.5
         self._sub: Subscription | None = None
+        self._probe: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe("weft.*.agent.heartbeat.*", cb=self._on_heartbeat)
+        self._probe = asyncio.create_task(self._watch_loop())
+
+    async def _watch_loop(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(self.PROBE_S)
+            now = time.monotonic()
+            if now - last - self.PROBE_S > self.stall_threshold_s:
+                self.last_stall = now
+                log.warning("event loop stalled for %.2f s", now - last - self.PROBE_S)
+            last = now
+
+    def stalled_within(self, seconds: float) -> bool:
+        """Did this replica's loop stall in the last `seconds`?"""
+        return time.monotonic() - self.last_stall < seconds
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         parts = msg.subject.split(".")
@@ -69,6 +93,8 @@ class Liveness:
         return time.monotonic() - self.seen.get((project, guid), self.started)
 
     async def stop(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
         if self._sub is not None:
             await self._sub.unsubscribe()
 

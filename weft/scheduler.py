@@ -154,11 +154,13 @@ class ProjectScheduler:
             "warp": self.config.warp_lost_after_s,
         }
         accept_deadline: datetime | None = None
+        # Right after this replica's own loop stalled, unread heartbeats may be queued: judge later.
+        may_judge = not self.liveness.stalled_within(lost_after["weft"])
         for agent in list(state.agents.values()):
             guid = agent["guid"]
             offline = agent["status"] == "offline"
             silence = lost_after.get(agent["source"], lost_after["weft"])
-            if not offline and self.liveness.silent_for(self.project, guid) > silence:
+            if not offline and may_judge and self.liveness.silent_for(self.project, guid) > silence:
                 last = self.liveness.wall.get((self.project, guid))
                 decisions.append(self.commands.mark_agent_lost(self.ctx, guid, last, self.epoch))
                 continue  # its work is withdrawn once the loss is folded (next tick)

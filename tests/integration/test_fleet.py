@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import asyncssh
+import nats
 import pytest
 from aiohttp import web
 
 from tests.servers import Recorded, RecordingServer, run_sshd
 from tests.support import Api, make_client
-from weft.embedded import EmbeddedNats, die_with_parent
+from weft.embedded import EmbeddedNats, NatsServerConfig, die_with_parent, free_port
 from weft.eventstore import EventStore
 from weft.service import WeftService
 from weft.settings import Settings
@@ -31,8 +32,26 @@ WEFT = str(Path(sys.executable).parent / "weft")
 WORK = {"capability": "python", "boundary": "personal", "description": "build it"}
 
 
+@pytest.fixture(scope="module")
+async def fleet_nats(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedNats]:
+    """A server of this module's own: a replica attaches every project on its server, and must not
+    compete for (or be slowed by) the projects of every other test."""
+    server = EmbeddedNats(NatsServerConfig(store_dir=tmp_path_factory.mktemp("nats-fleet"), port=free_port(),
+                                           server_name="weft-fleet"))
+    await server.start()
+    yield server
+    await server.stop()
+
+
 @pytest.fixture
-async def fleet_api(nats_server: EmbeddedNats, project: str) -> AsyncIterator[Api]:
+async def fleet_store(fleet_nats: EmbeddedNats) -> AsyncIterator[EventStore]:
+    nc = await nats.connect(fleet_nats.url)
+    yield EventStore(nc.jetstream())
+    await nc.close()
+
+
+@pytest.fixture
+async def fleet_api(fleet_nats: EmbeddedNats, project: str) -> AsyncIterator[Api]:
     """A replica of this test's own, so its scheduler leads the test's project with fleet timings
     short enough to watch an idle agent being scaled down."""
     settings = replace(
@@ -46,7 +65,7 @@ async def fleet_api(nats_server: EmbeddedNats, project: str) -> AsyncIterator[Ap
         warp_bridge=False,
     )
     service = WeftService(settings)
-    await service.start(nats_server.url, serve_http=False)
+    await service.start(fleet_nats.url, serve_http=False)
     client = await make_client(service)
     try:
         yield Api(client, project, service)
@@ -84,7 +103,7 @@ def pid_alive(pid: int) -> bool:
 
 
 async def test_local_spin_up_runs_the_work_then_idle_scale_down_stops_the_process(
-    fleet_api: Api, store: EventStore
+    fleet_api: Api, fleet_store: EventStore
 ) -> None:
     target = {
         "name": "laptop", "agentType": "claude-code", "mechanism": "local", "capabilities": ["python"],
@@ -113,11 +132,11 @@ async def test_local_spin_up_runs_the_work_then_idle_scale_down_stops_the_proces
     assert not pid_alive(pid)
     t = await fleet_api.ok("GET", "/api/targets/laptop")
     assert t["lastSpinUp"]["outcome"] == "success" and t["lastSpinUp"]["durationMs"] > 0
-    types = [e.type async for e in store.read_range(fleet_api.project)]
+    types = [e.type async for e in fleet_store.read_range(fleet_api.project)]
     assert types.count("spinup.requested") == 1 and types.count("spinup.completed") == 1
 
 
-async def test_twenty_waiting_items_never_more_than_three_live_spin_ups(fleet_api: Api, store: EventStore) -> None:
+async def test_twenty_waiting_items_never_more_than_three_live_spin_ups(fleet_api: Api, fleet_store: EventStore) -> None:
     target = {
         "name": "pool", "agentType": "claude-code", "mechanism": "local", "capabilities": ["python"],
         "config": {"command": WEFT, "args": ["agent", "--command", "echo ok"]},
@@ -130,7 +149,7 @@ async def test_twenty_waiting_items_never_more_than_three_live_spin_ups(fleet_ap
     live: set[str] = set()
     starting: set[str] = set()
     peak = 0
-    async for ev in store.read_range(fleet_api.project):
+    async for ev in fleet_store.read_range(fleet_api.project):
         if ev.type == "spinup.requested":
             starting.add(ev.data["spinUpId"])
         elif ev.type in ("spinup.completed", "spinup.failed"):
@@ -161,7 +180,7 @@ async def test_a_failing_launch_is_recorded_and_the_breaker_opens(fleet_api: Api
     assert "target broken is error" in got["waitingReason"]
 
 
-async def test_secret_values_never_appear_in_events_or_responses(fleet_api: Api, store: EventStore) -> None:
+async def test_secret_values_never_appear_in_events_or_responses(fleet_api: Api, fleet_store: EventStore) -> None:
     secret = "tok-" + os.urandom(8).hex()
     os.environ["WEFT_TEST_SECRET"] = secret
     try:
@@ -180,7 +199,7 @@ async def test_secret_values_never_appear_in_events_or_responses(fleet_api: Api,
             for path in ("/api/targets", "/api/targets/secretive", "/api/agents", f"/api/work/{item['id']}",
                          "/api/work", "/api/stats")
         ]
-        dump = b"".join([e.encode() async for e in store.read_range(fleet_api.project)])
+        dump = b"".join([e.encode() async for e in fleet_store.read_range(fleet_api.project)])
         assert secret not in "".join(bodies)
         assert secret.encode() not in dump
         assert b"env:WEFT_TEST_SECRET" in dump  # the reference is what is stored
