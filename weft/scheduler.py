@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from projections.state import ProjectState
 from weft import elastic
 from weft.agents import Liveness, Pusher
+from weft.aio import cancel_and_wait
 from weft.commands import Commands, Ctx, Outcome
 from weft.events import Event, format_ts, parse_ts
 from weft.fleet import FleetConfig, FleetManager
@@ -84,12 +85,7 @@ class ProjectScheduler:
     async def stop(self) -> None:
         if self._on_event in self.view.listeners:
             self.view.listeners.remove(self._on_event)
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(self._task)
         if self.fleet is not None:
             await self.fleet.stop()
 

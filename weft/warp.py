@@ -44,6 +44,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from projections.state import Record
 from weft.agents import Liveness
+from weft.aio import cancel_and_wait
 from weft.commands import Commands, Ctx
 from weft.errors import NotFound
 from weft.events import idempotent_id, is_valid_entity_id, is_valid_project_id
@@ -315,12 +316,7 @@ class WarpBridge:
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(self._task)
         await self._stop_watcher()
 
     async def _stop_watcher(self) -> None:

@@ -27,7 +27,6 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import nats
@@ -37,25 +36,14 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from weft.events import utc_now
+from weft.protocol import heartbeat_subject, inbox_subject, request_subject
+
 log = logging.getLogger("weft.agent.client")
 
 Body = dict[str, Any]
 
 
-def request_subject(project: str, verb: str) -> str:
-    return f"weft.{project}.{verb}"
-
-
-def heartbeat_subject(project: str, guid: str) -> str:
-    return f"weft.{project}.agent.heartbeat.{guid}"
-
-
-def inbox_subject(project: str, guid: str) -> str:
-    return f"weft.{project}.agent.{guid}.inbox"
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class RequestError(Exception):
