@@ -7,7 +7,9 @@ drives it only through REST; agents are real `weft agent` processes launched by 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -72,6 +74,13 @@ async def fleet_api(fleet_nats: EmbeddedNats, project: str) -> AsyncIterator[Api
     finally:
         await client.close()
         await service.stop()
+        # Local agents run in their own session on purpose (they outlive a weft restart): a test
+        # must end the ones its replica launched itself.
+        local = service.mechanisms["local"]
+        for pid in local.children():  # type: ignore[attr-defined]
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            await local.wait(pid)  # type: ignore[attr-defined]
 
 
 async def until(api: Api, check: Any, timeout: float = 60.0) -> Any:

@@ -330,6 +330,10 @@ class LocalMechanism:
                 del self._exited[next(iter(self._exited))]
             log.info("local agent exited", extra={"pid": pid, "returncode": proc.returncode})
 
+    def children(self) -> list[int]:
+        """Pids of the agents this instance launched that have not exited yet."""
+        return list(self._children)
+
     async def wait(self, pid: int) -> int | None:
         """The exit status of an agent this instance spawned, once it exits (None if unknown)."""
         waiter = self._waiters.get(pid)
