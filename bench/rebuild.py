@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import cProfile
 import gc
 import io
 import pstats
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from nats.aio.client import Client as NATS
 from nats.js import api
 
@@ -285,6 +288,8 @@ class RestartResult:
     with_snapshot: Ready | None = None
     pull_fetch_s: float | None = None  # the same snapshot through a pull consumer (no flow control)
     decode_nogc_s: float | None = None  # decode_state with the cyclic GC paused
+    fresh_process: dict[str, float] | None = None  # bench.restart_probe's report, plus wall_s
+    fresh_process_again: dict[str, float] | None = None
 
 
 async def load_stream(url: str, project: str, items: int, res: RestartResult) -> None:
@@ -302,6 +307,28 @@ async def load_stream(url: str, project: str, items: int, res: RestartResult) ->
             raise BenchError(f"stream holds {last} events, expected {res.events}")
     finally:
         await nc.close()
+
+
+async def fresh_process_restart(url: str, project: str, limit_s: float) -> dict[str, float]:
+    """Spawn `python -m bench.restart_probe` and time it from spawn to its ready report: interpreter
+    start, imports, connect, snapshot fetch + decode and tail replay all count."""
+    t0 = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.restart_probe", url, project, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), limit_s)
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        await proc.wait()
+    if not line:
+        raise BenchError("restart probe exited without a report")
+    report: dict[str, float] = orjson.loads(line)
+    report["wall_s"] = time.perf_counter() - t0
+    return report
 
 
 async def snapshot_and_measure(
@@ -373,7 +400,12 @@ async def snapshot_and_measure(
         finally:
             await nc.close()
 
-    progress("restart: new replica from snapshot + tail")
+    progress("restart: a fresh process from snapshot + tail (the real restart)")
+    res.fresh_process = await fresh_process_restart(url, project, restart_limit_s)
+    # Again: on this VM the first run's memory is pages the host has never backed (first touch
+    # costs ~4x more); the second shows the restart on memory the machine has already used.
+    res.fresh_process_again = await fresh_process_restart(url, project, restart_limit_s)
+    progress("restart: new replica from snapshot + tail, in this (long-lived, big-heap) process")
     ready = await replica_to_ready(url, project, timeout_s=restart_limit_s, profile=profile)
     try:
         check_state(ready.state, res.events + res.tail_events, items + tail_items)

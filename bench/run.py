@@ -225,9 +225,19 @@ class Bench:
             )
         ws = res.with_snapshot
         assert ws is not None
-        label = f"restart to ready with snapshot ({res.events:,} events + {res.tail_events:,} tail)"
+        fresh = res.fresh_process
+        if fresh is not None:
+            label = (f"restart to ready with snapshot, fresh process ({res.events:,} events + "
+                     f"{res.tail_events:,} tail)")
+            self.row(Row("restart_fresh", label, fresh["wall_s"], "s", ratio=f"<= {RESTART_TARGET_S:.0f} s",
+                         verdict=verdict(fresh["wall_s"] <= RESTART_TARGET_S), extra=fresh))
+            self.row(Row("restart_fresh_parts", "  of which start+imports / snapshot fetch / decode / rest",
+                         fresh["ready_s"], "s",
+                         ratio=f"{fresh['wall_s'] - fresh['ready_s'] - fresh['connect_s']:.2f} / "
+                               f"{fresh['snapshot_fetch_s']:.2f} / {fresh['snapshot_decode_s']:.2f} / "
+                               f"{fresh['ready_s'] - fresh['snapshot_fetch_s'] - fresh['snapshot_decode_s']:.2f}"))
+        label = "  same inside the long-lived bench process (big live heap: slower allocation)"
         self.row(Row("restart_snapshot", label, ws.seconds, "s",
-                     ratio=f"<= {RESTART_TARGET_S:.0f} s", verdict=verdict(ws.seconds <= RESTART_TARGET_S),
                      extra={"connect_s": ws.connect_s, "attach_s": ws.attach_s,
                             "snapshot_load_s": ws.snapshot_load_s, "snapshot_fetch_s": ws.snapshot_fetch_s,
                             "events": res.events, "tail_events": res.tail_events,
@@ -288,7 +298,7 @@ class Bench:
     def ordered_rows(self) -> list[Row]:
         order = ["raw_publish_pipelined", "raw_publish_awaited", "raw_replay", "raw_replay_iter", "rebuild",
                  "rebuild_raw_weft_replay", "rebuild_raw_weft_replay_iter", "rebuild_callback_fold", "rebuild_inproc",
-                 "rebuild_inproc_nogc", "weft_publish_pipelined", "restart_snapshot", "restart_snapshot_fetch",
+                 "rebuild_inproc_nogc", "weft_publish_pipelined", "restart_fresh", "restart_fresh_parts", "restart_fresh_again", "restart_snapshot", "restart_snapshot_fetch",
                  "restart_snapshot_fetch_pull", "restart_snapshot_decode", "restart_snapshot_decode_nogc",
                  "restart_tail", "restart_projected", "restart_snapshot_size", "restart_snapshot_write",
                  "restart_no_snapshot", "restart_load", "rest_submit", "rest_p50", "rest_p99", "rest_errors",

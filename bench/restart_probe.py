@@ -1,0 +1,63 @@
+"""A real restart, measured: a fresh Python process connects, loads the snapshot, folds the tail,
+and reports when its projection is ready. Run by bench.run; prints one JSON line.
+
+    python -m bench.restart_probe NATS_URL PROJECT
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+
+T_IMPORTS = time.perf_counter()
+
+
+import nats  # noqa: E402
+import orjson  # noqa: E402
+
+from bench.rebuild import TimedReplica, TimedStore  # noqa: E402
+
+
+async def main(url: str, project: str) -> None:
+    t0 = time.perf_counter()
+    nc = await nats.connect(url)
+    store = TimedStore(nc.jetstream())
+    replica = TimedReplica(store, snapshot_every=0)
+    t_connected = time.perf_counter()
+    await replica.start()
+    await replica.wait_ready(timeout=600)
+    t_ready = time.perf_counter()
+    view = replica.views[project]
+    report = {
+        "imports_s": t0 - T_IMPORTS,
+        "connect_s": t_connected - t0,
+        "ready_s": t_ready - t_connected,
+        "snapshot_fetch_s": store.snapshot_fetch_s,
+        "snapshot_decode_s": replica.snapshot_load_s - store.snapshot_fetch_s,
+        "seq": view.state.seq,
+        "work_items": len(view.state.work),
+        "events_applied": view.state.events_applied,
+    }
+    if os.environ.get("WEFT_BENCH_PROBE_PROFILE"):
+        import cProfile  # noqa: F401
+        import pstats
+
+        prof = PROFILE[0]
+        prof.disable()
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(12)
+    sys.stdout.write(orjson.dumps(report).decode() + "\n")
+    sys.stdout.flush()
+    os._exit(0)  # a restart is measured to ready; tearing a 2 GB heap down is not part of it
+
+
+PROFILE: list[object] = []
+
+if __name__ == "__main__":
+    if os.environ.get("WEFT_BENCH_PROBE_PROFILE"):
+        import cProfile
+
+        PROFILE.append(cProfile.Profile())
+        PROFILE[0].enable()  # type: ignore[attr-defined]
+    asyncio.run(main(sys.argv[1], sys.argv[2]))
