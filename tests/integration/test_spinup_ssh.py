@@ -29,7 +29,7 @@ from weft.spinup.base import SpinUpError, SpinUpRequest
 from weft.spinup.ssh import SshMechanism
 from weft.targetspec import validate_new_target
 
-NATS_URL = "nats://10.0.0.5:4222"
+NATS_URL = "nats://127.0.0.1:4222"
 USER = "agent"
 
 
