@@ -13,6 +13,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
+from tests.servers import Reporter
 from weft.embedded import EmbeddedNats, NatsServerConfig, free_port
 from weft.eventstore import EventStore
 
@@ -50,6 +51,15 @@ async def no_leftover_processes() -> AsyncIterator[None]:
             proc.proc.kill()
             await proc.proc.wait()
         LIVE.discard(proc)
+
+
+@pytest.fixture
+async def reporter() -> AsyncIterator[Reporter]:
+    """A TCP endpoint stand-in agents report to (tests.servers.AGENT)."""
+    r = Reporter()
+    await r.start()
+    yield r
+    await r.close()
 
 
 @pytest.fixture

@@ -13,13 +13,13 @@ import os
 import shlex
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
+from tests.servers import AGENT, Reporter, died, ping, until_eof
 from weft.errors import InvalidInput
 from weft.spinup.base import SpinUpError, SpinUpRequest
 from weft.spinup.local import LocalMechanism, boot_id, proc_stat
@@ -38,99 +38,6 @@ with open(sys.argv[1], "w") as fh:
 
 # Connects to the test, spawns a child that shares the socket, reports, then answers pings until
 # killed. With IGNORE_TERM set in its env, both ignore SIGTERM.
-AGENT = """
-import json, os, signal, socket, subprocess, sys
-if os.environ.get("IGNORE_TERM"):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
-child = subprocess.Popen([sys.executable, "-c",
-    "import os, signal\\nif os.environ.get('IGNORE_TERM'): signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n"
-    "signal.pause()"], pass_fds=(s.fileno(),))
-s.sendall((json.dumps({"pid": os.getpid(), "child": child.pid, "pgid": os.getpgrp(), "sid": os.getsid(0),
-                       "spinup": os.environ.get("WEFT_SPINUP_ID")}) + "\\n").encode())
-f = s.makefile("rb")
-for line in f:
-    s.sendall(b"pong\\n")
-"""
-
-
-class Reporter:
-    """A TCP server on 127.0.0.1 that agents connect to: each connection's first line is its report."""
-
-    def __init__(self) -> None:
-        self.conns: asyncio.Queue[tuple[dict[str, Any], asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
-        self.server: asyncio.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
-        self.port = 0
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self.port
-
-    async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.append(writer)
-        line = await reader.readline()
-        await self.conns.put((orjson.loads(line), reader, writer))
-
-    async def next(self) -> tuple[dict[str, Any], asyncio.StreamReader, asyncio.StreamWriter]:
-        return await asyncio.wait_for(self.conns.get(), 30)
-
-    async def close(self) -> None:
-        for w in self.writers:
-            w.close()
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-
-
-async def until_eof(reader: asyncio.StreamReader) -> None:
-    """Returns when every process holding the agent's socket has died (bounded by 30 s)."""
-    async with asyncio.timeout(30):
-        while await reader.read(4096):
-            pass
-
-
-async def ping(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
-    writer.write(b"ping\n")
-    await writer.drain()
-    return await asyncio.wait_for(reader.readline(), 30)
-
-
-def dead(pid: int) -> bool:
-    st = proc_stat(pid)
-    return st is None or st[0] in ("Z", "X")
-
-
-async def died(*pids: int) -> bool:
-    """Await the exit of processes that are not our children: a Linux pidfd becomes readable when
-    its process exits (zombie or reaped), so the loop is woken by the exit itself. Bounded (30 s)."""
-    loop = asyncio.get_running_loop()
-    for pid in pids:
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            continue  # already gone
-        exited = loop.create_future()
-        loop.add_reader(fd, lambda f=exited: f.done() or f.set_result(None))
-        try:
-            await asyncio.wait_for(exited, 30)
-        except TimeoutError:
-            return False
-        finally:
-            loop.remove_reader(fd)
-            os.close(fd)
-    return all(dead(p) for p in pids)
-
-
-@pytest.fixture
-async def reporter() -> AsyncIterator[Reporter]:
-    r = Reporter()
-    await r.start()
-    yield r
-    await r.close()
-
-
 @pytest.fixture
 def mech(tmp_path: Path) -> LocalMechanism:
     return LocalMechanism(log_dir=tmp_path / "logs")

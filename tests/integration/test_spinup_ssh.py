@@ -21,8 +21,7 @@ from typing import Any
 import asyncssh
 import pytest
 
-from tests.integration.test_spinup_local import AGENT, Reporter, died, ping, until_eof
-from tests.servers import SshServer, run_sshd
+from tests.servers import AGENT, Reporter, SshServer, died, ping, run_sshd, until_eof
 from weft.embedded import free_port
 from weft.errors import InvalidInput
 from weft.spinup.base import SpinUpError, SpinUpRequest
@@ -37,14 +36,6 @@ USER = "agent"
 async def sshd(tmp_path: Path) -> AsyncIterator[SshServer]:
     async with run_sshd(tmp_path) as server:
         yield server
-
-
-@pytest.fixture
-async def reporter() -> AsyncIterator[Reporter]:
-    r = Reporter()
-    await r.start()
-    yield r
-    await r.close()
 
 
 @pytest.fixture
