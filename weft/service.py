@@ -11,6 +11,7 @@ import nats.errors
 from aiohttp import web
 from nats.aio.client import Client as NATS
 
+from weft import natsconn
 from weft.agents import AgentGateway, Liveness, Pusher
 from weft.api import create_app
 from weft.api.common import Services
@@ -39,22 +40,17 @@ async def connect_nats(settings: Settings, url: str, *, connect_timeout_s: float
     async def on_error(err: Exception) -> None:
         log.warning("nats error: %s", err)
 
-    # NATS_URL may list several servers, comma-separated, as the NATS CLI and other clients accept.
-    servers = [u.strip() for u in url.split(",") if u.strip()]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + connect_timeout_s
     delay = 0.2
     while True:
         try:
             return await nats.connect(
-                servers,
+                natsconn.servers(url),
                 user=settings.nats_user,
                 password=settings.nats_pass,
                 name=f"weft-{settings.replica_name}",
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                allow_reconnect=True,
-                connect_timeout=2,
+                **natsconn.RECONNECT_FOREVER,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
                 error_cb=on_error,
@@ -122,7 +118,7 @@ class WeftService:
             replicas=self.settings.stream_replicas,
             mechanisms=self.mechanisms,
             fleet_config=FleetConfig(
-                agent_nats_url=self.settings.agent_nats_url or nats_url.split(",")[0],
+                agent_nats_url=self.settings.agent_nats_url or nats_url,  # the whole list: agents fail over too
                 idle_timeout_ms=self.settings.idle_timeout_ms,
                 max_crashes=self.settings.max_spinup_crashes,
             ),

@@ -36,6 +36,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from weft import natsconn
 from weft.events import utc_now
 from weft.protocol import heartbeat_subject, inbox_subject, request_subject
 
@@ -253,14 +254,11 @@ class AgentClient:
             log.warning("nats error: %s", err, extra={"agent_guid": self.guid})
 
         connecting = nats.connect(
-            [u.strip() for u in url.split(",") if u.strip()],
+            natsconn.servers(url),
             user=user,
             password=password,
             name=name or f"weft-agent-{self.guid}",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            allow_reconnect=True,
-            connect_timeout=2,
+            **natsconn.RECONNECT_FOREVER,
             disconnected_cb=on_disconnect,
             reconnected_cb=on_reconnect,
             error_cb=on_error,
