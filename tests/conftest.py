@@ -5,6 +5,8 @@ Tests isolate themselves by project id (one stream per project), so they share t
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +18,22 @@ from nats.aio.client import Client as NATS
 from tests.servers import Reporter
 from weft.embedded import EmbeddedNats, NatsServerConfig, free_port
 from weft.eventstore import EventStore
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def no_stuck_tasks() -> AsyncIterator[None]:
+    """Last teardown of the session loop: cancel what tests left running, bounded, and name any task
+    that will not stop (the loop's own close would otherwise wait for it forever, silently)."""
+    yield
+    me = asyncio.current_task()
+    left = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+    for t in left:
+        t.cancel()
+    if left:
+        _, stuck = await asyncio.wait(left, timeout=10)
+        for t in stuck:
+            print(f"\nTASK THAT IGNORES CANCELLATION: {t.get_name()} {t.get_coro()!r}", file=sys.stderr)
+        assert not stuck, "tasks ignore cancellation; see stderr"
 
 
 @pytest.fixture(scope="session")

@@ -177,8 +177,10 @@ class AgentGateway:
 
     async def _register(self, project: str, body: Any) -> dict[str, Any]:
         decl = body.model_dump()
+        # Registering is a sign of life, recorded before the event is appended: its fold wakes the
+        # scheduler, which must not find this agent silent since the replica started.
+        self.liveness.beat(project, body.guid)
         outcome = await self.commands.register_agent(self._ctx(project, body.guid), decl)
-        self.liveness.beat(project, body.guid)  # registering is a sign of life
         state = self.replica.views[project].state
         return {
             "guid": body.guid,

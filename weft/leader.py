@@ -40,6 +40,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from weft.aio import wait_event
 from weft.events import is_valid_project_id, utc_now
 
 log = logging.getLogger("weft.leader")
@@ -444,7 +445,7 @@ class LeaderElector:
                 lease._kv, lease.ttl_s = self._kv, self.ttl_s
 
     async def _loop(self) -> None:
-        while True:
+        while self._task is not None:  # stop() clears it: the loop ends even if a cancel were lost
             self._wake.clear()
             try:
                 await self.run_once()
@@ -454,8 +455,7 @@ class LeaderElector:
                 log.exception("leader election round failed")
             # Jitter spreads the renewals of many replicas; the wake event starts a round early.
             delay = self.interval * random.uniform(0.85, 1.0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            await wait_event(self._wake, delay)
 
     async def _transition(self, project: str, epoch: int | None) -> None:
         old = self._leaders.get(project)

@@ -17,10 +17,10 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from projections.state import ProjectState
+from projections.state import ProjectState, Record
 from weft import elastic
 from weft.agents import Liveness, Pusher
-from weft.aio import cancel_and_wait
+from weft.aio import cancel_and_wait, wait_event
 from weft.commands import Commands, Ctx, Outcome
 from weft.events import Event, format_ts, parse_ts
 from weft.fleet import FleetConfig, FleetManager
@@ -68,6 +68,7 @@ class ProjectScheduler:
         self.epoch = epoch
         self.config = config
         self.wake = asyncio.Event()
+        self._stopping = False
         self.last_plan: Plan | None = None
         self._task: asyncio.Task[None] | None = None
         self._deadline_s = config.idle_tick_s
@@ -83,6 +84,7 @@ class ProjectScheduler:
         log.info("scheduling", extra={"project": self.project, "epoch": self.epoch})
 
     async def stop(self) -> None:
+        self._stopping = True  # ends the loop even if a cancellation were lost
         if self._on_event in self.view.listeners:
             self.view.listeners.remove(self._on_event)
         await cancel_and_wait(self._task)
@@ -128,11 +130,10 @@ class ProjectScheduler:
 
     async def _run(self) -> None:
         project_var.set(self.project)
-        while True:
-            try:
-                await asyncio.wait_for(self.wake.wait(), self._deadline_s)
-            except TimeoutError:
-                pass
+        while not self._stopping:
+            await wait_event(self.wake, self._deadline_s)
+            if self._stopping:
+                return
             self.wake.clear()
             try:
                 await self.tick(datetime.now(UTC))
@@ -156,7 +157,7 @@ class ProjectScheduler:
             guid = agent["guid"]
             offline = agent["status"] == "offline"
             silence = lost_after.get(agent["source"], lost_after["weft"])
-            if not offline and may_judge and self.liveness.silent_for(self.project, guid) > silence:
+            if not offline and may_judge and self._silent_for(agent, now) > silence:
                 last = self.liveness.wall.get((self.project, guid))
                 decisions.append(self.commands.mark_agent_lost(self.ctx, guid, last, self.epoch))
                 continue  # its work is withdrawn once the loss is folded (next tick)
@@ -187,6 +188,14 @@ class ProjectScheduler:
                 if isinstance(r, BaseException):
                     log.warning("decision not applied: %s", r, extra={"project": self.project})
         self._deadline_s = self._next_deadline(state, now, accept_deadline)
+
+    def _silent_for(self, agent: Record, now: datetime) -> float:
+        """Seconds without a sign of life: the last heartbeat this replica heard, but never longer
+        than since the agent's last activity in the projection (its registration, say), so an agent
+        that joined a long-running replica a moment ago is not 'silent since the replica started'."""
+        heard = self.liveness.silent_for(self.project, agent["guid"])
+        active = (now - parse_ts(agent["lastActivity"])).total_seconds()
+        return min(heard, max(0.0, active))
 
     def _worth_planning(self, state: ProjectState, now: datetime) -> bool:
         if state.work_counts["pending"] == 0:

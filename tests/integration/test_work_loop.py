@@ -7,6 +7,7 @@ what the agent does; the reference `weft agent` has its own process-level tests.
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -239,3 +240,25 @@ async def test_protocol_errors_name_the_field(api: Api, nc: NATS) -> None:
     assert reply["ok"] is False and reply["error"] == "ValidationError" and reply["field"] == "agentType"
     msg = await nc.request(f"weft.{api.project}.work.accept", b"{nope", timeout=5)
     assert orjson.loads(msg.data)["field"] == "body"
+
+
+async def test_an_agent_joining_a_long_running_replica_is_not_lost_before_its_first_heartbeat(
+    api: Api, nc: NATS
+) -> None:
+    """Regression: silence used to be measured from the replica's start when no heartbeat was on
+    record, so the tick woken by a registration declared the new agent lost at once."""
+    assert api.service is not None and api.service.scheduler is not None and api.service.liveness is not None
+    liveness = api.service.liveness
+    old_start = liveness.started
+    liveness.started -= 3600  # this replica has been up for an hour
+    try:
+        agent = FakeAgent(nc, api.project, "newcomer", heartbeat_s=3600)  # one heartbeat, then silence
+        await agent.start()
+        liveness.seen.pop((api.project, "newcomer"), None)  # as if no sign of life were on record
+        await api.service.scheduler.elector.wait_elected(api.project, timeout=10)
+        sched = api.service.scheduler.schedulers[api.project]
+        await sched.tick(datetime.now(UTC))
+        assert (await api.ok("GET", "/api/agents/newcomer"))["status"] == "online"
+        await agent.close()
+    finally:
+        liveness.started = old_start
