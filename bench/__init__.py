@@ -6,8 +6,12 @@ Run as `python -m bench`. Knobs (environment):
   WEFT_BENCH_RAW_MSGS          messages for the raw publish/replay rows (default 40,000)
   WEFT_BENCH_AWAITED_MSGS      messages for the awaited-publish row (default 1,000)
   WEFT_BENCH_REBUILD_ITEMS     work items for the projection-rebuild row (default 8,000 = 40k events)
-  WEFT_BENCH_REST_REQUESTS     POST /api/work requests for the REST row (default 5,000)
-  WEFT_BENCH_REST_CONCURRENCY  concurrent HTTP workers (default 64)
+  WEFT_BENCH_REST_REQUESTS     POST /api/work requests per round of the REST row (default 8,000)
+  WEFT_BENCH_REST_CONCURRENCY  keep-alive connections, one request in flight each (default 128: where
+                               submit throughput saturates on a 2-core machine; raw pipelined publish,
+                               the reference, is a saturation rate too)
+  WEFT_BENCH_ROUNDS            paired rounds for the two ratio targets (default 5): each round measures
+                               the raw reference and weft a moment apart; the median ratio counts
   WEFT_BENCH_REST_SECONDS      stop issuing REST requests after this many seconds (default 45)
   WEFT_BENCH_LOAD_SYNC         lazy (default) | always: fsync policy while bulk-loading the 1M stream
                                (the server is then restarted with sync_interval always to measure)

@@ -28,6 +28,7 @@ class BenchConfig:
     load_sync_always: bool
     profile: bool
     only: frozenset[str]
+    rounds: int = 5
     no_snapshot_limit_s: float = 120.0
     restart_limit_s: float = 180.0
 
@@ -39,12 +40,13 @@ class BenchConfig:
             raw_msgs=max(100, _int("WEFT_BENCH_RAW_MSGS", 40_000)),
             awaited_msgs=max(10, _int("WEFT_BENCH_AWAITED_MSGS", 1_000)),
             rebuild_items=max(10, _int("WEFT_BENCH_REBUILD_ITEMS", 8_000)),
-            rest_requests=max(10, _int("WEFT_BENCH_REST_REQUESTS", 5_000)),
-            rest_concurrency=max(1, _int("WEFT_BENCH_REST_CONCURRENCY", 64)),
+            rest_requests=max(10, _int("WEFT_BENCH_REST_REQUESTS", 8_000)),
+            rest_concurrency=max(1, _int("WEFT_BENCH_REST_CONCURRENCY", 128)),
             rest_time_limit_s=float(max(1, _int("WEFT_BENCH_REST_SECONDS", 45))),
             load_sync_always=os.environ.get("WEFT_BENCH_LOAD_SYNC", "lazy").strip().lower() == "always",
             profile=_flag("WEFT_BENCH_PROFILE"),
             only=frozenset(x.strip() for x in os.environ.get("WEFT_BENCH_ONLY", "").split(",") if x.strip()),
+            rounds=max(1, _int("WEFT_BENCH_ROUNDS", 5)),
         )
 
     def runs(self, section: str) -> bool:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 from weft.events import Event, format_ts
+from weft.eventstore import append_headers
 
 EVENTS_PER_ITEM = 5
 AGENTS = 16
@@ -157,17 +158,13 @@ def generate(project: str, items: int, *, first_item: int = 0, with_agents: bool
 
 
 def messages(events: Iterator[Event], first_seq: int = 1) -> Iterator[tuple[str, bytes, dict[str, str]]]:
-    """(subject, payload, headers) as `EventStore.append` publishes them: Msg-Id for dedupe, the
-    expected stream and the entity's expected last subject sequence (OCC). Assumes the stream holds
-    exactly first_seq-1 messages of other entities, so it is only for fresh streams and fresh items."""
+    """(subject, payload, headers) exactly as `EventStore.append` publishes them (Msg-Id for dedupe,
+    the entity's expected last subject sequence for OCC). Assumes the stream holds exactly
+    first_seq-1 messages of other entities, so it is only for fresh streams and fresh items."""
     last: dict[str, int] = {}
     seq = first_seq
     for ev in events:
         subject = ev.subject
-        yield subject, ev.encode(), {
-            "Nats-Msg-Id": ev.id,
-            "Nats-Expected-Stream": f"WEFT_{ev.project}",
-            "Nats-Expected-Last-Subject-Sequence": str(last.get(subject, 0)),
-        }
+        yield subject, ev.encode(), append_headers(ev, last.get(subject, 0))
         last[subject] = seq
         seq += 1

@@ -206,16 +206,33 @@ async def callback_fold(js: Any, project: str, total: int, *, time_limit_s: floa
 class RebuildResult:
     events: int
     publish: Timed
-    raw_replay: Timed  # ordered consumer + callback over the same weft stream (headers and all), no decode
-    raw_replay_iter: Timed  # the same through `sub.messages`, as Tail reads
+    # Paired rounds, each a raw replay of the weft stream (ordered consumer + callback, headers and
+    # all, no decode) right before a rebuild of it: the ratio is taken per round, its median reported.
+    raw_replays: list[Timed]
+    rebuild_seconds: list[float]
+    raw_replay_iter: Timed  # the same stream through `sub.messages` (how Tail read before callbacks)
     inproc: Timed
     inproc_nogc: Timed
     callback_fold: Timed | None = None
-    rebuild: Ready | None = None
+    rebuild: Ready | None = None  # the last round's replica (profile, state)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def rates(self) -> list[float]:
+        return [self.events / s for s in self.rebuild_seconds]
 
-async def bench_rebuild(url: str, project: str, items: int, *, profile: bool) -> RebuildResult:
+    @property
+    def ratios(self) -> list[float]:
+        return [rate / raw.rate for rate, raw in zip(self.rates, self.raw_replays, strict=True)]
+
+
+def median(xs: list[float]) -> float:
+    ys = sorted(xs)
+    mid = len(ys) // 2
+    return ys[mid] if len(ys) % 2 else (ys[mid - 1] + ys[mid]) / 2
+
+
+async def bench_rebuild(url: str, project: str, items: int, *, profile: bool, rounds: int) -> RebuildResult:
     nc = await connect(url)
     try:
         js = nc.jetstream()
@@ -237,30 +254,42 @@ async def bench_rebuild(url: str, project: str, items: int, *, profile: bool) ->
         last = await store.last_seq(project)
         if last != total:
             raise BenchError(f"stream holds {last} events, expected {total}")
-        raw = await replay_ordered(js, stream_name(project), f"weft.{project}.ev.>", total, time_limit_s=120)
         raw_iter = await replay_ordered_iter(
             js, stream_name(project), f"weft.{project}.ev.>", total, time_limit_s=120
         )
         cb_fold = await callback_fold(js, project, total, time_limit_s=120)
     finally:
         await nc.close()
-    res = RebuildResult(
+    inproc, inproc_nogc = in_process_fold(raws), in_process_fold(raws, gc_off=True)
+    raws.clear()
+    raw_replays: list[Timed] = []
+    seconds: list[float] = []
+    ready: Ready | None = None
+    for rnd in range(rounds):
+        nc = await connect(url)
+        try:
+            raw_replays.append(
+                await replay_ordered(nc.jetstream(), stream_name(project), f"weft.{project}.ev.>", total, time_limit_s=120)
+            )
+        finally:
+            await nc.close()
+        ready = await replica_to_ready(url, project, timeout_s=120, profile=profile and rnd == rounds - 1)
+        try:
+            check_state(ready.state, total, items)
+            seconds.append(ready.seconds)
+        finally:
+            await close_ready(ready)
+    return RebuildResult(
         events=total,
         publish=pub,
-        raw_replay=raw,
+        raw_replays=raw_replays,
+        rebuild_seconds=seconds,
         raw_replay_iter=raw_iter,
-        inproc=in_process_fold(raws),
-        inproc_nogc=in_process_fold(raws, gc_off=True),
+        inproc=inproc,
+        inproc_nogc=inproc_nogc,
         callback_fold=cb_fold,
+        rebuild=ready,
     )
-    raws.clear()
-    ready = await replica_to_ready(url, project, timeout_s=120, profile=profile)
-    try:
-        check_state(ready.state, total, items)
-        res.rebuild = ready
-    finally:
-        await close_ready(ready)
-    return res
 
 
 def check_state(state: ProjectState, events: int, items: int) -> None:

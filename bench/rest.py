@@ -10,10 +10,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 
+from bench import httpload
 from weft.embedded import free_port
 
 BODY = {"capability": "python", "boundary": "personal", "description": "bench item"}
@@ -125,61 +127,26 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
 
 
 async def fire(base: str, n: int, concurrency: int, *, time_limit_s: float = 45.0) -> RestResult:
-    """n requests from `concurrency` workers; workers stop taking new ones after `time_limit_s`
-    (`res.time_bounded` then says so and the rate is over the requests that finished)."""
-    res = RestResult(concurrency=concurrency)
-    headers = {"X-Weft-Project": PROJECT, "Content-Type": "application/json"}
-    body = orjson.dumps(BODY)
-    url = base + "/api/work"
-    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=30.0)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
-
-        async def one() -> None:
-            t = time.perf_counter()
-            try:
-                async with http.post(url, data=body, headers=headers) as resp:
-                    await resp.read()
-                    status = resp.status
-                    if status >= 300 and not res.first_error:
-                        res.first_error = f"HTTP {status}: {(await resp.text())[:200]}"
-            except (aiohttp.ClientError, TimeoutError) as err:
-                status = 0
-                if not res.first_error:
-                    res.first_error = repr(err)
-            res.latencies_ms.append((time.perf_counter() - t) * 1000)
-            res.statuses[str(status)] = res.statuses.get(str(status), 0) + 1
-            if 200 <= status < 300:
-                res.ok += 1
-            else:
-                res.errors += 1
-
-        # warm-up (stream creation, project attach, connection pool), not measured
-        for _ in range(min(20, n)):
-            await one()
-        if res.errors:
-            raise NotReady(f"warm-up requests failed: {res.first_error}")
-        res.latencies_ms.clear()
-        res.statuses.clear()
-        res.ok = 0
-
-        remaining = n
-        t0 = time.perf_counter()
-        deadline = t0 + time_limit_s
-
-        async def worker() -> None:
-            nonlocal remaining
-            while remaining > 0:
-                if time.perf_counter() > deadline:
-                    res.time_bounded = True
-                    return
-                remaining -= 1
-                await one()
-
-        try:  # in-flight requests finish within their own 30 s client timeout
-            await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), time_limit_s + 40)
-        except TimeoutError:
-            res.first_error = res.first_error or f"stopped after {time_limit_s + 40:.0f}s"
-        res.seconds = time.perf_counter() - t0
-        res.requests = res.ok + res.errors
+    """n requests from `concurrency` keep-alive connections (bench.httpload, so the load generator
+    takes little CPU from the weft process it measures); workers stop taking new ones after
+    `time_limit_s` (`res.time_bounded` then says so and the rate is over the requests that finished)."""
+    url = urlsplit(base)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    request = httpload.build_request(
+        "POST", host, port, "/api/work", orjson.dumps(BODY),
+        {"X-Weft-Project": PROJECT, "Content-Type": "application/json"},
+    )
+    try:
+        out, seconds, bounded = await httpload.run(
+            host, port, request, n, concurrency, time_limit_s=time_limit_s, warmup=min(20, n)
+        )
+    except (OSError, httpload.HttpLoadError) as err:
+        raise NotReady(f"load generator failed: {err}") from err
+    res = RestResult(concurrency=concurrency, seconds=seconds, time_bounded=bounded)
+    res.latencies_ms = out.latencies_ms
+    res.statuses = {str(k): v for k, v in out.statuses.items()}
+    res.ok = sum(v for k, v in out.statuses.items() if 200 <= k < 300)
+    res.errors = sum(v for k, v in out.statuses.items() if not 200 <= k < 300)
+    res.requests = res.ok + res.errors
+    res.first_error = out.first_error
     return res

@@ -7,9 +7,9 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import nats
 from nats.aio.client import Client as NATS
 
+from weft import natsconn
 from weft.embedded import EmbeddedNats, NatsServerConfig, free_port
 
 
@@ -26,7 +26,8 @@ async def nats_server(store_dir: Path, *, sync_always: bool = True, name: str = 
 
 
 async def connect(url: str) -> NATS:
-    return await nats.connect(
+    """weft's own client class (natsconn.Client), so the bench measures what weft runs."""
+    return await natsconn.connect(
         url,
         name="weft-bench",
         max_reconnect_attempts=2,

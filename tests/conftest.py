@@ -11,11 +11,11 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import nats
 import pytest
 from nats.aio.client import Client as NATS
 
 from tests.servers import Reporter
+from weft import natsconn
 from weft.embedded import EmbeddedNats, NatsServerConfig, free_port
 from weft.eventstore import EventStore
 
@@ -48,7 +48,8 @@ async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
 
 @pytest.fixture
 async def nc(nats_server: EmbeddedNats) -> AsyncIterator[NATS]:
-    client = await nats.connect(nats_server.url, max_reconnect_attempts=3)
+    # weft's own client class, as the service uses it: store and replica tests run through it.
+    client = await natsconn.connect(nats_server.url, max_reconnect_attempts=3)
     yield client
     await client.close()
 

@@ -18,7 +18,7 @@ from typing import Any
 from projections.state import LIVE_ASSIGNMENT, TERMINAL_WORK, ProjectState, Record
 from weft import targetspec
 from weft.errors import Conflict, InvalidInput, NotFound, Unavailable
-from weft.events import Event, format_ts, idempotent_id, new_id, parse_ts
+from weft.events import Event, format_ts, idempotent_id, new_id, new_uuid, parse_ts
 from weft.eventstore import ConcurrencyConflict, EventStore
 from weft.replica import ProjectView, Replica
 
@@ -127,9 +127,9 @@ class Commands:
         if key and key in view.state.idempotency:
             existing = view.state.idempotency[key]
             return Outcome(seq=view.state.entity_seq.get(f"work.{existing}", 0), entity_id=existing, created=False)
-        work_id = str(uuid.uuid4())
+        work_id = new_uuid()
         data = {
-            "taskId": spec.get("taskId") or str(uuid.uuid4()),
+            "taskId": spec.get("taskId") or new_uuid(),
             "capability": spec["capability"],
             "boundary": spec["boundary"],
             "description": spec["description"],
@@ -312,7 +312,7 @@ class Commands:
         self, ctx: Ctx, id_or_name: str, work_id: str | None = None, reason: str = "manual", epoch: int | None = None
     ) -> tuple[Outcome, str]:
         target_id = self._target_id(await self.view(ctx.project), id_or_name)
-        spin_up_id = str(uuid.uuid4())
+        spin_up_id = new_uuid()
 
         def decide(state: ProjectState) -> Event:
             t = _target(state, target_id)

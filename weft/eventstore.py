@@ -120,13 +120,10 @@ class EventStore:
         """Append one event. `expected_seq` is the entity's last subject sequence (0 = new entity);
         None skips the check (only for events that cannot conflict)."""
         await self.ensure_stream(ev.project)
-        headers: dict[str, str] = {api.Header.MSG_ID.value: ev.id}
-        if expected_seq is not None:
-            headers[api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value] = str(expected_seq)
         try:
-            # No `stream=` (Nats-Expected-Stream): the subject can only land in the project's stream,
-            # and every stored header is parsed again on every replay.
-            ack = await self.js.publish(ev.subject, ev.encode(), timeout=self.publish_timeout_s, headers=headers)
+            ack = await self.js.publish(
+                ev.subject, ev.encode(), timeout=self.publish_timeout_s, headers=append_headers(ev, expected_seq)
+            )
         except nats.js.errors.APIError as err:
             if err.err_code != WRONG_LAST_SEQUENCE:
                 raise
@@ -270,6 +267,15 @@ class EventStore:
             await store.delete(project)
         except (nats.js.errors.ObjectNotFoundError, nats.js.errors.NotFoundError):
             pass
+
+
+def append_headers(ev: Event, expected_seq: int | None) -> dict[str, str]:
+    """The headers an append carries (and the stream keeps). No Nats-Expected-Stream: the subject
+    can only land in the project's stream, and every stored header is parsed again on every replay."""
+    headers = {api.Header.MSG_ID.value: ev.id}
+    if expected_seq is not None:
+        headers[api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value] = str(expected_seq)
+    return headers
 
 
 class Tail:

@@ -45,8 +45,8 @@ async def connect_nats(settings: Settings, url: str, *, connect_timeout_s: float
     delay = 0.2
     while True:
         try:
-            return await nats.connect(
-                natsconn.servers(url),
+            return await natsconn.connect(
+                url,
                 user=settings.nats_user,
                 password=settings.nats_pass,
                 name=f"weft-{settings.replica_name}",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import uuid
 from datetime import UTC, datetime
 
 import orjson
@@ -16,9 +19,12 @@ from weft.events import (
     idempotent_id,
     is_valid_entity_id,
     is_valid_project_id,
+    new_id,
+    new_uuid,
     parse_ts,
     stream_name,
     subject_for,
+    utc_now,
 )
 
 
@@ -163,3 +169,33 @@ def test_timestamps_are_utc_millisecond_iso() -> None:
     dt = datetime(2026, 3, 4, 5, 6, 7, 891234, tzinfo=UTC)
     assert format_ts(dt) == "2026-03-04T05:06:07.891Z"
     assert parse_ts(format_ts(dt)) == dt.replace(microsecond=891000)
+
+
+def test_utc_now_matches_the_clock_across_second_boundaries() -> None:
+    """utc_now caches the formatted second; every value must still be the clock's own reading."""
+    seen = set()
+    for _ in range(2_000):
+        before = datetime.now(UTC).replace(microsecond=0)
+        text = utc_now()
+        after = datetime.now(UTC)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", text)
+        assert before <= parse_ts(text) <= after
+        seen.add(text[:19])
+    assert seen
+
+
+def test_ids_are_unique_and_well_formed() -> None:
+    ids = {new_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    uuids = {new_uuid() for _ in range(10_000)}
+    assert len(uuids) == 10_000
+    for u in list(uuids)[:500]:
+        parsed = uuid.UUID(u)
+        assert str(parsed) == u and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+
+
+def test_decode_rebuilds_exactly_what_the_constructor_built() -> None:
+    """decode builds events field by field (a rebuild's hot path): it must equal Event(...)."""
+    for ev in (full_event(), Event(type="work.cancelled", entity_id="w-2", data={}, project="p")):
+        assert decode(ev.encode(), 9) == dataclasses.replace(ev, seq=9)

@@ -253,8 +253,8 @@ class AgentClient:
         async def on_error(err: Exception) -> None:
             log.warning("nats error: %s", err, extra={"agent_guid": self.guid})
 
-        connecting = nats.connect(
-            natsconn.servers(url),
+        connecting = natsconn.connect(
+            url,
             user=user,
             password=password,
             name=name or f"weft-agent-{self.guid}",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -13,7 +12,7 @@ from pydantic import BaseModel
 
 from weft.commands import Commands, Ctx, RetryPolicy
 from weft.errors import InvalidInput, Unavailable
-from weft.events import is_valid_project_id
+from weft.events import is_valid_project_id, new_id
 from weft.logs import correlation_var, project_var
 from weft.replica import ProjectView, Replica
 from weft.routing import DEFAULT_POLICY, RoutingPolicy
@@ -60,7 +59,7 @@ def project_of(request: web.Request) -> str:
 
 
 def ctx_of(request: web.Request, project: str) -> Ctx:
-    correlation = request.headers.get("X-Correlation-Id") or request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    correlation = request.headers.get("X-Correlation-Id") or request.headers.get("X-Request-Id") or new_id()
     correlation_var.set(correlation)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (0 < len(key) <= 200):

@@ -1,0 +1,40 @@
+"""weft's NATS client: its header parser must give nats-py's results, only faster."""
+
+from __future__ import annotations
+
+import pytest
+from nats.aio.client import Client as NatsPyClient
+
+from weft import natsconn
+
+CASES = [
+    b"Nats-Msg-Id: 0195f7a2\r\nNats-Expected-Last-Subject-Sequence: 12\r\n\r\n",
+    b"Nats-Msg-Id:no-space\r\n\r\n",
+    b"Nats-Msg-Id:\tTabbed \r\n\r\n",
+    b"Bad Name: dropped\r\nGood: kept\r\n\r\n",
+    b"Caf\xc3\xa9: non-ascii name dropped\r\nX: caf\xc3\xa9\r\n\r\n",
+    b"X: \xff\xfe broken utf-8\r\n\r\n",
+    b"no colon at all\r\nA: 1\r\n\r\n",
+    b"A: 1\r\nA: 2\r\n\r\n",
+    b": empty name\r\n\r\n",
+    b"\x1cSep: control char\r\n\r\n",
+    b"",
+]
+
+
+@pytest.mark.parametrize("raw", CASES)
+def test_header_parser_matches_nats_py(raw: bytes) -> None:
+    assert natsconn.parse_header_lines(raw) == NatsPyClient._parse_header_lines(raw)
+    assert natsconn.parse_header_lines(raw) == natsconn.parse_header_lines(raw)  # cached names too
+
+
+def test_the_override_is_still_wired_into_nats_py() -> None:
+    """nats-py calls `self._parse_header_lines`; a renamed hook would silently undo the speed-up."""
+    assert hasattr(NatsPyClient, "_parse_header_lines")
+    assert natsconn.Client._parse_header_lines is natsconn.parse_header_lines
+
+
+def test_the_name_cache_is_bounded() -> None:
+    for i in range(natsconn._NAMES_MAX + 50):
+        natsconn.parse_header_lines(f"H{i}: v\r\n\r\n".encode())
+    assert len(natsconn._NAMES) <= natsconn._NAMES_MAX
