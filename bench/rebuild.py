@@ -38,7 +38,7 @@ class TimedStore(EventStore):
         self.saved_bytes = 0
         self.save_s = 0.0
 
-    async def load_snapshot(self, project: str) -> bytes | None:
+    async def load_snapshot(self, project: str) -> bytes | bytearray | None:
         if self.ignore_snapshots:
             return None
         t = time.perf_counter()

@@ -6,7 +6,6 @@ and reports when its projection is ready. Run by bench.run; prints one JSON line
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 import time
@@ -14,15 +13,15 @@ import time
 T_IMPORTS = time.perf_counter()
 
 
-import nats  # noqa: E402
 import orjson  # noqa: E402
 
 from bench.rebuild import TimedReplica, TimedStore  # noqa: E402
+from weft import loop, natsconn  # noqa: E402
 
 
 async def main(url: str, project: str) -> None:
     t0 = time.perf_counter()
-    nc = await nats.connect(url)
+    nc = await natsconn.connect(url)  # as weft serve: its client class and event loop
     store = TimedStore(nc.jetstream())
     replica = TimedReplica(store, snapshot_every=0)
     t_connected = time.perf_counter()
@@ -60,4 +59,4 @@ if __name__ == "__main__":
 
         PROFILE.append(cProfile.Profile())
         PROFILE[0].enable()  # type: ignore[attr-defined]
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    loop.run(main(sys.argv[1], sys.argv[2]))

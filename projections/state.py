@@ -79,7 +79,7 @@ def encode_state(state: ProjectState) -> bytes:
     return orjson.dumps(state.to_dict(), option=orjson.OPT_SORT_KEYS)
 
 
-def decode_state(raw: bytes) -> ProjectState:
+def decode_state(raw: bytes | bytearray) -> ProjectState:
     d = orjson.loads(raw)
     if not isinstance(d, dict):
         raise ValueError("snapshot is not an object")

@@ -221,7 +221,7 @@ class EventStore:
         store = await self._snapshot_store()
         await store.put(project, payload)
 
-    async def load_snapshot(self, project: str) -> bytes | None:
+    async def load_snapshot(self, project: str) -> bytes | bytearray | None:
         """The project's snapshot, or None. Chunks are read with one ephemeral pull consumer and
         joined once: nats-py's ObjectStore.get appends bytes chunk by chunk (quadratic: 92 s for a
         230 MB snapshot in make bench, against 0.6 s this way). The object's SHA-256 is verified."""
@@ -234,13 +234,19 @@ class EventStore:
             return None
         size = int(info.size or 0)
         data = b"" if size == 0 else await self._read_chunks(str(info.nuid), size)
+        if data is None:
+            log.warning("snapshot of %s is larger than recorded; ignoring it", project)
+            return None
         digest = "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
-        if len(data) != size or (info.digest and info.digest.rstrip("=") != digest.rstrip("=")):
+        if info.digest and info.digest.rstrip("=") != digest.rstrip("="):
             log.warning("snapshot of %s is incomplete or corrupt; ignoring it", project)
             return None
         return data
 
-    async def _read_chunks(self, nuid: str, size: int) -> bytes:
+    async def _read_chunks(self, nuid: str, size: int) -> bytearray | None:
+        """The object's chunks copied into one buffer of its recorded size (None if they overflow
+        it). One buffer, not a list joined at the end: half the memory a fresh process must fault
+        in, which is most of a snapshot fetch's cost on a VM (2.0 s vs 0.8 s warm, make bench)."""
         sub = await self.js.pull_subscribe(
             f"$O.{SNAPSHOT_BUCKET}.C.{nuid}",
             stream=f"OBJ_{SNAPSHOT_BUCKET}",
@@ -249,17 +255,21 @@ class EventStore:
             ),
             pending_bytes_limit=1 << 30,
         )
-        parts: list[bytes] = []
+        buf = bytearray(size)
+        view = memoryview(buf)
         got = 0
         try:
             while got < size:
-                msgs = await sub.fetch(64, timeout=10)
-                for m in msgs:
-                    parts.append(m.data)
-                    got += len(m.data)
+                for m in await sub.fetch(64, timeout=10):
+                    n = len(m.data)
+                    if got + n > size:
+                        return None
+                    view[got : got + n] = m.data
+                    got += n
         finally:
+            view.release()
             await sub.unsubscribe()
-        return b"".join(parts)
+        return buf
 
     async def delete_snapshot(self, project: str) -> None:
         store = await self._snapshot_store()

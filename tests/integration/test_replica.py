@@ -19,7 +19,7 @@ from projections.state import STATE_SCHEMA
 from tests.integration.test_eventstore import read_all, target_registered, target_updated, work_submitted
 from weft.embedded import EmbeddedNats
 from weft.events import Event, stream_name
-from weft.eventstore import ConcurrencyConflict, EventStore
+from weft.eventstore import SNAPSHOT_BUCKET, ConcurrencyConflict, EventStore
 from weft.replica import ProjectView, Replica
 
 WAIT = 10.0  # upper bound for a wait that should end long before; never a synchronisation sleep
@@ -262,6 +262,33 @@ async def test_an_unreadable_snapshot_means_a_full_replay(
     view = await attached(await replicas(), project, seq)
     assert view.tail is not None and view.tail.from_seq == 1
     assert state_hash(view.state) == state_hash(await full_replay(store, project))
+    await store.delete_snapshot(project)
+
+
+async def test_a_snapshot_whose_chunks_do_not_match_its_record_is_ignored(
+    store: EventStore, project: str, replicas: ReplicaFactory, nc: NATS
+) -> None:
+    """The object's size and SHA-256 guard the snapshot: an extra chunk (more bytes than recorded)
+    or a chunk rewritten in place (same size, other bytes) means a full replay, never a wrong state."""
+    seq = await append_work(store, project, 4)
+    truth = await full_replay(store, project)
+    js = nc.jetstream()
+    for tamper in ("extra", "rewrite"):
+        await store.save_snapshot(project, encode_state(truth))
+        info = await (await js.object_store(SNAPSHOT_BUCKET)).get_info(project)
+        chunks = f"$O.{SNAPSHOT_BUCKET}.C.{info.nuid}"
+        stream = f"OBJ_{SNAPSHOT_BUCKET}"
+        if tamper == "extra":
+            await js.publish(chunks, b"{}", stream=stream)
+        else:
+            original = await js.get_last_msg(stream, chunks)
+            assert original.data is not None
+            await js.purge_stream(stream, subject=chunks)
+            await js.publish(chunks, original.data.replace(b"w0", b"w9"), stream=stream)
+        assert await store.load_snapshot(project) is None, tamper
+        view = await attached(await replicas(), project, seq)
+        assert view.tail is not None and view.tail.from_seq == 1, tamper
+        assert state_hash(view.state) == state_hash(truth)
     await store.delete_snapshot(project)
 
 
