@@ -39,6 +39,24 @@ class ProjectState:
     last_activity: str | None = None
     # Highest scheduler epoch seen: decision events of an older epoch (a deposed leader) are fenced.
     epoch: int = 0
+    # Derived, never encoded or hashed: work ids by status, in insertion order, kept by the fold
+    # (`projections.work.set_status`). The scheduler and filtered reads walk one status's items
+    # instead of every item ever submitted. Rebuilt by `from_dict` and `reindex_work`.
+    work_by_status: dict[str, dict[str, None]] = field(
+        default_factory=lambda: {s: {} for s in WORK_STATUSES}, compare=False, repr=False
+    )
+
+    def reindex_work(self) -> None:
+        """Rebuild `work_by_status` from `work` (after decoding, or after editing `work` directly)."""
+        index: dict[str, dict[str, None]] = {s: {} for s in WORK_STATUSES}
+        for wid, item in self.work.items():
+            index[item["status"]][wid] = None
+        self.work_by_status = index
+
+    def work_in(self, status: str) -> list[Record]:
+        """The items in `status` (a snapshot list: the caller may fold while iterating)."""
+        work = self.work
+        return [work[wid] for wid in self.work_by_status[status]]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -60,7 +78,7 @@ class ProjectState:
     def from_dict(cls, d: dict[str, Any]) -> ProjectState:
         if d.get("schema") != STATE_SCHEMA:
             raise ValueError(f"snapshot schema {d.get('schema')} != {STATE_SCHEMA}")
-        return cls(
+        state = cls(
             project=d["project"],
             seq=d["seq"],
             work=d["work"],
@@ -73,6 +91,8 @@ class ProjectState:
             last_activity=d["last_activity"],
             epoch=d.get("epoch", 0),
         )
+        state.reindex_work()
+        return state
 
 
 def encode_state(state: ProjectState) -> bytes:

@@ -53,8 +53,12 @@ def new_work(ev: Event) -> Record:
 
 
 def set_status(state: ProjectState, item: Record, status: str) -> None:
-    state.work_counts[item["status"]] -= 1
+    """The one place an item changes status: counts and the status index move with it."""
+    old = item["status"]
+    state.work_counts[old] -= 1
     state.work_counts[status] += 1
+    state.work_by_status[old].pop(item["id"], None)
+    state.work_by_status[status][item["id"]] = None
     item["status"] = status
 
 
@@ -75,6 +79,7 @@ def _submitted(state: ProjectState, item: Record | None, ev: Event) -> None:
         return
     state.work[ev.entity_id] = new_work(ev)
     state.work_counts["pending"] += 1
+    state.work_by_status["pending"][ev.entity_id] = None
 
 
 def _assigned(state: ProjectState, item: Record, ev: Event) -> None:

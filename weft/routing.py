@@ -327,6 +327,7 @@ def reason_for_new_item(state: ProjectState, item: Record, policy: RoutingPolicy
     """Why a just-submitted item would wait (None: an eligible agent has a free slot now), judged
     as if it were the only pending item: O(agents), for the submit response."""
     alone = ProjectState(project=state.project, work={item["id"]: item}, agents=state.agents, targets=state.targets)
+    alone.reindex_work()
     return plan_assignments(alone, policy, now).waiting.get(item["id"])
 
 
@@ -361,9 +362,8 @@ def plan_assignments(
 
     candidates: list[tuple[float, datetime, str, Record]] = []
     aging = policy.aging_per_minute
-    for wid, item in state.work.items():
-        if item["status"] != "pending":
-            continue
+    for item in state.work_in("pending"):
+        wid = item["id"]
         retry_at = item.get("retryAt")
         if retry_at and _parse_ts(retry_at) > now:
             plan.waiting[wid] = f"retry backoff until {retry_at}"

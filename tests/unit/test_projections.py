@@ -157,6 +157,9 @@ def check_invariants(state: ProjectState) -> None:
         assert work_id in state.work
     recount = Counter(item["status"] for item in state.work.values())
     assert state.work_counts == {s: recount.get(s, 0) for s in WORK_STATUSES}
+    # The status index the fold keeps holds exactly the items in each status.
+    by_status = {s: sorted(wid for wid, item in state.work.items() if item["status"] == s) for s in WORK_STATUSES}
+    assert {s: sorted(ids) for s, ids in state.work_by_status.items()} == by_status
     for target in state.targets.values():
         assert target["status"] in ("available", "disabled", "error")
 
@@ -200,7 +203,9 @@ def test_snapshot_at_any_cut_plus_tail_equals_the_full_fold(events: list[Event],
     tail_from = data.draw(st.one_of(st.just(cut), st.integers(0, cut)), label="tail_from")
     restored = decode_state(encode_state(fold(events[:cut], project=PROJECT)))
     fold(events[tail_from:], state=restored)
-    assert state_hash(restored) == state_hash(fold(events, project=PROJECT))
+    full = fold(events, project=PROJECT)
+    assert state_hash(restored) == state_hash(full)
+    assert {k: set(v) for k, v in restored.work_by_status.items()} == {k: set(v) for k, v in full.work_by_status.items()}
 
 
 @PROPERTY

@@ -91,6 +91,7 @@ def make_state(agents: list[Record], work: list[Record]) -> ProjectState:
     s = ProjectState(project="p")
     s.agents = {a["guid"]: a for a in agents}
     s.work = {w["id"]: w for w in work}
+    s.reindex_work()
     return s
 
 

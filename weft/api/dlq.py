@@ -32,9 +32,9 @@ async def list_dlq(request: web.Request) -> web.Response:
     filters = {"capability": request.query.get("capability"), "boundary": request.query.get("boundary")}
     items = []
     if view is not None:
-        for w in view.state.work.values():
+        for w in view.state.work_in("failed"):
             dl = w["deadLetter"]
-            if w["status"] != "failed" or not dl or dl["discarded"]:
+            if not dl or dl["discarded"]:
                 continue
             if any(v is not None and w[k] != v for k, v in filters.items()):
                 continue

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Sequence
+import heapq
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -53,12 +54,23 @@ def decode_cursor(cursor: str | None, fhash: str) -> int:
 
 
 def page(
-    items: Sequence[Any], key: str, cursor: str | None, limit_raw: str | None, filters: dict[str, Any]
+    items: Sequence[Any],
+    key: str,
+    cursor: str | None,
+    limit_raw: str | None,
+    filters: dict[str, Any],
+    *,
+    order: Callable[[Any], Any] | None = None,
 ) -> dict[str, Any]:
+    """One page of `items`. With `order`, `items` may be unsorted: only the first offset+limit are
+    ordered (a heap, not a sort of everything), so early pages of a long list stay cheap."""
     fhash = filter_hash(filters)
     limit = parse_limit(limit_raw)
     offset = decode_cursor(cursor, fhash)
-    chunk = list(items[offset : offset + limit])
+    if order is None:
+        chunk = list(items[offset : offset + limit])
+    else:
+        chunk = heapq.nsmallest(offset + limit, items, key=order)[offset:]
     has_more = offset + limit < len(items)
     return {
         key: chunk,

@@ -17,7 +17,7 @@ from weft.replica import ProjectView
 def project_stats(view: ProjectView) -> dict[str, Any]:
     s = view.state
     c = s.work_counts
-    dead = sum(1 for w in s.work.values() if w["deadLetter"] and not w["deadLetter"]["discarded"]) if c["failed"] else 0
+    dead = sum(1 for w in s.work_in("failed") if w["deadLetter"] and not w["deadLetter"]["discarded"])
     return {
         "agents": sum(1 for a in s.agents.values() if a["status"] != "offline"),
         "pendingWork": c["pending"],

@@ -117,14 +117,12 @@ async def list_work(request: web.Request) -> web.Response:
     view = await read_view(request, project)
     items: list[Record] = []
     if view is not None:
-        items = [
-            w
-            for w in view.state.work.values()
-            if all(v is None or w[k] == v for k, v in filters.items())
-        ]
-        items.sort(key=lambda w: (-w["priority"], w["offeredAt"], w["id"]))
+        # One status's items through the fold's index; the other filters then scan only those.
+        pool = view.state.work_in(filters["status"]) if filters["status"] else list(view.state.work.values())
+        others = [(k, v) for k, v in filters.items() if k != "status" and v is not None]
+        items = [w for w in pool if all(w[k] == v for k, v in others)] if others else pool
     state = view.state if view else ProjectState(project=project)
-    body = page(items, "workItems", request.query.get("cursor"), request.query.get("limit"), filters)
+    body = page(items, "workItems", request.query.get("cursor"), request.query.get("limit"), filters, order=_list_order)
     waiting = waiting_reasons(request, view)
     body["workItems"] = [present(state, w, waiting) for w in body["workItems"]]
     body["projectId"] = project
@@ -132,6 +130,10 @@ async def list_work(request: web.Request) -> web.Response:
     if "classification" in request.query:
         resp.headers["X-Deprecated-Param"] = "classification: use boundary"
     return resp
+
+
+def _list_order(w: Record) -> tuple[int, str, str]:
+    return (-w["priority"], w["offeredAt"], w["id"])
 
 
 async def find_item(request: web.Request, work_id: str) -> tuple[ProjectView, Record]:
