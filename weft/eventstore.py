@@ -20,6 +20,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from weft.events import Event, decode, stream_name
+from weft.groupcommit import GroupCommit
 
 log = logging.getLogger("weft.eventstore")
 
@@ -52,12 +53,16 @@ class EventStore:
         replicas: int = 1,
         duplicate_window_s: float = 120.0,
         publish_timeout_s: float = 5.0,
+        group_commit_after: int = 32,
     ) -> None:
         self.js = js
         self.replicas = replicas
         self.duplicate_window_s = duplicate_window_s
         self.publish_timeout_s = publish_timeout_s
         self._known_streams: set[str] = set()
+        # Appends in flight to one stream before more wait for a shared atomic batch (0: never).
+        self.group_commit_after = group_commit_after
+        self._groups: dict[str, GroupCommit | None] = {}
         self._stream_lock = asyncio.Lock()
         self._snapshots: nats.js.object_store.ObjectStore | None = None
 
@@ -79,6 +84,7 @@ class EventStore:
                 duplicate_window=self.duplicate_window_s,
                 allow_direct=True,
                 discard=api.DiscardPolicy.NEW,
+                allow_atomic=True,  # group commit (weft.groupcommit); ignored by servers before 2.12
             )
             try:
                 await self.js.add_stream(config)
@@ -118,12 +124,28 @@ class EventStore:
 
     async def append(self, ev: Event, expected_seq: int | None) -> Appended:
         """Append one event. `expected_seq` is the entity's last subject sequence (0 = new entity);
-        None skips the check (only for events that cannot conflict)."""
+        None skips the check (only for events that cannot conflict). Under load the append may
+        share an atomic batch with others (`weft.groupcommit`); its checks are the same."""
         await self.ensure_stream(ev.project)
+        payload, headers = ev.encode(), append_headers(ev, expected_seq)
+        group = await self._group(ev.project)
+        if group is not None and group.crowded():
+            seq = await group.append(ev.subject, payload, headers)
+            if seq is not None:
+                ev.seq = seq
+                return Appended(seq=seq, duplicate=False)
+        if group is None:
+            return await self._publish(ev, payload, headers, expected_seq)
+        group.inflight += 1
         try:
-            ack = await self.js.publish(
-                ev.subject, ev.encode(), timeout=self.publish_timeout_s, headers=append_headers(ev, expected_seq)
-            )
+            return await self._publish(ev, payload, headers, expected_seq)
+        finally:
+            group.inflight -= 1
+            group.kick()
+
+    async def _publish(self, ev: Event, payload: bytes, headers: dict[str, str], expected_seq: int | None) -> Appended:
+        try:
+            ack = await self.js.publish(ev.subject, payload, timeout=self.publish_timeout_s, headers=headers)
         except nats.js.errors.APIError as err:
             if err.err_code != WRONG_LAST_SEQUENCE:
                 raise
@@ -136,6 +158,33 @@ class EventStore:
             return Appended(seq=own_seq, duplicate=True)
         ev.seq = ack.seq
         return Appended(seq=ack.seq, duplicate=bool(ack.duplicate))
+
+    async def _group(self, project: str) -> GroupCommit | None:
+        """The project's batcher; None when group commit is off or the stream cannot take atomic
+        batches (a server before 2.12, or a stream whose config cannot be updated)."""
+        if not self.group_commit_after:
+            return None
+        name = stream_name(project)
+        if name in self._groups:
+            return self._groups[name]
+        async with self._stream_lock:  # one batcher per stream, however many appends ask at once
+            if name in self._groups:
+                return self._groups[name]
+            self._groups[name] = group = await self._new_group(project, name)
+        return group
+
+    async def _new_group(self, project: str, name: str) -> GroupCommit | None:
+        group: GroupCommit | None = None
+        try:
+            info = await self.js.stream_info(name)
+            if not info.config.allow_atomic:  # a stream created by an earlier weft
+                info.config.allow_atomic = True
+                info = await self.js.update_stream(info.config)
+            if info.config.allow_atomic:
+                group = GroupCommit(self.js._nc, name, after=self.group_commit_after, timeout_s=self.publish_timeout_s)
+        except nats.js.errors.Error as err:
+            log.warning("no group commit for %s: %s", name, err, extra={"project": project})
+        return group
 
     async def _own_seq_after(self, ev: Event, expected: int) -> int | None:
         """The sequence of `ev` if an earlier attempt of this append landed, else None.

@@ -81,7 +81,11 @@ class WeftService:
 
     async def start(self, nats_url: str, *, serve_http: bool = True) -> None:
         self.nc = await connect_nats(self.settings, nats_url)
-        store = EventStore(self.nc.jetstream(), replicas=self.settings.stream_replicas)
+        store = EventStore(
+            self.nc.jetstream(),
+            replicas=self.settings.stream_replicas,
+            group_commit_after=self.settings.group_commit_after,
+        )
         self.replica = Replica(store, snapshot_every=self.settings.snapshot_every)
         await self.replica.start()
         self.commands = Commands(self.replica, store)

@@ -425,3 +425,72 @@ async def test_the_event_id_is_the_nats_msg_id(store: EventStore, project: str, 
     await store.append(ev, 0)
     raw = await nc.jetstream().get_last_msg(stream_name(project), ev.subject)
     assert (raw.headers or {}).get(api.Header.MSG_ID) == ev.id
+
+
+# --- group commit (JetStream atomic batches under load) -----------------------------------------
+
+
+@pytest.fixture
+def batching(nc: NATS) -> EventStore:
+    """A store that batches as soon as one append is in flight, so concurrent appends share batches."""
+    return EventStore(nc.jetstream(), group_commit_after=1)
+
+
+async def test_concurrent_appends_share_batches_and_each_lands_once_at_its_reported_seq(
+    batching: EventStore, project: str
+) -> None:
+    events = [work_submitted(project, f"w{i}") for i in range(300)]
+    results = await asyncio.gather(*(batching.append(ev, 0) for ev in events))
+    group = batching._groups[stream_name(project)]
+    assert group is not None and group.batches > 0 and group.batched > 1, "no batch was committed"
+    assert not any(r.duplicate for r in results)
+    assert sorted(r.seq for r in results) == list(range(1, 301))
+    stored = {e.seq: e for e in await read_all(batching, project)}
+    for ev, r in zip(events, results, strict=True):
+        assert ev.seq == r.seq and stored[r.seq].id == ev.id, "reported seq must be the stored one"
+
+
+async def test_a_stale_append_in_a_batch_conflicts_alone(batching: EventStore, project: str) -> None:
+    """A batch is all or nothing; its appends then go one by one, so only the stale one fails."""
+    await batching.append(work_submitted(project, "taken"), 0)
+    fresh = [work_submitted(project, f"w{i}") for i in range(40)]
+    stale = work_submitted(project, "taken")  # expects a new entity; the subject already has one
+    results = await asyncio.gather(
+        *(batching.append(ev, 0) for ev in fresh[:20]),
+        batching.append(stale, 0),
+        *(batching.append(ev, 0) for ev in fresh[20:]),
+        return_exceptions=True,
+    )
+    assert isinstance(results[20], ConcurrencyConflict)
+    assert all(isinstance(r, Appended) and not r.duplicate for i, r in enumerate(results) if i != 20)
+    assert await batching.last_seq(project) == 41
+    assert sorted(e.entity_id for e in await read_all(batching, project)) == sorted(["taken"] + [f"w{i}" for i in range(40)])
+
+
+async def test_a_retry_of_a_landed_append_among_a_batch_is_a_duplicate(batching: EventStore, project: str) -> None:
+    landed = work_submitted(project, "once")
+    first = await batching.append(landed, 0)
+    retry = work_submitted(project, "once", id=landed.id)  # same event id: a client's retry
+    results = await asyncio.gather(
+        batching.append(retry, 0), *(batching.append(work_submitted(project, f"w{i}"), 0) for i in range(30))
+    )
+    assert results[0] == Appended(seq=first.seq, duplicate=True)
+    assert await batching.last_seq(project) == 31
+
+
+async def test_a_stream_created_without_atomic_batches_is_upgraded(nc: NATS, project: str) -> None:
+    """Streams made by an earlier weft lack `allow_atomic`: the store turns it on before batching."""
+    js = nc.jetstream()
+    await js.add_stream(api.StreamConfig(name=stream_name(project), subjects=[f"weft.{project}.ev.>"]))
+    store = EventStore(js, group_commit_after=1)
+    results = await asyncio.gather(*(store.append(work_submitted(project, f"w{i}"), 0) for i in range(50)))
+    assert sorted(r.seq for r in results) == list(range(1, 51))
+    assert (await js.stream_info(stream_name(project))).config.allow_atomic is True
+    group = store._groups[stream_name(project)]
+    assert group is not None and group.batches > 0
+
+
+async def test_group_commit_off_never_batches(nc: NATS, project: str) -> None:
+    store = EventStore(nc.jetstream(), group_commit_after=0)
+    await asyncio.gather(*(store.append(work_submitted(project, f"w{i}"), 0) for i in range(50)))
+    assert store._groups == {} and await store.last_seq(project) == 50
