@@ -34,7 +34,7 @@ lint: install
 	$(BIN)/ruff check weft projections tests bench
 
 typecheck: install
-	$(BIN)/mypy weft projections
+	$(BIN)/mypy weft projections bench
 
 test: install system-test-deps lint typecheck
 	$(BIN)/pytest -q

@@ -21,9 +21,9 @@ from nats.js import api
 from bench import eventgen
 from bench.raw import BenchError, Timed, publish_core, publish_pipelined, replay_ordered, replay_ordered_iter
 from bench.server import connect
-from projections import ProjectState, apply, decode_state
+from projections import ProjectState, apply
 from weft.events import decode, stream_name
-from weft.eventstore import SNAPSHOT_BUCKET, EventStore
+from weft.eventstore import EventStore
 from weft.replica import ProjectView, Replica
 
 
@@ -315,8 +315,6 @@ class RestartResult:
     snapshot_bytes: int = 0
     snapshot_write_s: float = 0.0
     with_snapshot: Ready | None = None
-    pull_fetch_s: float | None = None  # the same snapshot through a pull consumer (no flow control)
-    decode_nogc_s: float | None = None  # decode_state with the cyclic GC paused
     fresh_process: dict[str, float] | None = None  # bench.restart_probe's report, plus wall_s
     fresh_process_again: dict[str, float] | None = None
 
@@ -443,49 +441,3 @@ async def snapshot_and_measure(
         await close_ready(ready)
         ready.state = ProjectState(project=project)
     gc.collect()
-
-    progress("restart: alternative snapshot fetch (pull consumer) and decode (GC paused)")
-    nc = await connect(url)
-    try:
-        t = time.perf_counter()
-        raw_snapshot = await fetch_snapshot_pull(nc, project)
-        res.pull_fetch_s = time.perf_counter() - t
-    finally:
-        await nc.close()
-    gc.disable()
-    try:
-        t = time.perf_counter()
-        decode_state(raw_snapshot)
-        res.decode_nogc_s = time.perf_counter() - t
-    finally:
-        gc.enable()
-    del raw_snapshot
-    gc.collect()
-
-
-async def fetch_snapshot_pull(nc: NATS, project: str, *, batch: int = 64, time_limit_s: float = 60) -> bytes:
-    """Read the snapshot object's chunks with an ephemeral pull consumer (AckPolicy none) and join
-    them once: linear, and without the push consumer's flow-control stalls on 128 KiB chunks."""
-    js = nc.jetstream()
-    obs = await js.object_store(SNAPSHOT_BUCKET)
-    info = await obs.get_info(project)
-    sub = await js.pull_subscribe(
-        f"$O.{SNAPSHOT_BUCKET}.C.{info.nuid}",
-        stream=f"OBJ_{SNAPSHOT_BUCKET}",
-        config=api.ConsumerConfig(ack_policy=api.AckPolicy.NONE, deliver_policy=api.DeliverPolicy.ALL),
-        pending_bytes_limit=1 << 30,
-    )
-    parts: list[bytes] = []
-    try:
-        async with asyncio.timeout(time_limit_s):
-            while True:
-                msgs = await sub.fetch(batch, timeout=10)
-                parts.extend(m.data for m in msgs)
-                if msgs and msgs[-1].metadata.num_pending == 0:
-                    break
-    finally:
-        await sub.unsubscribe()
-    data = b"".join(parts)
-    if info.size is not None and len(data) != info.size:
-        raise BenchError(f"pull fetch got {len(data)} bytes, object has {info.size}")
-    return data

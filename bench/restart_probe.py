@@ -6,6 +6,7 @@ and reports when its projection is ready. Run by bench.run; prints one JSON line
 
 from __future__ import annotations
 
+import cProfile
 import os
 import sys
 import time
@@ -40,7 +41,6 @@ async def main(url: str, project: str) -> None:
         "events_applied": view.state.events_applied,
     }
     if os.environ.get("WEFT_BENCH_PROBE_PROFILE"):
-        import cProfile  # noqa: F401
         import pstats
 
         prof = PROFILE[0]
@@ -51,12 +51,10 @@ async def main(url: str, project: str) -> None:
     os._exit(0)  # a restart is measured to ready; tearing a 2 GB heap down is not part of it
 
 
-PROFILE: list[object] = []
+PROFILE: list[cProfile.Profile] = []
 
 if __name__ == "__main__":
     if os.environ.get("WEFT_BENCH_PROBE_PROFILE"):
-        import cProfile
-
         PROFILE.append(cProfile.Profile())
-        PROFILE[0].enable()  # type: ignore[attr-defined]
+        PROFILE[0].enable()
     loop.run(main(sys.argv[1], sys.argv[2]))

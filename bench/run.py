@@ -279,15 +279,9 @@ class Bench:
                             "events": res.events, "tail_events": res.tail_events,
                             "snapshot_seq": res.snapshot_seq}))
         decode_s = ws.snapshot_load_s - ws.snapshot_fetch_s
-        self.row(Row("restart_snapshot_fetch", "  snapshot fetch (EventStore.load_snapshot: ObjectStore.get)",
+        self.row(Row("restart_snapshot_fetch", "  snapshot fetch (EventStore.load_snapshot: pull consumer into one buffer)",
                      ws.snapshot_fetch_s, "s"))
-        if res.pull_fetch_s is not None:
-            self.row(Row("restart_snapshot_fetch_pull", "  same snapshot via pull consumer + one join (bench)",
-                         res.pull_fetch_s, "s", ratio=f"x{ws.snapshot_fetch_s / res.pull_fetch_s:.0f} faster"))
-        self.row(Row("restart_snapshot_decode", "  snapshot decode (orjson -> ProjectState)", decode_s, "s"))
-        if res.decode_nogc_s is not None:
-            self.row(Row("restart_snapshot_decode_nogc", "  same decode with the cyclic GC paused (bench)",
-                         res.decode_nogc_s, "s", ratio=f"x{decode_s / res.decode_nogc_s:.1f} faster"))
+        self.row(Row("restart_snapshot_decode", "  snapshot decode (orjson -> ProjectState, cyclic GC paused)", decode_s, "s"))
         tail_s = ws.seconds - ws.attach_s
         self.row(Row("restart_tail", f"  tail replay after attach ({res.tail_events:,} events)", tail_s, "s"))
         self.row(Row("restart_snapshot_size", "  snapshot size", res.snapshot_bytes / 1e6, "MB",
@@ -299,10 +293,6 @@ class Bench:
                      ns.seconds if ns else None, "s", note=res.no_snapshot_note,
                      ratio=f"{res.events / ns.seconds:,.0f} events/s" if ns else "",
                      extra={"seconds": ns.seconds if ns else None}))
-        if res.pull_fetch_s is not None and res.decode_nogc_s is not None:
-            projected = ws.seconds - ws.snapshot_load_s + res.pull_fetch_s + res.decode_nogc_s
-            self.row(Row("restart_projected", "  projected restart with both fixes", projected, "s",
-                         ratio=f"<= {RESTART_TARGET_S:.0f} s", verdict=verdict(projected <= RESTART_TARGET_S)))
         if ws.profile:
             self.profiles["restart_snapshot"] = ws.profile
 
@@ -335,8 +325,8 @@ class Bench:
         order = ["raw_publish_pipelined", "raw_publish_awaited", "raw_replay", "raw_replay_iter", "rebuild",
                  "rebuild_raw_weft_replay", "rebuild_vs_synthetic", "rebuild_raw_weft_replay_iter", "rebuild_callback_fold", "rebuild_inproc",
                  "rebuild_inproc_nogc", "weft_publish_pipelined", "restart_fresh", "restart_fresh_parts", "restart_fresh_again", "restart_snapshot", "restart_snapshot_fetch",
-                 "restart_snapshot_fetch_pull", "restart_snapshot_decode", "restart_snapshot_decode_nogc",
-                 "restart_tail", "restart_projected", "restart_snapshot_size", "restart_snapshot_write",
+                 "restart_snapshot_decode",
+                 "restart_tail", "restart_snapshot_size", "restart_snapshot_write",
                  "restart_no_snapshot", "restart_load", "rest_submit", "rest_raw_paired", "rest_p50", "rest_p99", "rest_errors",
                  "loop_p50", "loop_p95", "loop_p99", "loop_throughput"]
         rows = [self.rows[k] for k in order if k in self.rows]

@@ -53,7 +53,7 @@ class EventStore:
         replicas: int = 1,
         duplicate_window_s: float = 120.0,
         publish_timeout_s: float = 5.0,
-        group_commit_after: int = 32,
+        group_commit_after: int = 16,
     ) -> None:
         self.js = js
         self.replicas = replicas
