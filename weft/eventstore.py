@@ -2,8 +2,9 @@
 
 Everything weft knows is in these streams. Appends carry `Nats-Msg-Id` (the event id: the server
 drops a repeat inside its duplicate window) and `Nats-Expected-Last-Subject-Sequence` (the entity's
-last sequence as the writer saw it: a stale writer is rejected, never applied). Snapshots live in
-an object store because a project's state quickly outgrows NATS's 1 MiB message limit.
+last sequence as the writer saw it: a stale writer is rejected, never applied). Under load, appends
+share JetStream atomic batches with the same checks (`weft.groupcommit`). Snapshots live in an
+object store because a project's state quickly outgrows NATS's 1 MiB message limit.
 """
 
 from __future__ import annotations
@@ -182,6 +183,9 @@ class EventStore:
                 info = await self.js.update_stream(info.config)
             if info.config.allow_atomic:
                 group = GroupCommit(self.js._nc, name, after=self.group_commit_after, timeout_s=self.publish_timeout_s)
+            else:
+                log.warning("stream %s takes no atomic batches (nats-server before 2.12?): group commit off",
+                            name, extra={"project": project})
         except nats.js.errors.Error as err:
             log.warning("no group commit for %s: %s", name, err, extra={"project": project})
         return group
