@@ -15,7 +15,7 @@ from typing import Any
 
 from projections.state import ProjectState
 from weft.errors import Conflict, InvalidInput, NotFound, Unavailable
-from weft.events import Event
+from weft.events import Event, idempotent_id, new_id
 from weft.eventstore import ConcurrencyConflict, EventStore
 from weft.replica import ProjectView, Replica
 
@@ -66,6 +66,20 @@ class CommandsBase:
 
     async def view(self, project: str) -> ProjectView:
         return await self.replica.view(project, create=True)  # type: ignore[return-value]
+
+    @staticmethod
+    def keyed_create(ctx: Ctx, view: ProjectView, entity: str) -> tuple[str | None, str, Outcome | None]:
+        """For a create with a client's Idempotency-Key: the key namespaced by entity, the event id
+        it implies (same key, same id: the server dedupes a repeat), and the earlier outcome when
+        this key already created its entity (outside the server's dedupe window, say)."""
+        if not ctx.idempotency_key:
+            return None, new_id(), None
+        key = f"{entity}:{ctx.idempotency_key}"
+        existing = view.state.idempotency.get(key)
+        earlier = None
+        if existing is not None:
+            earlier = Outcome(seq=view.state.entity_seq.get(f"{entity}.{existing}", 0), entity_id=existing, created=False)
+        return key, idempotent_id(ctx.project, key), earlier
 
     def event(self, ctx: Ctx, type_: str, entity_id: str, data: dict[str, Any], **kw: Any) -> Event:
         return Event(

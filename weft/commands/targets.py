@@ -9,7 +9,7 @@ from projections.state import ProjectState, Record
 from weft import targetspec
 from weft.commands.core import BatchOutcome, CommandsBase, Ctx, Outcome
 from weft.errors import Conflict, NotFound
-from weft.events import Event, idempotent_id, new_id, new_uuid
+from weft.events import Event, new_uuid
 from weft.replica import ProjectView
 
 
@@ -20,10 +20,9 @@ class TargetCommands(CommandsBase):
         # and optimistic concurrency lets exactly one win: names stay unique without a lock.
         target_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"weft-target:{ctx.project}:{definition['name']}"))
         view = await self.view(ctx.project)
-        key = f"target:{ctx.idempotency_key}" if ctx.idempotency_key else None
-        if key and key in view.state.idempotency:
-            existing = view.state.idempotency[key]
-            return Outcome(seq=view.state.entity_seq.get(f"target.{existing}", 0), entity_id=existing, created=False)
+        key, event_id, earlier = self.keyed_create(ctx, view, "target")
+        if earlier is not None:
+            return earlier
 
         def decide(state: ProjectState) -> Event:
             if find_target(state, definition["name"]) is not None:
@@ -33,7 +32,7 @@ class TargetCommands(CommandsBase):
                 "target.registered",
                 target_id,
                 {"target": definition},
-                id=idempotent_id(ctx.project, key) if key else new_id(),
+                id=event_id,
                 idempotency_key=key,
             )
 

@@ -9,16 +9,15 @@ from typing import Any
 from projections.state import LIVE_ASSIGNMENT, TERMINAL_WORK, ProjectState, Record
 from weft.commands.core import BatchOutcome, CommandsBase, Ctx, Outcome
 from weft.errors import Conflict, NotFound
-from weft.events import Event, format_ts, idempotent_id, new_id, new_uuid
+from weft.events import Event, format_ts, new_uuid
 
 
 class WorkCommands(CommandsBase):
     async def submit_work(self, ctx: Ctx, spec: dict[str, Any]) -> Outcome:
         view = await self.view(ctx.project)
-        key = f"work:{ctx.idempotency_key}" if ctx.idempotency_key else None
-        if key and key in view.state.idempotency:
-            existing = view.state.idempotency[key]
-            return Outcome(seq=view.state.entity_seq.get(f"work.{existing}", 0), entity_id=existing, created=False)
+        key, event_id, earlier = self.keyed_create(ctx, view, "work")
+        if earlier is not None:
+            return earlier
         work_id = new_uuid()
         data = {
             "taskId": spec.get("taskId") or new_uuid(),
@@ -37,7 +36,7 @@ class WorkCommands(CommandsBase):
             "work.submitted",
             work_id,
             data,
-            id=idempotent_id(ctx.project, key) if key else new_id(),
+            id=event_id,
             idempotency_key=key,
         )
         outcome = await self.execute(ctx, f"work.{work_id}", lambda s: ev)
