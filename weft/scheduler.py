@@ -258,6 +258,7 @@ class SchedulerHost:
         self.pusher = pusher
         self.config = config
         self.schedulers: dict[str, ProjectScheduler] = {}
+        self._releasing = False
         self.elector = LeaderElector(
             replica.store.js,
             holder,
@@ -290,13 +291,17 @@ class SchedulerHost:
     async def _deposed(self, project: str) -> None:
         sched = self.schedulers.pop(project, None)
         if sched is not None:
-            log.warning("lost the lease", extra={"project": project})
+            if self._releasing:  # our own shutdown gave the lease up: nothing went wrong
+                log.info("lease released", extra={"project": project})
+            else:
+                log.warning("lost the lease", extra={"project": project})
             await sched.stop()
 
     def leading(self) -> dict[str, int]:
         return {p: s.epoch for p, s in self.schedulers.items()}
 
     async def stop(self) -> None:
+        self._releasing = True
         await self.elector.stop(release=True)
         await asyncio.gather(*(s.stop() for s in self.schedulers.values()), return_exceptions=True)
         self.schedulers.clear()

@@ -31,8 +31,13 @@ log = logging.getLogger("weft.service")
 async def connect_nats(settings: Settings, url: str, *, connect_timeout_s: float = 30.0) -> NATS:
     """Connect, retrying until `connect_timeout_s`, then reconnect forever once connected."""
 
+    conn: list[NATS] = []
+
     async def on_disconnect() -> None:
-        log.warning("nats disconnected")
+        if conn and conn[0].is_closed:  # our own close at shutdown
+            log.info("nats connection closed")
+        else:
+            log.warning("nats disconnected")
 
     async def on_reconnect() -> None:
         log.info("nats reconnected")
@@ -45,7 +50,7 @@ async def connect_nats(settings: Settings, url: str, *, connect_timeout_s: float
     delay = 0.2
     while True:
         try:
-            return await natsconn.connect(
+            nc = await natsconn.connect(
                 url,
                 user=settings.nats_user,
                 password=settings.nats_pass,
@@ -55,6 +60,8 @@ async def connect_nats(settings: Settings, url: str, *, connect_timeout_s: float
                 reconnected_cb=on_reconnect,
                 error_cb=on_error,
             )
+            conn.append(nc)
+            return nc
         except (OSError, nats.errors.NoServersError, TimeoutError) as err:
             if loop.time() + delay > deadline:
                 raise ConnectionError(f"cannot reach NATS at {url}: {err}") from err
