@@ -15,7 +15,7 @@ import orjson
 Record = dict[str, Any]
 
 # Bump when the folded shape changes: snapshots of another schema are ignored and state is rebuilt.
-STATE_SCHEMA = 2
+STATE_SCHEMA = 3
 
 WORK_STATUSES = ("pending", "assigned", "in-progress", "completed", "failed", "cancelled")
 TERMINAL_WORK = frozenset({"completed", "failed", "cancelled"})
@@ -35,6 +35,8 @@ class ProjectState:
     # are ignored by the fold and answered with the original entity by the command layer.
     idempotency: dict[str, str] = field(default_factory=dict)
     work_counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(WORK_STATUSES, 0))
+    # Finished items purged by retention (`work.purged`), by the status they had.
+    purged_counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(sorted(TERMINAL_WORK), 0))
     events_applied: int = 0
     last_activity: str | None = None
     # Highest scheduler epoch seen: decision events of an older epoch (a deposed leader) are fenced.
@@ -69,6 +71,7 @@ class ProjectState:
             "entity_seq": self.entity_seq,
             "idempotency": self.idempotency,
             "work_counts": self.work_counts,
+            "purged_counts": self.purged_counts,
             "events_applied": self.events_applied,
             "last_activity": self.last_activity,
             "epoch": self.epoch,
@@ -87,6 +90,7 @@ class ProjectState:
             entity_seq=d["entity_seq"],
             idempotency=d["idempotency"],
             work_counts=d["work_counts"],
+            purged_counts=d["purged_counts"],
             events_applied=d["events_applied"],
             last_activity=d["last_activity"],
             epoch=d.get("epoch", 0),

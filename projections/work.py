@@ -237,6 +237,28 @@ def _discarded(state: ProjectState, item: Record, ev: Event) -> None:
         dl["discardedAt"] = ev.ts
 
 
+def purgeable(item: Record) -> bool:
+    """Finished for good: completed, cancelled, or dead-lettered and then discarded. A live DLQ
+    entry waits for an operator, so retention never takes it."""
+    status = item["status"]
+    if status == "failed":
+        dl = item.get("deadLetter")
+        return bool(dl and dl["discarded"])
+    return status in ("completed", "cancelled")
+
+
+def _purged(state: ProjectState, item: Record, ev: Event) -> None:
+    if not purgeable(item):
+        return
+    status = item["status"]
+    del state.work[item["id"]]
+    state.work_by_status[status].pop(item["id"], None)
+    state.work_counts[status] -= 1
+    state.purged_counts[status] += 1
+    # Nothing may be appended about the item any more; OCC then sees a stale expectation.
+    state.entity_seq.pop("work." + item["id"], None)
+
+
 HANDLERS: dict[str, Callable[[ProjectState, Any, Event], None]] = {
     "work.submitted": _submitted,
     "work.assigned": _assigned,
@@ -249,6 +271,7 @@ HANDLERS: dict[str, Callable[[ProjectState, Any, Event], None]] = {
     "work.cancelled": _cancelled,
     "work.retried": _retried,
     "work.discarded": _discarded,
+    "work.purged": _purged,
 }
 
 

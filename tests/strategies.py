@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from projections import ProjectState, apply
 from projections.state import LIVE_ASSIGNMENT, TERMINAL_WORK
+from projections.work import purgeable
 from weft.events import Event, format_ts
 
 PROJECT = "prop"
@@ -44,6 +45,7 @@ WORK_TYPES = (
     "work.cancelled",
     "work.retried",
     "work.discarded",
+    "work.purged",
 )
 AGENT_TYPES = ("agent.registered", "agent.shutdown_requested", "agent.deregistered", "agent.lost")
 TARGET_TYPES = (
@@ -115,7 +117,7 @@ def _work_data(t: str) -> st.SearchStrategy[dict[str, Any]]:
         return st.fixed_dictionaries({"reason": short_text, "retryAt": st.one_of(st.none(), iso)})
     if t == "work.dead_lettered":
         return st.fixed_dictionaries({"reason": short_text})
-    return st.fixed_dictionaries({"reason": reason})  # cancelled, retried, discarded
+    return st.fixed_dictionaries({"reason": reason})  # cancelled, retried, discarded, purged
 
 
 def _agent_data(t: str, guid: str) -> st.SearchStrategy[dict[str, Any]]:
@@ -230,7 +232,7 @@ def _index(n: int) -> st.SearchStrategy[int]:
 
 # Scheduler decisions carry the leader's epoch; a lower epoch than one already seen is fenced.
 DECISIONS = frozenset(
-    {"work.assigned", "work.requeued", "work.dead_lettered", "agent.lost", "spinup.requested"}
+    {"work.assigned", "work.requeued", "work.dead_lettered", "work.purged", "agent.lost", "spinup.requested"}
 )
 
 
@@ -280,6 +282,8 @@ def _applicable(state: ProjectState) -> list[tuple[str, str, str | None]]:
             out += [("work.cancelled", wid, None), ("work.dead_lettered", wid, None)]
         if status == "failed" and item["deadLetter"] and not item["deadLetter"]["discarded"]:
             out += [("work.retried", wid, None), ("work.discarded", wid, None)]
+        if purgeable(item):
+            out.append(("work.purged", wid, None))
     out += [
         ("agent.registered", g, None) for g in AGENT_IDS if state.agents.get(g, {}).get("status") != "online"
     ]

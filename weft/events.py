@@ -96,6 +96,10 @@ class WorkDiscarded(TypedDict):
     reason: str | None
 
 
+class WorkPurged(TypedDict):
+    reason: str | None
+
+
 class AgentRegistered(TypedDict):
     guid: str
     handle: str | None
@@ -200,6 +204,7 @@ CATALOGUE: Final[dict[str, EventSpec]] = dict(
         _spec("work.cancelled", "work", WorkCancelled, "the item was cancelled"),
         _spec("work.retried", "work", WorkRetried, "a dead-lettered item was put back to pending"),
         _spec("work.discarded", "work", WorkDiscarded, "a dead-lettered item was removed from the DLQ"),
+        _spec("work.purged", "work", WorkPurged, "a finished item left the projection (retention); its events stay"),
         _spec("agent.registered", "agent", AgentRegistered, "an agent joined (or re-joined) the project"),
         _spec("agent.shutdown_requested", "agent", AgentShutdownRequested, "the agent was asked to stop"),
         _spec("agent.deregistered", "agent", AgentDeregistered, "the agent left on its own"),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from projections.state import ProjectState, Record
-from weft import elastic
+from weft import elastic, retention
 from weft.agents import Liveness, Pusher
 from weft.aio import cancel_and_wait, wait_event
 from weft.commands import Commands, Ctx, Outcome
@@ -44,6 +44,11 @@ class SchedulerConfig:
     # Warp agents heartbeat into their KV entry every 60 s; Warp's own GC calls 3 minutes silence offline.
     warp_lost_after_s: float = 180.0
     idle_tick_s: float = 5.0
+    # Finished items leave the projection this long after their last change (0: kept forever);
+    # the scheduler looks for them every `purge_every_s`, at most `purge_batch` at a time.
+    retain_done_s: float = 0.0
+    purge_every_s: float = 60.0
+    purge_batch: int = 500
 
 
 class ProjectScheduler:
@@ -73,6 +78,7 @@ class ProjectScheduler:
         self._task: asyncio.Task[None] | None = None
         self._deadline_s = config.idle_tick_s
         self.ctx = Ctx(project=self.project, actor="scheduler")
+        self._next_purge: datetime | None = None  # the first tick looks at once
 
     def start(self) -> None:
         self.view.listeners.append(self._on_event)
@@ -182,12 +188,24 @@ class ProjectScheduler:
             decisions.append(self.commands.assign_work(self.ctx, work_id, guid, self.epoch, accept_by_ts))
         if self.fleet is not None:
             decisions += self.fleet.decisions(state, plan, now, {guid for _, guid in plan.assignments})
+        decisions += self._purges(state, now)
         if decisions:
             results = await asyncio.gather(*decisions, return_exceptions=True)
             for r in results:
                 if isinstance(r, BaseException):
                     log.warning("decision not applied: %s", r, extra={"project": self.project})
         self._deadline_s = self._next_deadline(state, now, accept_deadline)
+
+    def _purges(self, state: ProjectState, now: datetime) -> list[Awaitable[Outcome]]:
+        cfg = self.config
+        if cfg.retain_done_s <= 0 or (self._next_purge is not None and now < self._next_purge):
+            return []
+        before = retention.cutoff(now, cfg.retain_done_s)
+        due = retention.due_for_purge(state, before, cfg.purge_batch)
+        # A full batch means more are due: look again on the next tick instead of in a minute.
+        every = min(cfg.purge_every_s, cfg.retain_done_s / 2)  # a short retention is checked as often
+        self._next_purge = now if len(due) >= cfg.purge_batch else now + timedelta(seconds=every)
+        return [self.commands.purge_work(self.ctx, wid, before, self.epoch) for wid in due]
 
     def _silent_for(self, agent: Record, now: datetime) -> float:
         """Seconds without a sign of life: the last heartbeat this replica heard, but never longer
@@ -211,6 +229,8 @@ class ProjectScheduler:
     def _next_deadline(self, state: ProjectState, now: datetime, accept_deadline: datetime | None) -> float:
         """Seconds until something time-based is due: a retry backoff, an accept timeout, a heartbeat."""
         due = [self.config.idle_tick_s, self.config.heartbeat_ms / 1000]
+        if self.config.retain_done_s > 0 and self._next_purge is not None:
+            due.append((self._next_purge - now).total_seconds())
         if self.fleet is not None:
             fleet_due = self.fleet.next_deadline(state, now)
             if fleet_due is not None:

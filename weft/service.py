@@ -104,7 +104,9 @@ class WeftService:
         )
         await self.gateway.start()
         config = SchedulerConfig(
-            heartbeat_ms=self.settings.heartbeat_ms, accept_timeout_ms=self.settings.accept_timeout_ms
+            heartbeat_ms=self.settings.heartbeat_ms,
+            accept_timeout_ms=self.settings.accept_timeout_ms,
+            retain_done_s=self.settings.retain_done_s,
         )
         if self.settings.warp_bridge:
             self.warp = WarpBridge(

@@ -94,6 +94,7 @@ class Settings:
     data_dir: Path = field(default_factory=lambda: Path(".weft-data"))
     embedded_nats_port: int = 4222
     stream_replicas: int = 1
+    retain_done_s: float = 7 * 24 * 3600.0  # finished work items stay in the projection this long (0: forever)
     group_commit_after: int = 16  # appends in flight per stream before others share an atomic batch
     max_body_bytes: int = 1024 * 1024
     snapshot_every: int = 50_000
@@ -134,6 +135,7 @@ class Settings:
             embedded_nats_port=_int(e, "WEFT_NATS_PORT", 4222),
             stream_replicas=_int(e, "WEFT_STREAM_REPLICAS", 1, 1),
             group_commit_after=_int(e, "WEFT_GROUP_COMMIT_AFTER", 16, 0),
+            retain_done_s=_float(e, "WEFT_RETAIN_DONE_S", 7 * 24 * 3600.0),
             max_body_bytes=_int(e, "WEFT_MAX_BODY_BYTES", 1024 * 1024, 1024),
             snapshot_every=_int(e, "WEFT_SNAPSHOT_EVERY", 50_000, 0),
             min_seq_wait_ms=_int(e, "WEFT_MIN_SEQ_WAIT_MS", 5_000, 0),

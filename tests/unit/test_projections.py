@@ -296,6 +296,7 @@ def golden_stream() -> Stream:
     s.fail("w2", "dead-letter", guid="a1")
     s.ev("work.discarded", "w2", reason=None)
     s.ev("work.cancelled", "w3", reason="no")
+    s.ev("work.purged", "w3", reason="retention").epoch = 1
     s.ev("target.health_changed", "t1", healthStatus="healthy", latencyMs=1.0, error=None)
     s.ev("agent.shutdown_requested", "a1", graceful=True, reason="idle-timeout", gracePeriodMs=None)
     s.ev("agent.lost", "a1", lastHeartbeat=None).epoch = 2
@@ -308,6 +309,7 @@ def golden_stream() -> Stream:
 # the new hash under the new version.
 GOLDEN_HASHES = {
     2: "eacf387439458ba552e6b61a5981fd72e2a7d29a7ce7f81a45c6ed13c2666048",
+    3: "169f77d112fd0d59854eeda4f7beafaae325eb6f6f164a50794e90742b69bb5c",  # purged_counts, work.purged
 }
 
 
@@ -853,3 +855,40 @@ def test_events_for_a_removed_target_are_ignored() -> None:
     s.ev("target.enabled", "t1", reason=None)
     s.spinup_failed("t1", "s1")
     assert s.state().targets == {}
+
+
+# --- retention ----------------------------------------------------------------------------------
+
+
+def test_purge_removes_only_finished_items_and_counts_them() -> None:
+    s = Stream()
+    s.register("a1", capacity=2)
+    for w in ("done", "gone", "live", "waiting", "dlq", "dropped"):
+        s.submit(w, max_attempts=1)
+    s.assign("done", "a1")
+    s.ev("work.completed", "done", agentGuid="a1", summary="ok", output=None, artifacts=None)
+    s.ev("work.cancelled", "gone", reason=None)
+    s.assign("live", "a1")
+    s.assign("dlq", "a1")
+    s.fail("dlq", "dead-letter", guid="a1")
+    s.ev("work.dead_lettered", "dropped", reason="bad")
+    s.ev("work.discarded", "dropped", reason=None)
+    for w in ("done", "gone", "live", "waiting", "dlq", "dropped"):
+        s.ev("work.purged", w, reason="retention")
+    state = s.state()
+    assert sorted(state.work) == ["dlq", "live", "waiting"], "live, pending and live-DLQ items stay"
+    assert state.purged_counts == {"completed": 1, "cancelled": 1, "failed": 1}
+    assert state.work_counts["completed"] == state.work_counts["cancelled"] == 0
+    assert state.work_counts["failed"] == 1 and state.work_counts["pending"] == 1
+    assert "work.done" not in state.entity_seq and "work.live" in state.entity_seq
+    check_invariants(state)
+
+
+def test_a_purge_survives_a_snapshot() -> None:
+    s = Stream()
+    s.submit("w1")
+    s.ev("work.cancelled", "w1", reason=None)
+    s.ev("work.purged", "w1", reason="retention")
+    restored = decode_state(encode_state(s.state()))
+    assert restored.work == {} and restored.purged_counts["cancelled"] == 1
+    assert restored.work_by_status["cancelled"] == {}

@@ -27,6 +27,8 @@ def project_stats(view: ProjectView) -> dict[str, Any]:
         "failedWork": c["failed"] + c["cancelled"],
         "cancelledWork": c["cancelled"],
         "deadLetteredWork": dead,
+        # Finished items retention took out of the projection (their events stay in the stream).
+        "purgedWork": sum(s.purged_counts.values()),
         "targets": len(s.targets),
         "lastActivity": s.last_activity,
         "seq": s.seq,
@@ -56,8 +58,8 @@ async def stats(request: web.Request) -> web.Response:
     by_project = {v.project: project_stats(v) for v in await _views(request)}
     keys = ("agents", "pendingWork", "activeWork", "completedWork", "failedWork", "targets")
     totals = {k: sum(p[k] for p in by_project.values()) for k in keys}
-    totals["cancelledWork"] = sum(p["cancelledWork"] for p in by_project.values())
-    totals["deadLetteredWork"] = sum(p["deadLetteredWork"] for p in by_project.values())
+    for extra in ("cancelledWork", "deadLetteredWork", "purgedWork"):  # fields the original lacks
+        totals[extra] = sum(p[extra] for p in by_project.values())
     body = {"timestamp": utc_now(), "totalProjects": len(by_project), "totals": totals, "byProject": by_project}
     return _cached(request, body)
 

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from projections.state import LIVE_ASSIGNMENT, TERMINAL_WORK, ProjectState, Record
+from projections.work import purgeable
 from weft.commands.core import BatchOutcome, CommandsBase, Ctx, Outcome
 from weft.errors import Conflict, NotFound
 from weft.events import Event, format_ts, new_uuid
@@ -210,6 +211,18 @@ class WorkCommands(CommandsBase):
         def decide(state: ProjectState) -> Event:
             item = _dead_letter(state, work_id)
             return self.event(ctx, "work.discarded", item["id"], {"reason": reason})
+
+        return await self.execute(ctx, f"work.{work_id}", decide)
+
+    async def purge_work(self, ctx: Ctx, work_id: str, finished_before: str, epoch: int) -> Outcome:
+        """Scheduler (retention): drop a finished item from the projection. Its events stay in the
+        stream, so a replay still shows it; reads answer 404 from then on."""
+
+        def decide(state: ProjectState) -> Event | None:
+            item = state.work.get(work_id)
+            if item is None or not purgeable(item) or item["updatedAt"] >= finished_before:
+                return None
+            return self.event(ctx, "work.purged", work_id, {"reason": "retention"}, epoch=epoch)
 
         return await self.execute(ctx, f"work.{work_id}", decide)
 
