@@ -17,6 +17,7 @@ batch headers are set here; the stream must have `allow_atomic` (nats-server 2.1
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -58,6 +59,10 @@ class GroupCommit:
         self.batched = 0
         self._queue: list[_Pending] = []
         self._task: asyncio.Task[None] | None = None
+        # Batch ids only need to differ among the stream's batches in flight, but the stream keeps
+        # them in every batched message's headers: a random prefix per batcher and a counter.
+        self._id_prefix = new_id()[:8]
+        self._ids = itertools.count(1)
 
     def crowded(self) -> bool:
         return self.inflight >= self.after
@@ -111,7 +116,7 @@ class GroupCommit:
                 self.kick()
 
     async def _send(self, batch: list[_Pending]) -> tuple[int, int]:
-        batch_id = new_id()
+        batch_id = f"{self._id_prefix}{next(self._ids):x}"
         n = len(batch)
         for i, p in enumerate(batch, 1):
             headers = {**p.headers, BATCH_ID: batch_id, BATCH_SEQUENCE: str(i)}

@@ -15,6 +15,7 @@ from nats.aio.client import Client as NATS
 from nats.js import api
 
 from projections import fold, state_hash
+from weft import natsconn
 from weft.embedded import EmbeddedNats
 from weft.events import Event, stream_name
 from weft.eventstore import Appended, ConcurrencyConflict, EventStore
@@ -494,3 +495,25 @@ async def test_group_commit_off_never_batches(nc: NATS, project: str) -> None:
     store = EventStore(nc.jetstream(), group_commit_after=0)
     await asyncio.gather(*(store.append(work_submitted(project, f"w{i}"), 0) for i in range(50)))
     assert store._groups == {} and await store.last_seq(project) == 50
+
+
+async def test_batches_from_two_writers_interleave_without_mixing(
+    batching: EventStore, nats_server: EmbeddedNats, project: str
+) -> None:
+    """Two replicas (two connections) batching into one stream at once: a batch is stored in one
+    piece, so each writer's reported sequences are exactly where its events are."""
+    other_nc = await natsconn.connect(nats_server.url)
+    try:
+        other = EventStore(other_nc.jetstream(), group_commit_after=1)
+        mine = [work_submitted(project, f"a{i}") for i in range(150)]
+        theirs = [work_submitted(project, f"b{i}") for i in range(150)]
+        results = await asyncio.gather(
+            *(batching.append(ev, 0) for ev in mine), *(other.append(ev, 0) for ev in theirs)
+        )
+        assert sorted(r.seq for r in results) == list(range(1, 301))
+        stored = {e.seq: e.id for e in await read_all(batching, project)}
+        assert all(stored[ev.seq] == ev.id for ev in mine + theirs)
+        groups = [s._groups[stream_name(project)] for s in (batching, other)]
+        assert all(g is not None and g.batches > 0 for g in groups)
+    finally:
+        await other_nc.close()
