@@ -16,7 +16,6 @@ from typing import Any
 
 import orjson
 from nats.aio.client import Client as NATS
-from nats.js import api
 
 from bench import eventgen
 from bench.raw import BenchError, Timed, publish_core, publish_pipelined, replay_ordered, replay_ordered_iter
@@ -166,39 +165,6 @@ def in_process_fold(raws: list[bytes], *, gc_off: bool = False) -> Timed:
         gc.enable()
 
 
-async def callback_fold(js: Any, project: str, total: int, *, time_limit_s: float) -> Timed:
-    """A prototype of a callback-driven tail (bench only): ordered consumer with cb=, decode + apply
-    in the callback. What a rebuild could reach if `Tail` did not read through `sub.messages`."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-    state = ProjectState(project=project)
-
-    async def on_msg(msg: Any) -> None:
-        apply(state, decode(msg.data, int(msg.metadata.sequence.stream)))
-        if state.seq >= total and not done.done():
-            done.set_result(None)
-
-    t = time.perf_counter()
-    sub = await js.subscribe(
-        f"weft.{project}.ev.>",
-        stream=stream_name(project),
-        cb=on_msg,
-        ordered_consumer=True,
-        config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL),
-        pending_msgs_limit=1_000_000,
-        pending_bytes_limit=512 * 1024 * 1024,
-    )
-    try:
-        await asyncio.wait_for(done, time_limit_s)
-    except TimeoutError:
-        raise BenchError(f"callback fold reached {state.seq}/{total} in {time_limit_s:.0f}s") from None
-    finally:
-        elapsed = time.perf_counter() - t
-        await sub.unsubscribe()
-    check_state(state, total, (total - eventgen.AGENTS) // eventgen.EVENTS_PER_ITEM)
-    return Timed(total, elapsed)
-
-
 # --- row 3: projection rebuild ------------------------------------------------------------------
 
 
@@ -213,7 +179,6 @@ class RebuildResult:
     raw_replay_iter: Timed  # the same stream through `sub.messages` (how Tail read before callbacks)
     inproc: Timed
     inproc_nogc: Timed
-    callback_fold: Timed | None = None
     rebuild: Ready | None = None  # the last round's replica (profile, state)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -257,7 +222,6 @@ async def bench_rebuild(url: str, project: str, items: int, *, profile: bool, ro
         raw_iter = await replay_ordered_iter(
             js, stream_name(project), f"weft.{project}.ev.>", total, time_limit_s=120
         )
-        cb_fold = await callback_fold(js, project, total, time_limit_s=120)
     finally:
         await nc.close()
     inproc, inproc_nogc = in_process_fold(raws), in_process_fold(raws, gc_off=True)
@@ -287,7 +251,6 @@ async def bench_rebuild(url: str, project: str, items: int, *, profile: bool, ro
         raw_replay_iter=raw_iter,
         inproc=inproc,
         inproc_nogc=inproc_nogc,
-        callback_fold=cb_fold,
         rebuild=ready,
     )
 

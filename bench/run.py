@@ -124,12 +124,6 @@ class Bench:
                      res.raw_replay_iter.rate, "msgs/s",
                      ratio=f"x{rate / res.raw_replay_iter.rate:.2f} rebuild/this",
                      extra={"seconds": res.raw_replay_iter.seconds}))
-        if res.callback_fold is not None:
-            cbf = res.callback_fold
-            self.row(Row("rebuild_callback_fold", "  prototype: ordered consumer cb= + decode + apply (bench)",
-                         cbf.rate, "events/s",
-                         ratio=f"x{cbf.rate / raw_rate:.2f} of raw replay" if raw_rate else "",
-                         extra={"seconds": cbf.seconds}))
         self.row(Row("rebuild_inproc", "  decode + apply in process, no NATS", res.inproc.rate, "events/s",
                      extra={"seconds": res.inproc.seconds}))
         self.row(Row("rebuild_inproc_nogc", "  decode + apply in process, cyclic GC paused", res.inproc_nogc.rate,
@@ -323,7 +317,7 @@ class Bench:
 
     def ordered_rows(self) -> list[Row]:
         order = ["raw_publish_pipelined", "raw_publish_awaited", "raw_replay", "raw_replay_iter", "rebuild",
-                 "rebuild_raw_weft_replay", "rebuild_vs_synthetic", "rebuild_raw_weft_replay_iter", "rebuild_callback_fold", "rebuild_inproc",
+                 "rebuild_raw_weft_replay", "rebuild_vs_synthetic", "rebuild_raw_weft_replay_iter", "rebuild_inproc",
                  "rebuild_inproc_nogc", "weft_publish_pipelined", "restart_fresh", "restart_fresh_parts", "restart_fresh_again", "restart_snapshot", "restart_snapshot_fetch",
                  "restart_snapshot_decode",
                  "restart_tail", "restart_snapshot_size", "restart_snapshot_write",
