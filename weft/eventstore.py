@@ -130,14 +130,15 @@ class EventStore:
         await self.ensure_stream(ev.project)
         payload, headers = ev.encode(), append_headers(ev, expected_seq)
         group = await self._group(ev.project)
-        if group is not None and group.crowded():
-            seq = await group.append(ev.subject, payload, headers)
+        if group is None:
+            return await self._publish(ev, payload, headers, expected_seq)
+        if group.crowded():
+            seq = await group.append(ev.subject, payload, headers)  # None: alone, slot counted
             if seq is not None:
                 ev.seq = seq
                 return Appended(seq=seq, duplicate=False)
-        if group is None:
-            return await self._publish(ev, payload, headers, expected_seq)
-        group.inflight += 1
+        else:
+            group.inflight += 1
         try:
             return await self._publish(ev, payload, headers, expected_seq)
         finally:

@@ -517,3 +517,13 @@ async def test_batches_from_two_writers_interleave_without_mixing(
         assert all(g is not None and g.batches > 0 for g in groups)
     finally:
         await other_nc.close()
+
+
+async def test_too_few_waiting_appends_go_one_by_one(batching: EventStore, project: str) -> None:
+    """Below `min_batch` waiting appends a commit costs more than it saves: queued appends take
+    single slots as they free up, and every one lands."""
+    await batching.append(work_submitted(project, "first"), 0)  # stream and batcher exist
+    results = await asyncio.gather(*(batching.append(work_submitted(project, f"w{i}"), 0) for i in range(5)))
+    group = batching._groups[stream_name(project)]
+    assert group is not None and group.batches == 0 and group.inflight == 0
+    assert sorted(r.seq for r in results) == [2, 3, 4, 5, 6]
