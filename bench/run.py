@@ -135,11 +135,7 @@ class Bench:
                      extra={"seconds": res.publish.seconds}))
         if ready.profile:
             self.profiles["rebuild"] = ready.profile
-        nc = await connect(url)
-        try:
-            await nc.jetstream().delete_stream("WEFT_benchrebuild")
-        finally:
-            await nc.close()
+        await self._drop_stream(url, "WEFT_benchrebuild")
 
     # --- 5: REST submit -------------------------------------------------------------------------
 
@@ -161,6 +157,7 @@ class Bench:
                     results.append(await rest.fire(base, n, c, time_limit_s=self.cfg.rest_time_limit_s))
             if prof_path is not None and prof_path.exists():
                 self.profiles["weft serve (REST submit)"] = rebuild.profile_file_text(prof_path)
+            await self._drop_stream(url, f"WEFT_{rest.PROJECT}")  # later sections start without it
         except rest.NotReady as err:
             progress(f"rest: n/a: {err}")
             self.row(Row("rest_submit", metric, None, "req/s", note="n/a (weft serve not ready)",
@@ -188,6 +185,13 @@ class Bench:
         if errors:
             self.row(Row("rest_errors", "  submit errors (non-2xx / failed)", float(errors), "requests",
                          note="", ratio=first_error[:60]))
+
+    async def _drop_stream(self, url: str, stream: str) -> None:
+        nc = await connect(url)
+        try:
+            await nc.jetstream().delete_stream(stream)
+        finally:
+            await nc.close()
 
     async def _raw_publish_round(self, url: str, stream: str, m: int) -> float:
         nc = await connect(url)
