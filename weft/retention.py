@@ -1,14 +1,16 @@
 """Retention: which finished work items the scheduler purges from the projection, and when.
 
-Pure (the clock is a parameter). Finished items (completed, cancelled, dead-lettered then discarded)
-whose last change is older than the retention period leave the projection through `work.purged`
-events; their events stay in the stream, so `weft replay` still shows them. Without this, every item
-ever submitted stays in memory and in every snapshot (a cold restart of 1,000,000 events spends most
-of its time faulting in the ~1.5 GB that 200,000 finished items take).
+Pure: the clock is a parameter and the scan position is the caller's `Cursor`. Finished items
+(completed, cancelled, dead-lettered then discarded) whose last change is older than the retention
+period leave the projection through `work.purged` events; their events stay in the stream, so
+`weft replay` still shows them. Without this, every item ever submitted stays in memory and in
+every snapshot (a cold restart of 1,000,000 events spends most of its time faulting in the ~1.5 GB
+that 200,000 finished items take).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from projections.state import ProjectState
@@ -21,22 +23,36 @@ def cutoff(now: datetime, retain_s: float) -> str:
     return format_ts(now - timedelta(seconds=retain_s))
 
 
-def due_for_purge(state: ProjectState, before: str, limit: int) -> list[str]:
-    """Up to `limit` purgeable items last changed before `before`, oldest first per status.
+FINISHED = ("completed", "cancelled", "failed")
 
-    Completed and cancelled items sit in the status index in the order they finished, so the scan
-    stops at the first one that is too recent: O(purged), not O(items). Failed items are scanned in
-    full, since only discarded DLQ entries qualify (the DLQ is small)."""
+
+@dataclass
+class Cursor:
+    """Where the next pass resumes in each finished status (positions in the status index)."""
+
+    at: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FINISHED, 0))
+
+
+def due_for_purge(
+    state: ProjectState, before: str, limit: int, cursor: Cursor, *, budget: int = 20_000
+) -> list[str]:
+    """Up to `limit` purgeable items last changed before `before`, looking at no more than
+    `budget` items per pass (a pass runs on the event loop); `cursor` carries on from there next
+    time, wrapping around. A pass scans rather than stopping at the first recent item: after a
+    restart the status index is in submission order, not finishing order."""
     out: list[str] = []
-    for status in ("completed", "cancelled", "failed"):
-        for wid in state.work_by_status[status]:
-            if len(out) >= limit:
-                return out
-            item = state.work[wid]
-            if item["updatedAt"] >= before:
-                if status == "failed":
-                    continue
-                break
-            if purgeable(item):
-                out.append(wid)
+    work = state.work
+    per_status = max(1, budget // len(FINISHED))
+    for status in FINISHED:
+        ids = list(state.work_by_status[status])
+        start = cursor.at[status] if cursor.at[status] < len(ids) else 0
+        end = min(len(ids), start + per_status)
+        for i in range(start, end):
+            item = work[ids[i]]
+            if item["updatedAt"] < before and purgeable(item):
+                out.append(ids[i])
+                if len(out) >= limit:
+                    cursor.at[status] = i + 1
+                    return out
+        cursor.at[status] = end  # the next pass wraps to 0 once past the end
     return out

@@ -79,6 +79,7 @@ class ProjectScheduler:
         self._deadline_s = config.idle_tick_s
         self.ctx = Ctx(project=self.project, actor="scheduler")
         self._next_purge: datetime | None = None  # the first tick looks at once
+        self._purge_cursor = retention.Cursor()
 
     def start(self) -> None:
         self.view.listeners.append(self._on_event)
@@ -201,10 +202,11 @@ class ProjectScheduler:
         if cfg.retain_done_s <= 0 or (self._next_purge is not None and now < self._next_purge):
             return []
         before = retention.cutoff(now, cfg.retain_done_s)
-        due = retention.due_for_purge(state, before, cfg.purge_batch)
-        # A full batch means more are due: look again on the next tick instead of in a minute.
+        due = retention.due_for_purge(state, before, cfg.purge_batch, self._purge_cursor)
+        # Found some: more may be due further on, so look again soon (not at once: if the purges
+        # cannot be appended, NATS down say, the next pass must not spin).
         every = min(cfg.purge_every_s, cfg.retain_done_s / 2)  # a short retention is checked as often
-        self._next_purge = now if len(due) >= cfg.purge_batch else now + timedelta(seconds=every)
+        self._next_purge = now + timedelta(seconds=min(1.0, every) if due else every)
         return [self.commands.purge_work(self.ctx, wid, before, self.epoch) for wid in due]
 
     def _silent_for(self, agent: Record, now: datetime) -> float:
