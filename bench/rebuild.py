@@ -191,12 +191,6 @@ class RebuildResult:
         return [rate / raw.rate for rate, raw in zip(self.rates, self.raw_replays, strict=True)]
 
 
-def median(xs: list[float]) -> float:
-    ys = sorted(xs)
-    mid = len(ys) // 2
-    return ys[mid] if len(ys) % 2 else (ys[mid - 1] + ys[mid]) / 2
-
-
 async def bench_rebuild(url: str, project: str, items: int, *, profile: bool, rounds: int) -> RebuildResult:
     nc = await connect(url)
     try:

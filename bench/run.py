@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -105,8 +106,8 @@ class Bench:
         raw_pub = self.value("raw_publish_pipelined")
         ready = res.rebuild
         assert ready is not None
-        rate, ratio = rebuild.median(res.rates), rebuild.median(res.ratios)
-        same_raw = rebuild.median([r.rate for r in res.raw_replays])
+        rate, ratio = statistics.median(res.rates), statistics.median(res.ratios)
+        same_raw = statistics.median([r.rate for r in res.raw_replays])
         rounds = ", ".join(f"{x:.2f}" for x in res.ratios)
         self.row(Row("rebuild", f"projection rebuild, new Replica to ready ({res.events:,} events, median of "
                      f"{len(res.ratios)})", rate, "events/s",
@@ -164,7 +165,7 @@ class Bench:
                          extra={"reason": str(err)}))
             return
         ratios = [r.rate / raw for r, raw in zip(results, raws, strict=True)]
-        ratio = rebuild.median(ratios)
+        ratio = statistics.median(ratios)
         res = results[sorted(range(len(results)), key=ratios.__getitem__)[len(results) // 2]]  # the median round
         errors = sum(r.errors for r in results)
         metric = f"weft REST submit, POST /api/work ({res.requests:,} req, C={c}, median of {len(results)})"
@@ -179,7 +180,7 @@ class Bench:
                      ratio=f"x{ratio:.2f} of raw pipelined, same rounds (>= {SUBMIT_TARGET:.2f}; rounds {rounds})",
                      verdict=verdict(ratio >= SUBMIT_TARGET and errors == 0), extra=extra))
         self.row(Row("rest_raw_paired", f"  raw pipelined publish in the same rounds ({m:,} x 300 B, median)",
-                     rebuild.median(raws), "msgs/s"))
+                     statistics.median(raws), "msgs/s"))
         self.row(Row("rest_p50", "  submit latency p50 (median round)", res.pct(50), "ms"))
         self.row(Row("rest_p99", "  submit latency p99 (median round)", res.pct(99), "ms"))
         if errors:

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
-from tests.servers import Reporter
+from tests.servers import Reporter, own_nats_server
 from weft import natsconn
-from weft.embedded import EmbeddedNats, NatsServerConfig, free_port
+from weft.embedded import EmbeddedNats
 from weft.eventstore import EventStore
 
 
@@ -38,12 +38,8 @@ async def no_stuck_tasks() -> AsyncIterator[None]:
 
 @pytest.fixture(scope="session")
 async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedNats]:
-    server = EmbeddedNats(
-        NatsServerConfig(store_dir=tmp_path_factory.mktemp("nats"), port=free_port(), server_name="weft-test")
-    )
-    await server.start()
-    yield server
-    await server.stop()
+    async with own_nats_server(tmp_path_factory, "test") as server:
+        yield server
 
 
 @pytest.fixture

@@ -15,10 +15,26 @@ from typing import Any
 
 import asyncssh
 import orjson
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from weft.embedded import EmbeddedNats, NatsServerConfig, free_port
 from weft.spinup.local import proc_stat
+
+
+@contextlib.asynccontextmanager
+async def own_nats_server(tmp_path_factory: pytest.TempPathFactory, name: str) -> AsyncIterator[EmbeddedNats]:
+    """A real nats-server on 127.0.0.1 and a free port, with its own store: for a test module whose
+    replicas must not see (or compete for) the projects of every other test on the session's server."""
+    server = EmbeddedNats(
+        NatsServerConfig(store_dir=tmp_path_factory.mktemp(f"nats-{name}"), port=free_port(), server_name=f"weft-{name}")
+    )
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
 
 
 class _Server(asyncssh.SSHServer):

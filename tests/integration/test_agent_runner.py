@@ -25,6 +25,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from tests.servers import own_nats_server
 from weft.agent.client import AgentClient, Assignment, Cancel, Shutdown, parse_push
 from weft.agent.main import add_arguments
 from weft.agent.runner import (
@@ -152,11 +153,8 @@ def settings_for(project: str, command: str, **kw: Any) -> AgentSettings:
 async def agent_nats(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedNats]:
     """A nats-server of this module's own: the session's weft replica (tests/conftest.py) would answer
     the protocol's subjects too and race the fake."""
-    server = EmbeddedNats(NatsServerConfig(store_dir=tmp_path_factory.mktemp("agent-nats"), port=free_port(),
-                                           server_name="weft-agent-test"))
-    await server.start()
-    yield server
-    await server.stop()
+    async with own_nats_server(tmp_path_factory, "agent-test") as server:
+        yield server
 
 
 @pytest.fixture

@@ -17,8 +17,9 @@ import nats
 import pytest
 
 from tests.processes import AgentProcess, WeftProcess, until
+from tests.servers import own_nats_server
 from tests.support import check_work_invariants
-from weft.embedded import EmbeddedNats, NatsServerConfig, free_port
+from weft.embedded import EmbeddedNats
 from weft.eventstore import EventStore
 
 pytestmark = pytest.mark.slow
@@ -29,11 +30,8 @@ FAST = {"WEFT_HEARTBEAT_MS": "500", "WEFT_ACCEPT_TIMEOUT_MS": "5000", "WEFT_LEAS
 
 @pytest.fixture(scope="module")
 async def e2e_nats(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedNats]:
-    server = EmbeddedNats(NatsServerConfig(store_dir=tmp_path_factory.mktemp("nats-e2e"), port=free_port(),
-                                           server_name="weft-e2e"))
-    await server.start()
-    yield server
-    await server.stop()
+    async with own_nats_server(tmp_path_factory, "e2e") as server:
+        yield server
 
 
 @pytest.fixture

@@ -21,9 +21,9 @@ import nats
 import pytest
 from aiohttp import web
 
-from tests.servers import Recorded, RecordingServer, run_sshd
+from tests.servers import Recorded, RecordingServer, own_nats_server, run_sshd
 from tests.support import Api, make_client
-from weft.embedded import EmbeddedNats, NatsServerConfig, die_with_parent, free_port
+from weft.embedded import EmbeddedNats, die_with_parent
 from weft.eventstore import EventStore
 from weft.service import WeftService
 from weft.settings import Settings
@@ -38,11 +38,8 @@ WORK = {"capability": "python", "boundary": "personal", "description": "build it
 async def fleet_nats(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedNats]:
     """A server of this module's own: a replica attaches every project on its server, and must not
     compete for (or be slowed by) the projects of every other test."""
-    server = EmbeddedNats(NatsServerConfig(store_dir=tmp_path_factory.mktemp("nats-fleet"), port=free_port(),
-                                           server_name="weft-fleet"))
-    await server.start()
-    yield server
-    await server.stop()
+    async with own_nats_server(tmp_path_factory, "fleet") as server:
+        yield server
 
 
 @pytest.fixture

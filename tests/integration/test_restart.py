@@ -17,7 +17,8 @@ import pytest
 
 from projections import fold, state_hash
 from tests.processes import WeftProcess
-from weft.embedded import EmbeddedNats, NatsServerConfig, free_port
+from tests.servers import own_nats_server
+from weft.embedded import EmbeddedNats
 from weft.eventstore import EventStore
 
 pytestmark = pytest.mark.slow
@@ -27,11 +28,8 @@ pytestmark = pytest.mark.slow
 async def own_nats(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedNats]:
     """A server of this module's own: weft processes attach every project on their server and
     would otherwise compete for the scheduler leases of other tests' projects."""
-    server = EmbeddedNats(NatsServerConfig(store_dir=tmp_path_factory.mktemp("nats-restart"), port=free_port(),
-                                           server_name="weft-restart"))
-    await server.start()
-    yield server
-    await server.stop()
+    async with own_nats_server(tmp_path_factory, "restart") as server:
+        yield server
 
 
 @pytest.fixture

@@ -13,8 +13,9 @@ from dataclasses import replace
 import pytest
 
 from projections import ProjectState, fold, state_hash
+from tests.servers import own_nats_server
 from tests.support import Api, FakeAgent, make_client
-from weft.embedded import EmbeddedNats, NatsServerConfig, free_port
+from weft.embedded import EmbeddedNats
 from weft.events import Event
 from weft.service import WeftService
 from weft.settings import Settings
@@ -24,11 +25,8 @@ WAIT = 15.0  # bound for events that should come long before; never a synchronis
 
 @pytest.fixture(scope="module")
 async def retention_nats(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedNats]:
-    server = EmbeddedNats(NatsServerConfig(store_dir=tmp_path_factory.mktemp("nats-retention"), port=free_port(),
-                                           server_name="weft-retention"))
-    await server.start()
-    yield server
-    await server.stop()
+    async with own_nats_server(tmp_path_factory, "retention") as server:
+        yield server
 
 
 @pytest.fixture
