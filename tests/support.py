@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -13,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from weft.api import create_app
 from weft.api.common import SERVICES
 from weft.service import WeftService
+from weft.settings import Settings
 
 
 class Api:
@@ -43,6 +46,22 @@ async def make_client(service: WeftService, **overrides: Any) -> TestClient:
     client = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()
     return client
+
+
+@contextlib.asynccontextmanager
+async def own_replica(nats_url: str, project: str, **settings: Any) -> AsyncIterator[Api]:
+    """A weft replica of the test's own (in-process, no Warp bridge, no snapshots) with `settings`
+    overriding the defaults, so its scheduler leads the test's project with the timings it needs;
+    yields a REST client bound to the project."""
+    base = replace(Settings.from_env({}), snapshot_every=0, warp_bridge=False, replica_name=f"own-{project}")
+    service = WeftService(replace(base, **settings))
+    await service.start(nats_url, serve_http=False)
+    client = await make_client(service)
+    try:
+        yield Api(client, project, service)
+    finally:
+        await client.close()
+        await service.stop()
 
 
 class FakeAgent:

@@ -12,7 +12,6 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +21,9 @@ import pytest
 from aiohttp import web
 
 from tests.servers import Recorded, RecordingServer, own_nats_server, run_sshd
-from tests.support import Api, make_client
+from tests.support import Api, own_replica
 from weft.embedded import EmbeddedNats, die_with_parent
 from weft.eventstore import EventStore
-from weft.service import WeftService
-from weft.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -53,31 +50,22 @@ async def fleet_store(fleet_nats: EmbeddedNats) -> AsyncIterator[EventStore]:
 async def fleet_api(fleet_nats: EmbeddedNats, project: str) -> AsyncIterator[Api]:
     """A replica of this test's own, so its scheduler leads the test's project with fleet timings
     short enough to watch an idle agent being scaled down."""
-    settings = replace(
-        Settings.from_env({}),
-        replica_name=f"fleet-{project}",
-        snapshot_every=0,
-        heartbeat_ms=500,
-        accept_timeout_ms=10_000,
-        idle_timeout_ms=1_500,
-        lease_ttl_s=2.0,
-        warp_bridge=False,
-    )
-    service = WeftService(settings)
-    await service.start(fleet_nats.url, serve_http=False)
-    client = await make_client(service)
+    mechanisms: dict[str, Any] = {}
     try:
-        yield Api(client, project, service)
+        async with own_replica(
+            fleet_nats.url, project, heartbeat_ms=500, accept_timeout_ms=10_000, idle_timeout_ms=1_500, lease_ttl_s=2.0
+        ) as api:
+            assert api.service is not None
+            mechanisms = api.service.mechanisms
+            yield api
     finally:
-        await client.close()
-        await service.stop()
         # Local agents run in their own session on purpose (they outlive a weft restart): a test
-        # must end the ones its replica launched itself.
-        local = service.mechanisms["local"]
-        for pid in local.children():  # type: ignore[attr-defined]
+        # must end the ones its replica launched itself, once the replica has stopped.
+        local = mechanisms.get("local")
+        for pid in local.children() if local is not None else []:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-            await local.wait(pid)  # type: ignore[attr-defined]
+            await local.wait(pid)
 
 
 async def until(api: Api, check: Any, timeout: float = 60.0) -> Any:

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import replace
 
 import pytest
 
 from projections import ProjectState, fold, state_hash
 from tests.servers import own_nats_server
-from tests.support import Api, FakeAgent, make_client
+from tests.support import Api, FakeAgent, own_replica
 from weft.embedded import EmbeddedNats
 from weft.events import Event
-from weft.service import WeftService
-from weft.settings import Settings
 
 WAIT = 15.0  # bound for events that should come long before; never a synchronisation sleep
 
@@ -31,23 +28,8 @@ async def retention_nats(tmp_path_factory: pytest.TempPathFactory) -> AsyncItera
 
 @pytest.fixture
 async def short_retention(retention_nats: EmbeddedNats, project: str) -> AsyncIterator[Api]:
-    settings = replace(
-        Settings.from_env({}),
-        replica_name=f"retention-{project}",
-        snapshot_every=0,
-        heartbeat_ms=1000,
-        lease_ttl_s=2.0,
-        warp_bridge=False,
-        retain_done_s=0.5,
-    )
-    service = WeftService(settings)
-    await service.start(retention_nats.url, serve_http=False)
-    client = await make_client(service)
-    try:
-        yield Api(client, project, service)
-    finally:
-        await client.close()
-        await service.stop()
+    async with own_replica(retention_nats.url, project, heartbeat_ms=1000, lease_ttl_s=2.0, retain_done_s=0.5) as api:
+        yield api
 
 
 async def test_finished_items_are_purged_and_live_ones_stay(short_retention: Api) -> None:
