@@ -20,7 +20,7 @@ from nats.aio.client import Client as NATS
 from bench import eventgen
 from bench.raw import BenchError, Timed, publish_core, publish_pipelined, replay_ordered, replay_ordered_iter
 from bench.server import connect
-from projections import ProjectState, apply
+from projections import ProjectState, apply, encode_state
 from weft.events import decode, stream_name
 from weft.eventstore import EventStore
 from weft.replica import ProjectView, Replica
@@ -46,7 +46,7 @@ class TimedStore(EventStore):
         self.snapshot_bytes = len(raw or b"")
         return raw
 
-    async def save_snapshot(self, project: str, payload: bytes) -> None:
+    async def save_snapshot(self, project: str, payload: bytes | bytearray) -> None:
         t = time.perf_counter()
         await super().save_snapshot(project, payload)
         self.save_s += time.perf_counter() - t
@@ -271,9 +271,19 @@ class RestartResult:
     snapshot_seq: int = 0
     snapshot_bytes: int = 0
     snapshot_write_s: float = 0.0
+    # encode_state on the event loop (a replica's snapshot stall): every item decoded, as after
+    # a full fold, and right after a restart, with the items still encoded
+    encode_decoded_s: float = 0.0
+    encode_loaded_s: float = 0.0
     with_snapshot: Ready | None = None
     fresh_process: dict[str, float] | None = None  # bench.restart_probe's report, plus wall_s
     fresh_process_again: dict[str, float] | None = None
+
+
+def time_encode(state: ProjectState) -> float:
+    t = time.perf_counter()
+    encode_state(state)
+    return time.perf_counter() - t
 
 
 async def load_stream(url: str, project: str, items: int, res: RestartResult) -> None:
@@ -355,12 +365,14 @@ async def snapshot_and_measure(
         store = TimedStore(nc.jetstream())
         replica = TimedReplica(store, snapshot_every=0)
         replica.views[project] = ProjectView(project, state)  # the state a rebuild would have given
+        res.encode_decoded_s = time_encode(state)
         try:
             res.snapshot_seq = await replica.snapshot_now(project)
         finally:
             await nc.close()
         res.snapshot_bytes, res.snapshot_write_s = store.saved_bytes, store.save_s
     else:
+        res.encode_decoded_s = time_encode(writer.replica.views[project].state)
         res.snapshot_seq = await writer.replica.snapshot_now(project)
         res.snapshot_bytes, res.snapshot_write_s = writer.store.saved_bytes, writer.store.save_s
         await close_ready(writer)
@@ -393,6 +405,7 @@ async def snapshot_and_measure(
     ready = await replica_to_ready(url, project, timeout_s=restart_limit_s, profile=profile)
     try:
         check_state(ready.state, res.events + res.tail_events, items + tail_items)
+        res.encode_loaded_s = time_encode(ready.state)
         res.with_snapshot = ready
     finally:
         await close_ready(ready)

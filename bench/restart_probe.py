@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import cProfile
 import os
+import resource
 import sys
 import time
 
@@ -39,6 +40,7 @@ async def main(url: str, project: str) -> None:
         "seq": view.state.seq,
         "work_items": len(view.state.work),
         "events_applied": view.state.events_applied,
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
     }
     if os.environ.get("WEFT_BENCH_PROBE_PROFILE"):
         import pstats

@@ -267,6 +267,7 @@ class Bench:
                          ratio=f"{fresh['wall_s'] - fresh['ready_s'] - fresh['connect_s']:.2f} / "
                                f"{fresh['snapshot_fetch_s']:.2f} / {fresh['snapshot_decode_s']:.2f} / "
                                f"{fresh['ready_s'] - fresh['snapshot_fetch_s'] - fresh['snapshot_decode_s']:.2f}"))
+            self.row(Row("restart_fresh_rss", "  peak memory (RSS) of that process", fresh["max_rss_mb"], "MB"))
         again = res.fresh_process_again
         if again is not None:
             self.row(Row("restart_fresh_again", "  second fresh process (memory pages already used once)",
@@ -285,8 +286,10 @@ class Bench:
         self.row(Row("restart_tail", f"  tail replay after attach ({res.tail_events:,} events)", tail_s, "s"))
         self.row(Row("restart_snapshot_size", "  snapshot size", res.snapshot_bytes / 1e6, "MB",
                      extra={"bytes": res.snapshot_bytes, "write_s": res.snapshot_write_s}))
-        self.row(Row("restart_snapshot_write", "  snapshot write (encode + object store put)",
+        self.row(Row("restart_snapshot_write", "  snapshot write (object store put, a background task)",
                      res.snapshot_write_s, "s"))
+        self.row(Row("restart_snapshot_encode", "  snapshot encode on the event loop: every item decoded",
+                     res.encode_decoded_s, "s", ratio=f"{res.encode_loaded_s:.2f} s after a restart"))
         ns = res.no_snapshot
         self.row(Row("restart_no_snapshot", f"restart to ready without snapshot ({res.events:,} events)",
                      ns.seconds if ns else None, "s", note=res.no_snapshot_note,

@@ -12,10 +12,12 @@ from typing import Any
 
 import orjson
 
-Record = dict[str, Any]
+from projections.worktable import Record as Record  # re-exported: the one record type
+from projections.worktable import WorkTable
 
 # Bump when the folded shape changes: snapshots of another schema are ignored and state is rebuilt.
-STATE_SCHEMA = 3
+# 4: the encoding (the items as a JSON array, then a footer line), same fields as 3.
+STATE_SCHEMA = 4
 
 WORK_STATUSES = ("pending", "assigned", "in-progress", "completed", "failed", "cancelled")
 TERMINAL_WORK = frozenset({"completed", "failed", "cancelled"})
@@ -26,7 +28,7 @@ LIVE_ASSIGNMENT = frozenset({"assigned", "in-progress"})
 class ProjectState:
     project: str
     seq: int = 0  # last stream sequence folded in
-    work: dict[str, Record] = field(default_factory=dict)
+    work: WorkTable = field(default_factory=WorkTable)
     agents: dict[str, Record] = field(default_factory=dict)
     targets: dict[str, Record] = field(default_factory=dict)
     # "<entity>.<id>" -> last stream sequence on that subject, for optimistic concurrency.
@@ -41,15 +43,20 @@ class ProjectState:
     last_activity: str | None = None
     # Highest scheduler epoch seen: decision events of an older epoch (a deposed leader) are fenced.
     epoch: int = 0
-    # Derived, never encoded or hashed: work ids by status, in insertion order, kept by the fold
+    # Derived, never hashed: work ids by status, in the order they reached it, kept by the fold
     # (`projections.work.set_status`). The scheduler and filtered reads walk one status's items
-    # instead of every item ever submitted. Rebuilt by `from_dict` and `reindex_work`.
+    # instead of every item ever submitted. A snapshot carries it (so a restart decodes no item to
+    # rebuild it, and keeps the fold's order); it is not part of `state_hash`.
     work_by_status: dict[str, dict[str, None]] = field(
         default_factory=lambda: {s: {} for s in WORK_STATUSES}, compare=False, repr=False
     )
 
+    def __post_init__(self) -> None:
+        if isinstance(self.work, dict):  # a plain dict of items (tests, a one-item routing view)
+            self.work = WorkTable(self.work)
+
     def reindex_work(self) -> None:
-        """Rebuild `work_by_status` from `work` (after decoding, or after editing `work` directly)."""
+        """Rebuild `work_by_status` from `work` after editing `work` directly (decodes every item)."""
         index: dict[str, dict[str, None]] = {s: {} for s in WORK_STATUSES}
         for wid, item in self.work.items():
             index[item["status"]][wid] = None
@@ -61,11 +68,11 @@ class ProjectState:
         return [work[wid] for wid in self.work_by_status[status]]
 
     def to_dict(self) -> dict[str, Any]:
+        """Everything but the work items (see `encode_state`)."""
         return {
             "schema": STATE_SCHEMA,
             "project": self.project,
             "seq": self.seq,
-            "work": self.work,
             "agents": self.agents,
             "targets": self.targets,
             "entity_seq": self.entity_seq,
@@ -78,13 +85,13 @@ class ProjectState:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ProjectState:
+    def from_dict(cls, d: dict[str, Any], work: WorkTable) -> ProjectState:
         if d.get("schema") != STATE_SCHEMA:
             raise ValueError(f"snapshot schema {d.get('schema')} != {STATE_SCHEMA}")
-        state = cls(
+        return cls(
             project=d["project"],
             seq=d["seq"],
-            work=d["work"],
+            work=work,
             agents=d["agents"],
             targets=d["targets"],
             entity_seq=d["entity_seq"],
@@ -95,21 +102,57 @@ class ProjectState:
             last_activity=d["last_activity"],
             epoch=d.get("epoch", 0),
         )
-        state.reindex_work()
-        return state
 
 
-def encode_state(state: ProjectState) -> bytes:
-    return orjson.dumps(state.to_dict(), option=orjson.OPT_SORT_KEYS)
+# The encoding: the items as one JSON array, in id order, each with sorted keys; a newline; then
+# one line of JSON, the footer: every other field, plus the items' ids and each one's length.
+# Compact JSON holds no raw newline, so the last one starts the footer. Items first lets the
+# encoder append the footer to the array it built instead of copying both into a third buffer. A
+# loaded state keeps the items encoded until read (`WorkTable`), which is what makes a restart fast.
+
+
+def _footer(state: ProjectState, ids: list[str], lengths: list[int], index: bool) -> bytes:
+    footer = state.to_dict()
+    footer["work_ids"] = ids
+    footer["work_lengths"] = lengths
+    if index:
+        footer["work_index"] = {s: list(wids) for s, wids in state.work_by_status.items()}
+    return b"\n" + orjson.dumps(footer, option=orjson.OPT_SORT_KEYS)
+
+
+def encode_state(state: ProjectState) -> bytearray:
+    ids, lengths, out = state.work.encoded()
+    out += _footer(state, ids, lengths, index=True)
+    return out
 
 
 def decode_state(raw: bytes | bytearray) -> ProjectState:
-    d = orjson.loads(raw)
-    if not isinstance(d, dict):
-        raise ValueError("snapshot is not an object")
-    return ProjectState.from_dict(d)
+    """The state a snapshot holds; its items stay encoded in `raw` (kept alive) until read."""
+    buf = memoryview(raw)
+    end = raw.rfind(b"\n")
+    footer = orjson.loads(buf[end + 1 :])
+    if not isinstance(footer, dict):
+        raise ValueError("snapshot footer is not an object")
+    if footer.get("schema") != STATE_SCHEMA:
+        raise ValueError(f"snapshot schema {footer.get('schema')} != {STATE_SCHEMA}")
+    if end < 0:
+        raise ValueError("snapshot has no item section")
+    ids, index = footer["work_ids"], footer["work_index"]
+    work = WorkTable.from_encoded(buf[:end], ids, footer["work_lengths"])
+    state = ProjectState.from_dict(footer, work)
+    by_status = {s: dict.fromkeys(index.get(s, ())) for s in WORK_STATUSES}
+    if sum(map(len, by_status.values())) != len(work) or any(
+        len(by_status[s]) != n for s, n in state.work_counts.items()
+    ):
+        raise ValueError("snapshot status index disagrees with its items")
+    state.work_by_status = by_status
+    return state
 
 
 def state_hash(state: ProjectState) -> str:
-    """sha256 of the canonical encoding: equal on every replica that folded the same sequence."""
-    return hashlib.sha256(encode_state(state)).hexdigest()
+    """sha256 of the canonical encoding (without the derived status index): equal on every
+    replica that folded the same sequence, whether its items are decoded or not."""
+    ids, lengths, items = state.work.encoded()
+    digest = hashlib.sha256(items)
+    digest.update(_footer(state, ids, lengths, index=False))
+    return digest.hexdigest()

@@ -201,7 +201,7 @@ class Replica:
             raw = await self.store.load_snapshot(project)
             if raw is None:
                 return None
-            return decode_state(raw)  # under the caller's gcpause: 6.1 s vs 3.5 s for 230 MB
+            return decode_state(raw)  # items stay encoded in `raw` until read (projections.worktable)
         except (ValueError, orjson.JSONDecodeError, KeyError) as err:
             # A snapshot is an optimisation: an unreadable or old-schema one means a full replay.
             log.warning("snapshot ignored: %s", err, extra={"project": project})
@@ -216,7 +216,7 @@ class Replica:
         self._snapshot_tasks.add(task)
         task.add_done_callback(self._snapshot_tasks.discard)
 
-    async def _write_snapshot(self, project: str, payload: bytes, seq: int) -> None:
+    async def _write_snapshot(self, project: str, payload: bytes | bytearray, seq: int) -> None:
         try:
             await self.store.save_snapshot(project, payload)
             log.info("snapshot written", extra={"project": project, "seq": seq, "bytes": len(payload)})

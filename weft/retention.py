@@ -38,8 +38,9 @@ def due_for_purge(
 ) -> list[str]:
     """Up to `limit` purgeable items last changed before `before`, looking at no more than
     `budget` items per pass (a pass runs on the event loop); `cursor` carries on from there next
-    time, wrapping around. A pass scans rather than stopping at the first recent item: after a
-    restart the status index is in submission order, not finishing order."""
+    time, wrapping around. A pass scans rather than stopping at the first recent item: the index
+    is in the order items reached their status, and a dead letter becomes purgeable only when it
+    is discarded, long after it failed."""
     out: list[str] = []
     work = state.work
     per_status = max(1, budget // len(FINISHED))
@@ -48,7 +49,7 @@ def due_for_purge(
         start = cursor.at[status] if cursor.at[status] < len(ids) else 0
         end = min(len(ids), start + per_status)
         for i in range(start, end):
-            item = work[ids[i]]
+            item = work.peek(ids[i])  # a scan must not decode every finished item for good
             if item["updatedAt"] < before and purgeable(item):
                 out.append(ids[i])
                 if len(out) >= limit:

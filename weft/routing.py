@@ -26,6 +26,7 @@ from typing import Any, Final, Literal
 import orjson
 
 from projections.state import ProjectState, Record
+from projections.worktable import WorkTable
 
 ANY_BOUNDARY: Final = "*"
 
@@ -326,7 +327,9 @@ def effective_priority(item: Record, now: datetime, aging_per_minute: float) -> 
 def reason_for_new_item(state: ProjectState, item: Record, policy: RoutingPolicy, now: datetime) -> str | None:
     """Why a just-submitted item would wait (None: an eligible agent has a free slot now), judged
     as if it were the only pending item: O(agents), for the submit response."""
-    alone = ProjectState(project=state.project, work={item["id"]: item}, agents=state.agents, targets=state.targets)
+    alone = ProjectState(
+        project=state.project, work=WorkTable({item["id"]: item}), agents=state.agents, targets=state.targets
+    )
     alone.reindex_work()
     return plan_assignments(alone, policy, now).waiting.get(item["id"])
 

@@ -8,7 +8,8 @@ from weft.retention import Cursor, due_for_purge
 
 
 def finished_out_of_order() -> ProjectState:
-    """w0 is submitted first but finishes last: after a restart the status index lists it first."""
+    """w0 is submitted first but finishes last, and the index is rebuilt in submission order, so
+    it lists w0 first: a pass must look past a recent item."""
     s = Stream()
     for i in range(10):
         s.submit(f"w{i}")
@@ -17,7 +18,7 @@ def finished_out_of_order() -> ProjectState:
     s.ev("work.cancelled", "w0", reason=None)  # ts 00:00:20
     s.submit("live")
     state = s.state()
-    state.reindex_work()  # submission order, as a decoded snapshot has it
+    state.reindex_work()
     return state
 
 

@@ -1,0 +1,156 @@
+"""The snapshot encoding and the work table that keeps loaded items encoded until read."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from projections import ProjectState, apply, decode_state, encode_state, fold, state_hash
+from projections.state import STATE_SCHEMA
+from projections.worktable import WorkTable
+from tests.strategies import PROJECT, event_sequences
+from tests.unit.test_projections import PROPERTY, Stream
+from weft.events import Event
+
+
+def history() -> Stream:
+    s = Stream()
+    for i in range(5):
+        s.submit(f"w{i}")
+    s.register("a1", capacity=2)
+    s.assign("w3", "a1")
+    s.assign("w1", "a1")
+    s.ev(
+        "work.completed", "w3", agentGuid="a1", result={"summary": "ok", "nested": {"b": 1, "a": [1.5, None]}}
+    )
+    return s
+
+
+def loaded() -> tuple[ProjectState, ProjectState]:
+    """(the fold, the same state through a snapshot)."""
+    state = history().state()
+    return state, decode_state(encode_state(state))
+
+
+def test_a_loaded_state_decodes_no_item_until_one_is_read() -> None:
+    state, back = loaded()
+    assert back.work.encoded_count() == len(back.work) == 5
+    assert sorted(back.work) == [f"w{i}" for i in range(5)] and "w2" in back.work and "x" not in back.work
+    assert back.work["w3"] == state.work["w3"]
+    assert back.work.encoded_count() == 4
+    assert back.work.get("x") is None and back.work.encoded_count() == 4
+
+
+def test_a_read_item_is_kept_so_the_fold_can_change_it() -> None:
+    _, back = loaded()
+    item = back.work["w0"]
+    item["progress"] = 50
+    assert back.work.get("w0") is item and back.work["w0"]["progress"] == 50
+
+
+def test_peek_leaves_the_item_encoded() -> None:
+    state, back = loaded()
+    assert back.work.peek("w2") == state.work["w2"]
+    assert back.work.encoded_count() == 5
+    with pytest.raises(KeyError):
+        back.work.peek("nope")
+
+
+def test_delete_and_replace_an_encoded_item() -> None:
+    _, back = loaded()
+    del back.work["w4"]
+    assert "w4" not in back.work and len(back.work) == 4
+    with pytest.raises(KeyError):
+        del back.work["w4"]
+    back.work["w2"] = {"id": "w2", "status": "pending"}
+    assert back.work.encoded_count() == 3 and back.work["w2"] == {"id": "w2", "status": "pending"}
+
+
+def test_encoding_a_partly_read_state_gives_the_same_bytes_and_hash() -> None:
+    state, back = loaded()
+    first = encode_state(back)
+    assert back.work["w1"]  # a read decodes the item
+    back.work.peek("w0")
+    assert encode_state(back) == first == encode_state(state)
+    assert state_hash(back) == state_hash(state)
+    assert back == state and back.work == state.work
+
+
+def test_the_fold_continues_on_a_loaded_state_as_on_the_original() -> None:
+    s = history()
+    original = s.state()
+    back = decode_state(encode_state(original))
+    for ev in (
+        s.ev("work.cancelled", "w0", reason=None),
+        s.ev("work.completed", "w1", agentGuid="a1", result=None),
+        s.ev("work.purged", "w3", reason="retention"),
+    ):
+        apply(original, ev)
+        apply(back, ev)
+    assert state_hash(back) == state_hash(original)
+    assert list(back.work_by_status["cancelled"]) == ["w0"] and "w3" not in back.work
+    assert back.work.encoded_count() == 2, "only the items the events touched were decoded"
+
+
+def test_the_status_index_keeps_its_order_through_a_snapshot_but_is_not_hashed() -> None:
+    s = history()
+    s.ev("work.cancelled", "w4", reason=None)
+    s.ev("work.cancelled", "w0", reason=None)
+    state = s.state()
+    back = decode_state(encode_state(state))
+    assert list(back.work_by_status["cancelled"]) == ["w4", "w0"], "finishing order, not submission order"
+    state.reindex_work()
+    assert list(state.work_by_status["cancelled"]) == ["w0", "w4"]
+    assert state_hash(state) == state_hash(back)
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda footer, items: (footer, items[:-1]),  # the items cut short
+        lambda footer, items: ({**footer, "work_ids": footer["work_ids"][:-1]}, items),
+        lambda footer, items: ({**footer, "work_ids": ["w0"] * len(footer["work_ids"])}, items),
+        lambda footer, items: ({**footer, "work_index": {**footer["work_index"], "pending": []}}, items),
+        lambda footer, items: ({**footer, "work_counts": {**footer["work_counts"], "pending": 0}}, items),
+        lambda footer, items: ({**footer, "schema": STATE_SCHEMA - 1}, items),
+    ],
+    ids=["short-items", "ids-vs-lengths", "repeated-id", "index-vs-items", "index-vs-counts", "schema"],
+)
+def test_an_inconsistent_snapshot_is_refused(mangle) -> None:  # type: ignore[no-untyped-def]
+    raw = encode_state(history().state())
+    cut = raw.rindex(b"\n")
+    footer, items = mangle(orjson.loads(raw[cut + 1 :]), bytes(raw[:cut]))
+    decode_state(raw)  # as written, it loads
+    with pytest.raises((ValueError, KeyError)):
+        decode_state(items + b"\n" + orjson.dumps(footer))
+
+
+def test_a_snapshot_without_an_item_section_is_refused() -> None:
+    footer = encode_state(ProjectState(project="p")).split(b"\n")[1]
+    with pytest.raises(ValueError, match="item section"):
+        decode_state(footer)
+
+
+def test_a_table_from_a_dict_is_all_decoded() -> None:
+    table = WorkTable({"a": {"id": "a"}})
+    assert (
+        table.encoded_count() == 0
+        and table.values() == [{"id": "a"}]
+        and table.items() == [("a", {"id": "a"})]
+    )
+    assert ProjectState(project="p", work={"a": {"id": "a"}}).work == table  # type: ignore[arg-type]
+
+
+@PROPERTY
+@given(event_sequences(), st.data())
+def test_reading_any_items_of_a_loaded_state_changes_nothing(
+    events: list[Event], data: st.DataObject
+) -> None:
+    state = fold(events, project=PROJECT)
+    back = decode_state(encode_state(state))
+    ids = sorted(back.work)
+    for wid in data.draw(st.lists(st.sampled_from(ids), unique=True) if ids else st.just([]), label="read"):
+        assert back.work[wid] == state.work[wid]
+    assert encode_state(back) == encode_state(state)
