@@ -26,6 +26,16 @@ from weft.eventstore import EventStore
 from weft.replica import ProjectView, Replica
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Not getrusage's ru_maxrss: Linux carries the forking
+    parent's peak into it across exec (the bench's own 1 GB, measured in a probe it spawned)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return 0.0
+
+
 class TimedStore(EventStore):
     """EventStore that records snapshot sizes and fetch times (and can pretend there is none)."""
 
@@ -36,6 +46,7 @@ class TimedStore(EventStore):
         self.snapshot_bytes = 0
         self.saved_bytes = 0
         self.save_s = 0.0
+        self.peak_rss_after_fetch_mb = 0.0
 
     async def load_snapshot(self, project: str) -> bytes | bytearray | None:
         if self.ignore_snapshots:
@@ -44,9 +55,10 @@ class TimedStore(EventStore):
         raw = await super().load_snapshot(project)
         self.snapshot_fetch_s += time.perf_counter() - t
         self.snapshot_bytes = len(raw or b"")
+        self.peak_rss_after_fetch_mb = peak_rss_mb()
         return raw
 
-    async def save_snapshot(self, project: str, payload: bytes | bytearray) -> None:
+    async def save_snapshot(self, project: str, payload: bytes) -> None:
         t = time.perf_counter()
         await super().save_snapshot(project, payload)
         self.save_s += time.perf_counter() - t

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import cProfile
 import os
-import resource
 import sys
 import time
 
@@ -17,7 +16,7 @@ T_IMPORTS = time.perf_counter()
 
 import orjson  # noqa: E402
 
-from bench.rebuild import TimedReplica, TimedStore  # noqa: E402
+from bench.rebuild import TimedReplica, TimedStore, peak_rss_mb  # noqa: E402
 from weft import loop, natsconn  # noqa: E402
 
 
@@ -40,7 +39,8 @@ async def main(url: str, project: str) -> None:
         "seq": view.state.seq,
         "work_items": len(view.state.work),
         "events_applied": view.state.events_applied,
-        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+        "max_rss_mb": peak_rss_mb(),
+        "max_rss_after_fetch_mb": store.peak_rss_after_fetch_mb,
     }
     if os.environ.get("WEFT_BENCH_PROBE_PROFILE"):
         import pstats

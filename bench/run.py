@@ -267,7 +267,8 @@ class Bench:
                          ratio=f"{fresh['wall_s'] - fresh['ready_s'] - fresh['connect_s']:.2f} / "
                                f"{fresh['snapshot_fetch_s']:.2f} / {fresh['snapshot_decode_s']:.2f} / "
                                f"{fresh['ready_s'] - fresh['snapshot_fetch_s'] - fresh['snapshot_decode_s']:.2f}"))
-            self.row(Row("restart_fresh_rss", "  peak memory (RSS) of that process", fresh["max_rss_mb"], "MB"))
+            self.row(Row("restart_fresh_rss", "  peak memory (RSS) of that process", fresh["max_rss_mb"], "MB",
+                         ratio=f"{fresh['max_rss_after_fetch_mb']:,.0f} MB once the snapshot was fetched"))
         again = res.fresh_process_again
         if again is not None:
             self.row(Row("restart_fresh_again", "  second fresh process (memory pages already used once)",
@@ -326,9 +327,9 @@ class Bench:
     def ordered_rows(self) -> list[Row]:
         order = ["raw_publish_pipelined", "raw_publish_awaited", "raw_replay", "raw_replay_iter", "rebuild",
                  "rebuild_raw_weft_replay", "rebuild_vs_synthetic", "rebuild_raw_weft_replay_iter", "rebuild_inproc",
-                 "rebuild_inproc_nogc", "weft_publish_pipelined", "restart_fresh", "restart_fresh_parts", "restart_fresh_again", "restart_snapshot", "restart_snapshot_fetch",
+                 "rebuild_inproc_nogc", "weft_publish_pipelined", "restart_fresh", "restart_fresh_parts", "restart_fresh_rss", "restart_fresh_again", "restart_snapshot", "restart_snapshot_fetch",
                  "restart_snapshot_decode",
-                 "restart_tail", "restart_snapshot_size", "restart_snapshot_write",
+                 "restart_tail", "restart_snapshot_size", "restart_snapshot_write", "restart_snapshot_encode",
                  "restart_no_snapshot", "restart_load", "rest_submit", "rest_raw_paired", "rest_p50", "rest_p99", "rest_errors",
                  "loop_p50", "loop_p95", "loop_p99", "loop_throughput"]
         rows = [self.rows[k] for k in order if k in self.rows]

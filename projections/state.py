@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import orjson
@@ -120,10 +121,21 @@ def _footer(state: ProjectState, ids: list[str], lengths: list[int], index: bool
     return b"\n" + orjson.dumps(footer, option=orjson.OPT_SORT_KEYS)
 
 
-def encode_state(state: ProjectState) -> bytearray:
+def encode_state(state: ProjectState, *, settle: bool = False) -> bytes:
+    """The snapshot encoding. `settle`: afterwards hold completed and cancelled items (which no
+    event changes any more, only a purge removes) as slices of the returned bytes instead of
+    dicts, so a long-lived replica's memory does not grow with every item it ever finished."""
     ids, lengths, out = state.work.encoded()
+    items_end = len(out)
     out += _footer(state, ids, lengths, index=True)
-    return out
+    payload = bytes(out)  # a bytes object can be shared with the table; a bytearray can't be
+    del out
+    if settle:
+        by_status = state.work_by_status
+        state.work.rebase(
+            memoryview(payload)[:items_end], ids, lengths, chain(by_status["completed"], by_status["cancelled"])
+        )
+    return payload
 
 
 def decode_state(raw: bytes | bytearray) -> ProjectState:

@@ -74,22 +74,23 @@ def release_agent(state: ProjectState, item: Record, ts: str) -> None:
             agent["status"] = "online"
 
 
-def _submitted(state: ProjectState, item: Record | None, ev: Event) -> None:
+def _submitted(state: ProjectState, item: Record | None, ev: Event) -> bool:
     if item is not None:
-        return
+        return False
     state.work[ev.entity_id] = new_work(ev)
     state.work_counts["pending"] += 1
     state.work_by_status["pending"][ev.entity_id] = None
+    return True
 
 
-def _assigned(state: ProjectState, item: Record, ev: Event) -> None:
+def _assigned(state: ProjectState, item: Record, ev: Event) -> bool:
     agent = state.agents.get(ev.data["agentGuid"])
     # An agent lost or deregistered after the decision (another subject, so OCC cannot catch it)
     # gets nothing: the item stays pending for the next decision.
     if item["status"] != "pending" or agent is None or agent["status"] == "offline":
-        return
+        return False
     if len(agent["currentTasks"]) >= agent["maxConcurrentTasks"]:
-        return
+        return False
     set_status(state, item, "assigned")
     item.update(
         assignedTo=agent["guid"],
@@ -105,6 +106,7 @@ def _assigned(state: ProjectState, item: Record, ev: Event) -> None:
     agent["lastActivity"] = ev.ts
     if agent["currentTaskCount"] >= agent["maxConcurrentTasks"]:
         agent["status"] = "busy"
+    return True
 
 
 def _holder_matches(item: Record, ev: Event) -> bool:
@@ -112,21 +114,23 @@ def _holder_matches(item: Record, ev: Event) -> bool:
     return guid is None or guid == item["assignedTo"]
 
 
-def _started(state: ProjectState, item: Record, ev: Event) -> None:
+def _started(state: ProjectState, item: Record, ev: Event) -> bool:
     if item["status"] != "assigned" or not _holder_matches(item, ev):
-        return
+        return False
     set_status(state, item, "in-progress")
     item.update(startedAt=ev.ts, acceptBy=None)
+    return True
 
 
-def _progressed(state: ProjectState, item: Record, ev: Event) -> None:
+def _progressed(state: ProjectState, item: Record, ev: Event) -> bool:
     if item["status"] not in LIVE_ASSIGNMENT or not _holder_matches(item, ev):
-        return
+        return False
     if item["status"] == "assigned":
         set_status(state, item, "in-progress")
         item.update(startedAt=ev.ts, acceptBy=None)
     item.update(progress=max(0, min(100, int(ev.data["progress"]))), progressMessage=ev.data.get("message"))
     _touch_agent(state, item, ev.ts)
+    return True
 
 
 def _touch_agent(state: ProjectState, item: Record, ts: str) -> None:
@@ -135,9 +139,9 @@ def _touch_agent(state: ProjectState, item: Record, ts: str) -> None:
         agent["lastActivity"] = ts
 
 
-def _completed(state: ProjectState, item: Record, ev: Event) -> None:
+def _completed(state: ProjectState, item: Record, ev: Event) -> bool:
     if item["status"] not in LIVE_ASSIGNMENT or not _holder_matches(item, ev):
-        return
+        return False
     release_agent(state, item, ev.ts)
     set_status(state, item, "completed")
     agent = state.agents.get(item["assignedTo"] or "")
@@ -156,11 +160,12 @@ def _completed(state: ProjectState, item: Record, ev: Event) -> None:
             "completedAt": ev.ts,
         },
     )
+    return True
 
 
-def _failed(state: ProjectState, item: Record, ev: Event) -> None:
+def _failed(state: ProjectState, item: Record, ev: Event) -> bool:
     if item["status"] not in LIVE_ASSIGNMENT or not _holder_matches(item, ev):
-        return
+        return False
     d = ev.data
     error = {
         "message": d["message"],
@@ -177,6 +182,7 @@ def _failed(state: ProjectState, item: Record, ev: Event) -> None:
         _to_pending(state, item, d.get("retryAt"))
     else:
         _to_dead_letter(state, item, ev, d["message"])
+    return True
 
 
 def _to_pending(state: ProjectState, item: Record, retry_at: str | None) -> None:
@@ -199,42 +205,48 @@ def _to_dead_letter(state: ProjectState, item: Record, ev: Event, reason: str) -
     )
 
 
-def _requeued(state: ProjectState, item: Record, ev: Event) -> None:
+def _requeued(state: ProjectState, item: Record, ev: Event) -> bool:
     if item["status"] not in LIVE_ASSIGNMENT:
-        return
+        return False
     release_agent(state, item, ev.ts)
     _to_pending(state, item, ev.data.get("retryAt"))
     item["lastRequeueReason"] = ev.data["reason"]
+    return True
 
 
-def _dead_lettered(state: ProjectState, item: Record, ev: Event) -> None:
+def _dead_lettered(state: ProjectState, item: Record, ev: Event) -> bool:
     if item["status"] in TERMINAL_WORK:
-        return
+        return False
     release_agent(state, item, ev.ts)
     _to_dead_letter(state, item, ev, ev.data["reason"])
+    return True
 
 
-def _cancelled(state: ProjectState, item: Record, ev: Event) -> None:
+def _cancelled(state: ProjectState, item: Record, ev: Event) -> bool:
     if item["status"] in TERMINAL_WORK:
-        return
+        return False
     release_agent(state, item, ev.ts)
     set_status(state, item, "cancelled")
     item.update(cancelledAt=ev.ts, acceptBy=None, retryAt=None, cancelReason=ev.data.get("reason"))
+    return True
 
 
-def _retried(state: ProjectState, item: Record, ev: Event) -> None:
+def _retried(state: ProjectState, item: Record, ev: Event) -> bool:
     dl = item.get("deadLetter")
     if item["status"] != "failed" or not dl or dl["discarded"]:
-        return
+        return False
     _to_pending(state, item, None)
     item.update(attempts=0, deadLetter=None, completedAt=None, error=None)
+    return True
 
 
-def _discarded(state: ProjectState, item: Record, ev: Event) -> None:
+def _discarded(state: ProjectState, item: Record, ev: Event) -> bool:
     dl = item.get("deadLetter")
-    if item["status"] == "failed" and dl and not dl["discarded"]:
-        dl["discarded"] = True
-        dl["discardedAt"] = ev.ts
+    if item["status"] != "failed" or not dl or dl["discarded"]:
+        return False
+    dl["discarded"] = True
+    dl["discardedAt"] = ev.ts
+    return True
 
 
 def purgeable(item: Record) -> bool:
@@ -247,9 +259,9 @@ def purgeable(item: Record) -> bool:
     return status in ("completed", "cancelled")
 
 
-def _purged(state: ProjectState, item: Record, ev: Event) -> None:
+def _purged(state: ProjectState, item: Record, ev: Event) -> bool:
     if not purgeable(item):
-        return
+        return False
     status = item["status"]
     del state.work[item["id"]]
     state.work_by_status[status].pop(item["id"], None)
@@ -257,9 +269,11 @@ def _purged(state: ProjectState, item: Record, ev: Event) -> None:
     state.purged_counts[status] += 1
     # Nothing may be appended about the item any more; OCC then sees a stale expectation.
     state.entity_seq.pop("work." + item["id"], None)
+    return True
 
 
-HANDLERS: dict[str, Callable[[ProjectState, Any, Event], None]] = {
+# Each handler returns whether the event changed the item (False: its guard ignored the event).
+HANDLERS: dict[str, Callable[[ProjectState, Any, Event], bool]] = {
     "work.submitted": _submitted,
     "work.assigned": _assigned,
     "work.started": _started,
@@ -276,10 +290,12 @@ HANDLERS: dict[str, Callable[[ProjectState, Any, Event], None]] = {
 
 
 def apply_work(state: ProjectState, ev: Event) -> None:
+    """Fold one work event. `updatedAt` moves only when the event changed the item: an ignored
+    event leaves a finished item as it was (snapshots rely on that, see `encode_state`)."""
     item = state.work.get(ev.entity_id)
     if item is None and ev.type != "work.submitted":
         return
-    HANDLERS[ev.type](state, item, ev)
-    item = state.work.get(ev.entity_id)
-    if item is not None:
-        item["updatedAt"] = ev.ts
+    if HANDLERS[ev.type](state, item, ev):
+        item = state.work.get(ev.entity_id)
+        if item is not None:
+            item["updatedAt"] = ev.ts

@@ -10,7 +10,7 @@ mutable dict, like the ones the fold creates.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from itertools import accumulate
 from typing import Any
 
@@ -41,14 +41,33 @@ class WorkTable:
         if len(ids) != len(lengths) or sum(lengths) + max(1, len(ids)) + 1 != len(section):
             raise ValueError("work table: ids, lengths and items disagree")
         table = cls()
+        table._point_at(section, ids, lengths)
         table._frozen = dict(zip(ids, range(len(ids)), strict=True))
         if len(table._frozen) != len(ids):
             raise ValueError("work table: repeated id")
-        table._blob = section
-        # "[" item0 "," item1 ... "]": item i starts after i+1 separators and the items before it.
-        table._ends = list(accumulate(n + 1 for n in lengths))
-        table._starts = [end - n for end, n in zip(table._ends, lengths, strict=True)]
         return table
+
+    def _point_at(self, section: memoryview, ids: list[str], lengths: list[int]) -> None:
+        self._blob = section
+        # "[" item0 "," item1 ... "]": item i starts after i+1 separators and the items before it.
+        self._ends = list(accumulate(n + 1 for n in lengths))
+        self._starts = [end - n for end, n in zip(self._ends, lengths, strict=True)]
+
+    def rebase(self, section: memoryview, ids: list[str], lengths: list[int], settle: Iterable[str]) -> int:
+        """Hold items as slices of a newer `encoded()` of this same table (which must not have
+        changed since): the items now encoded, plus the decoded items `settle` names, which
+        stop being dicts. Returns how many were settled. Callers holding such a dict keep a
+        correct copy only if nothing changes the item any more (finished items)."""
+        position = dict(zip(ids, range(len(ids)), strict=True))
+        frozen = {wid: position[wid] for wid in self._frozen}
+        live, settled = self._live, 0
+        for wid in settle:
+            if live.pop(wid, None) is not None:
+                frozen[wid] = position[wid]
+                settled += 1
+        self._point_at(section, ids, lengths)
+        self._frozen = frozen
+        return settled
 
     def _span(self, pos: int) -> memoryview:
         return self._blob[self._starts[pos] : self._ends[pos]]

@@ -271,9 +271,9 @@ class EventStore:
                 )
         return self._snapshots
 
-    async def save_snapshot(self, project: str, payload: bytes | bytearray) -> None:
+    async def save_snapshot(self, project: str, payload: bytes) -> None:
         store = await self._snapshot_store()
-        await store.put(project, bytes(payload))  # nats-py's put takes bytes, not a bytearray
+        await store.put(project, payload)
 
     async def load_snapshot(self, project: str) -> bytes | bytearray | None:
         """The project's snapshot, or None. Chunks are read with one ephemeral pull consumer and

@@ -211,12 +211,12 @@ class Replica:
         view.events_since_snapshot = 0
         # Encode now, on the loop, so the snapshot is exactly the state at this sequence.
         state = view.state
-        payload = encode_state(state)
+        payload = encode_state(state, settle=True)
         task = asyncio.create_task(self._write_snapshot(state.project, payload, state.seq))
         self._snapshot_tasks.add(task)
         task.add_done_callback(self._snapshot_tasks.discard)
 
-    async def _write_snapshot(self, project: str, payload: bytes | bytearray, seq: int) -> None:
+    async def _write_snapshot(self, project: str, payload: bytes, seq: int) -> None:
         try:
             await self.store.save_snapshot(project, payload)
             log.info("snapshot written", extra={"project": project, "seq": seq, "bytes": len(payload)})
@@ -226,7 +226,7 @@ class Replica:
     async def snapshot_now(self, project: str) -> int:
         view = self.views[project]
         view.events_since_snapshot = 0
-        await self.store.save_snapshot(project, encode_state(view.state))
+        await self.store.save_snapshot(project, encode_state(view.state, settle=True))
         return view.state.seq
 
     async def catch_up(self, project: str, timeout: float) -> bool:

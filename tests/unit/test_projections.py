@@ -235,6 +235,24 @@ def test_a_repeated_idempotency_key_is_ignored(events: list[Event]) -> None:
     assert content(everything) == content(firsts_only)
 
 
+@PROPERTY
+@given(event_sequences())
+def test_a_completed_or_cancelled_item_never_changes_again(events: list[Event]) -> None:
+    """`encode_state(settle=True)` relies on it: such items are held encoded, and a caller holding
+    one of their dicts keeps a correct copy. Only a purge removes them."""
+    state = ProjectState(project=PROJECT)
+    finished: dict[str, Any] = {}
+    for e in events:
+        apply(state, e)
+        for wid, then in list(finished.items()):
+            if wid not in state.work:
+                del finished[wid]  # purged
+            else:
+                assert state.work[wid] == then, e.type
+        for wid in [*state.work_by_status["completed"], *state.work_by_status["cancelled"]]:
+            finished.setdefault(wid, orjson.loads(orjson.dumps(state.work[wid])))
+
+
 # --- sequences and snapshots, by example ------------------------------------------------------
 
 

@@ -106,6 +106,38 @@ def test_the_status_index_keeps_its_order_through_a_snapshot_but_is_not_hashed()
     assert state_hash(state) == state_hash(back)
 
 
+def test_settling_holds_finished_items_encoded_and_changes_nothing_else() -> None:
+    s = history()
+    s.ev("work.cancelled", "w0", reason=None)
+    state = s.state()
+    pending, assigned = state.work["w2"], state.work["w1"]
+    before, digest = encode_state(state), state_hash(state)
+    payload = encode_state(state, settle=True)
+    assert payload == before and state_hash(state) == digest
+    assert state.work.encoded_count() == 2, "w3 (completed) and w0 (cancelled)"
+    assert state.work.get("w2") is pending and state.work.get("w1") is assigned
+    assert encode_state(state) == before
+    ev = s.ev("work.purged", "w3", reason="retention")
+    reference = s.state()
+    apply(state, ev)
+    assert state_hash(state) == state_hash(reference) and "w3" not in state.work
+
+
+def test_settling_a_loaded_state_points_its_items_at_the_new_encoding() -> None:
+    s = history()
+    _, back = loaded()
+    back.work["w3"]  # noqa: B018 - decodes the completed item
+    ev = s.ev("work.completed", "w1", agentGuid="a1", result={"n": 1})
+    apply(back, ev)
+    assert back.work.encoded_count() == 3
+    payload = encode_state(back, settle=True)
+    assert back.work.encoded_count() == 5, "w1, w3 settled; w0, w2, w4 were never decoded"
+    assert decode_state(payload) == back
+    truth = s.state()
+    assert back.work["w1"] == truth.work["w1"] and back.work["w1"]["status"] == "completed"
+    assert back.work["w4"] == truth.work["w4"] and state_hash(back) == state_hash(truth)
+
+
 @pytest.mark.parametrize(
     "mangle",
     [
