@@ -235,6 +235,38 @@ async def test_deleting_all_snapshots_yields_the_same_state_hash(
     assert state_hash(with_snapshot.state) == state_hash(without.state) == state_hash(view.state)
 
 
+async def test_snapshots_settle_finished_items_and_a_restart_from_one_matches_a_replay(
+    store: EventStore, project: str, replicas: ReplicaFactory
+) -> None:
+    """A replica's snapshot turns its cancelled items back into slices of the bytes it wrote; later
+    events (a purge of a settled item, new work) fold as in a full replay, and a new replica that
+    loads the snapshot holds its items encoded and reaches the same state."""
+    writer = await replicas(snapshot_every=5)
+    view = await writer.attach(project)
+
+    async def append(ev: Event) -> int:
+        seq = (await store.append(ev, view.state.entity_seq.get(f"work.{ev.entity_id}", 0))).seq
+        assert await view.wait_for(seq, WAIT)
+        return seq
+
+    await append_work(store, project, 6)  # seq 1-6: a snapshot at 5
+    for i in range(4):  # seq 7-10: a snapshot at 10, when w0-w3 are cancelled
+        await append(Event(type="work.cancelled", entity_id=f"w{i}", data={"reason": None}, project=project))
+    await append(Event(type="work.purged", entity_id="w1", data={"reason": "retention"}, project=project))
+    seq = await append(work_submitted(project, "w6"))
+    assert seq == 12
+    assert view.state.work.encoded_count() == 3, "w0, w2, w3 settled; w1 purged; pending items stay dicts"
+    assert state_hash(view.state) == state_hash(await full_replay(store, project))
+    await writer.stop()  # waits for the snapshot writes it started
+
+    restarted = await attached(await replicas(), project, seq)
+    assert restarted.tail is not None and restarted.tail.from_seq == 11
+    assert restarted.state.work.encoded_count() == 5, "w0, w2-w5 untouched since the snapshot"
+    assert state_hash(restarted.state) == state_hash(await full_replay(store, project))
+    assert list(restarted.state.work_by_status["cancelled"]) == ["w0", "w2", "w3"]
+    await store.delete_snapshot(project)
+
+
 async def test_snapshots_are_written_every_n_events(
     store: EventStore, project: str, replicas: ReplicaFactory
 ) -> None:

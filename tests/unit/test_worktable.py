@@ -126,7 +126,7 @@ def test_settling_holds_finished_items_encoded_and_changes_nothing_else() -> Non
 def test_settling_a_loaded_state_points_its_items_at_the_new_encoding() -> None:
     s = history()
     _, back = loaded()
-    back.work["w3"]  # noqa: B018 - decodes the completed item
+    assert back.work["w3"]  # decodes the completed item
     ev = s.ev("work.completed", "w1", agentGuid="a1", result={"n": 1})
     apply(back, ev)
     assert back.work.encoded_count() == 3
