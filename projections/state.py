@@ -17,7 +17,8 @@ from projections.worktable import Record as Record  # re-exported: the one recor
 from projections.worktable import WorkTable
 
 # Bump when the folded shape changes: snapshots of another schema are ignored and state is rebuilt.
-# 4: the encoding (the items as a JSON array, then a footer line), same fields as 3.
+# 4: the encoding (the items as a JSON array, then a footer line), same fields as 3; `updatedAt`
+# no longer moves on an event the fold ignores.
 STATE_SCHEMA = 4
 
 WORK_STATUSES = ("pending", "assigned", "in-progress", "completed", "failed", "cancelled")
@@ -128,7 +129,7 @@ def encode_state(state: ProjectState, *, settle: bool = False) -> bytes:
     ids, lengths, out = state.work.encoded()
     items_end = len(out)
     out += _footer(state, ids, lengths, index=True)
-    payload = bytes(out)  # a bytes object can be shared with the table; a bytearray can't be
+    payload = bytes(out)  # nats-py's object store takes bytes, not a bytearray
     del out
     if settle:
         by_status = state.work_by_status
