@@ -13,8 +13,8 @@ from typing import Any
 
 import orjson
 
+from projections.worktable import Encoded, WorkTable
 from projections.worktable import Record as Record  # re-exported: the one record type
-from projections.worktable import WorkTable
 
 # Bump when the folded shape changes: snapshots of another schema are ignored and state is rebuilt.
 # 4: the encoding (the items as a JSON array, then a footer line), same fields as 3; `updatedAt`
@@ -107,18 +107,21 @@ class ProjectState:
 
 
 # The encoding: the items as one JSON array, in id order, each with sorted keys; a newline; then
-# one line of JSON, the footer: every other field, plus the items' ids and each one's length.
+# one line of JSON, the footer: every other field, plus the items' ids and each one's length (and,
+# derived, the status index and the items' list order fields).
 # Compact JSON holds no raw newline, so the last one starts the footer. Items first lets the
 # encoder append the footer to the array it built instead of copying both into a third buffer. A
 # loaded state keeps the items encoded until read (`WorkTable`), which is what makes a restart fast.
 
 
-def _footer(state: ProjectState, ids: list[str], lengths: list[int], index: bool) -> bytes:
+def _footer(state: ProjectState, enc: Encoded, derived: bool) -> bytes:
     footer = state.to_dict()
-    footer["work_ids"] = ids
-    footer["work_lengths"] = lengths
-    if index:
+    footer["work_ids"] = enc.ids
+    footer["work_lengths"] = enc.lengths
+    if derived:  # what a restart needs without decoding items; not part of the hash
         footer["work_index"] = {s: list(wids) for s, wids in state.work_by_status.items()}
+        footer["work_priorities"] = enc.priorities
+        footer["work_offered"] = enc.offered
     return b"\n" + orjson.dumps(footer, option=orjson.OPT_SORT_KEYS)
 
 
@@ -126,15 +129,16 @@ def encode_state(state: ProjectState, *, settle: bool = False) -> bytes:
     """The snapshot encoding. `settle`: afterwards hold completed and cancelled items (which no
     event changes any more, only a purge removes) as slices of the returned bytes instead of
     dicts, so a long-lived replica's memory does not grow with every item it ever finished."""
-    ids, lengths, out = state.work.encoded()
+    enc = state.work.encoded()
+    out = enc.items
     items_end = len(out)
-    out += _footer(state, ids, lengths, index=True)
+    out += _footer(state, enc, derived=True)
     payload = bytes(out)  # nats-py's object store takes bytes, not a bytearray
     del out
     if settle:
         by_status = state.work_by_status
         state.work.rebase(
-            memoryview(payload)[:items_end], ids, lengths, chain(by_status["completed"], by_status["cancelled"])
+            memoryview(payload)[:items_end], enc, chain(by_status["completed"], by_status["cancelled"])
         )
     return payload
 
@@ -150,8 +154,11 @@ def decode_state(raw: bytes | bytearray) -> ProjectState:
         raise ValueError(f"snapshot schema {footer.get('schema')} != {STATE_SCHEMA}")
     if end < 0:
         raise ValueError("snapshot has no item section")
-    ids, index = footer["work_ids"], footer["work_index"]
-    work = WorkTable.from_encoded(buf[:end], ids, footer["work_lengths"])
+    index = footer["work_index"]
+    enc = Encoded(
+        footer["work_ids"], footer["work_lengths"], footer["work_priorities"], footer["work_offered"], bytearray()
+    )
+    work = WorkTable.from_encoded(buf[:end], enc)
     state = ProjectState.from_dict(footer, work)
     by_status = {s: dict.fromkeys(index.get(s, ())) for s in WORK_STATUSES}
     if sum(map(len, by_status.values())) != len(work) or any(
@@ -165,7 +172,7 @@ def decode_state(raw: bytes | bytearray) -> ProjectState:
 def state_hash(state: ProjectState) -> str:
     """sha256 of the canonical encoding (without the derived status index): equal on every
     replica that folded the same sequence, whether its items are decoded or not."""
-    ids, lengths, items = state.work.encoded()
-    digest = hashlib.sha256(items)
-    digest.update(_footer(state, ids, lengths, index=False))
+    enc = state.work.encoded()
+    digest = hashlib.sha256(enc.items)
+    digest.update(_footer(state, enc, derived=False))
     return digest.hexdigest()

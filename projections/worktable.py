@@ -12,11 +12,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from itertools import accumulate
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 Record = dict[str, Any]
+
+
+class Encoded(NamedTuple):
+    """A table's items encoded (`WorkTable.encoded`), and what a snapshot records beside them."""
+
+    ids: list[str]  # sorted
+    lengths: list[int]  # bytes of each item's JSON
+    priorities: list[int]  # each item's priority and offeredAt: the list order, kept so that
+    offered: list[str]  # ordering a long list decodes nothing (`WorkTable.list_key`)
+    items: bytearray  # the JSON array of the items, in `ids` order
 
 
 class WorkTable:
@@ -24,48 +34,55 @@ class WorkTable:
     a dict; the first read of an encoded item decodes it and keeps the dict, so the fold may
     mutate what it reads. Iteration order is not meaningful (the status index keeps order)."""
 
-    __slots__ = ("_blob", "_ends", "_frozen", "_live", "_starts")
+    __slots__ = ("_blob", "_ends", "_frozen", "_live", "_offered", "_priorities", "_starts")
 
     def __init__(self, items: dict[str, Record] | None = None) -> None:
         self._live: dict[str, Record] = items if items is not None else {}
-        # id -> position i; the item's canonical JSON is `_blob[_starts[i]:_ends[i]]`.
+        # id -> position i; the item's canonical JSON is `_blob[_starts[i]:_ends[i]]`, and its
+        # list order fields (which never change) are `_priorities[i]` and `_offered[i]`.
         self._frozen: dict[str, int] = {}
         self._blob: memoryview = memoryview(b"")
         self._starts: list[int] = []
         self._ends: list[int] = []
+        self._priorities: list[int] = []
+        self._offered: list[str] = []
 
     @classmethod
-    def from_encoded(cls, section: memoryview, ids: list[str], lengths: list[int]) -> WorkTable:
-        """The items of `encoded()`: `section` is the JSON array of the items `ids`, in that order,
-        the i-th `lengths[i]` bytes long."""
-        if len(ids) != len(lengths) or sum(lengths) + max(1, len(ids)) + 1 != len(section):
-            raise ValueError("work table: ids, lengths and items disagree")
+    def from_encoded(cls, section: memoryview, enc: Encoded) -> WorkTable:
+        """The items of `encoded()`: `section` is the JSON array of the items `enc.ids`, in that
+        order, the i-th `enc.lengths[i]` bytes long."""
+        n = len(enc.ids)
+        if not n == len(enc.lengths) == len(enc.priorities) == len(enc.offered):
+            raise ValueError("work table: ids, lengths and list keys disagree")
+        if sum(enc.lengths) + max(1, n) + 1 != len(section):
+            raise ValueError("work table: lengths and items disagree")
         table = cls()
-        table._point_at(section, ids, lengths)
-        table._frozen = dict(zip(ids, range(len(ids)), strict=True))
-        if len(table._frozen) != len(ids):
+        table._point_at(section, enc)
+        table._frozen = dict(zip(enc.ids, range(n), strict=True))
+        if len(table._frozen) != n:
             raise ValueError("work table: repeated id")
         return table
 
-    def _point_at(self, section: memoryview, ids: list[str], lengths: list[int]) -> None:
+    def _point_at(self, section: memoryview, enc: Encoded) -> None:
         self._blob = section
         # "[" item0 "," item1 ... "]": item i starts after i+1 separators and the items before it.
-        self._ends = list(accumulate(n + 1 for n in lengths))
-        self._starts = [end - n for end, n in zip(self._ends, lengths, strict=True)]
+        self._ends = list(accumulate(n + 1 for n in enc.lengths))
+        self._starts = [end - n for end, n in zip(self._ends, enc.lengths, strict=True)]
+        self._priorities, self._offered = enc.priorities, enc.offered
 
-    def rebase(self, section: memoryview, ids: list[str], lengths: list[int], settle: Iterable[str]) -> int:
+    def rebase(self, section: memoryview, enc: Encoded, settle: Iterable[str]) -> int:
         """Hold items as slices of a newer `encoded()` of this same table (which must not have
         changed since): the items now encoded, plus the decoded items `settle` names, which
         stop being dicts. Returns how many were settled. Callers holding such a dict keep a
         correct copy only if nothing changes the item any more (finished items)."""
-        position = dict(zip(ids, range(len(ids)), strict=True))
+        position = dict(zip(enc.ids, range(len(enc.ids)), strict=True))
         frozen = {wid: position[wid] for wid in self._frozen}
         live, settled = self._live, 0
         for wid in settle:
             if live.pop(wid, None) is not None:
                 frozen[wid] = position[wid]
                 settled += 1
-        self._point_at(section, ids, lengths)
+        self._point_at(section, enc)
         self._frozen = frozen
         return settled
 
@@ -93,6 +110,15 @@ class WorkTable:
         if item is not None:
             return item
         return orjson.loads(self._span(self._frozen[wid]))  # type: ignore[no-any-return]
+
+    def list_key(self, wid: str) -> tuple[int, str, str]:
+        """The order lists show items in (highest priority, then oldest, then id), read without
+        decoding an encoded item: a page of a long list decodes only the page."""
+        item = self._live.get(wid)
+        if item is not None:
+            return (-item["priority"], item["offeredAt"], wid)
+        pos = self._frozen[wid]
+        return (-self._priorities[pos], self._offered[pos], wid)
 
     def __getitem__(self, wid: str) -> Record:
         item = self.get(wid)
@@ -127,16 +153,19 @@ class WorkTable:
         self.values()
         return list(self._live.items())
 
-    def encoded(self) -> tuple[list[str], list[int], bytearray]:
-        """(ids in sorted order, each item's length, the JSON array of the items in that order,
-        each with sorted keys): what a snapshot and `state_hash` are made of. Encoded items are
-        copied, not decoded; a run of them that lies back to back in the buffer is one copy. Each
-        decoded item's JSON goes straight into the array and is dropped (keeping a buffer per item
-        costs 5-12 us of allocation each, against ~1)."""
+    def encoded(self) -> Encoded:
+        """Every item as canonical JSON (sorted keys), in id order, in one JSON array: what a
+        snapshot and `state_hash` are made of. Encoded items are copied, not decoded; a run of
+        them that lies back to back in the buffer is one copy. Each decoded item's JSON goes
+        straight into the array and is dropped (keeping a buffer per item costs 5-12 us of
+        allocation each, against ~1)."""
         ids = sorted([*self._live, *self._frozen])
         live, frozen, starts, ends, blob = self._live, self._frozen, self._starts, self._ends, self._blob
+        old_priorities, old_offered = self._priorities, self._offered
         dumps, sort = orjson.dumps, orjson.OPT_SORT_KEYS
         lengths: list[int] = []
+        priorities: list[int] = []
+        offered: list[str] = []
         out = bytearray(b"[")
         span_from = span_to = -1  # a run of encoded items not yet copied, as a range of `blob`
         for wid in ids:
@@ -145,6 +174,8 @@ class WorkTable:
                 pos = frozen[wid]
                 start, end = starts[pos], ends[pos]
                 lengths.append(end - start)
+                priorities.append(old_priorities[pos])
+                offered.append(old_offered[pos])
                 if span_to + 1 == start:  # the next item in the buffer: the run grows
                     span_to = end
                     continue
@@ -159,6 +190,8 @@ class WorkTable:
                 span_from = span_to = -1
             raw = dumps(item, option=sort)
             lengths.append(len(raw))
+            priorities.append(item["priority"])
+            offered.append(item["offeredAt"])
             out += raw
             out += b","
         if span_from >= 0:
@@ -166,7 +199,7 @@ class WorkTable:
         elif ids:
             del out[-1]  # the last separator
         out += b"]"
-        return ids, lengths, out
+        return Encoded(ids, lengths, priorities, offered, out)
 
     def encoded_count(self) -> int:
         """Items still held encoded (a gauge of what a restart left undecoded)."""
@@ -174,7 +207,7 @@ class WorkTable:
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, WorkTable):
-            return self.encoded() == other.encoded()
+            return self.encoded().items == other.encoded().items
         if isinstance(other, dict):
             return len(other) == len(self) and all(
                 wid in self and self.peek(wid) == v for wid, v in other.items()

@@ -155,6 +155,30 @@ async def test_list_sorts_by_priority_then_age_and_paginates_with_filter_bound_c
     assert deprecated.headers["X-Deprecated-Param"].startswith("classification")
 
 
+async def test_lists_of_settled_items_decode_only_the_page(api: Api) -> None:
+    """A snapshot turns cancelled items back into encoded form on the replica that wrote it;
+    listing them then orders by keys the table holds and decodes (without keeping) the page."""
+    ids = []
+    for prio in (1, 9, 5, 9, 3):
+        ids.append((await api.ok("POST", "/api/work", {**WORK, "priority": prio}, status=201))["id"])
+    seq = 0
+    for wid in ids:
+        seq = (await api.ok("POST", f"/api/work/{wid}/cancel", {}))["seq"]
+    await api.ok("GET", f"/api/work?min_seq={seq}")
+    assert api.service is not None
+    await api.service.replica.snapshot_now(api.project)
+    work = api.service.replica.views[api.project].state.work
+    assert work.encoded_count() == 5
+    page = await api.ok("GET", "/api/work?status=cancelled&limit=2")
+    assert [w["id"] for w in page["workItems"]] == [ids[1], ids[3]] and page["total"] == 5
+    assert page["workItems"][0]["status"] == "cancelled" and page["workItems"][0]["priority"] == 9
+    everything = await api.ok("GET", "/api/work?limit=10")
+    assert [w["priority"] for w in everything["workItems"]] == [9, 9, 5, 3, 1]
+    assert work.encoded_count() == 5, "nothing was kept decoded"
+    by_boundary = await api.ok("GET", f"/api/work?status=cancelled&boundary={WORK['boundary']}&limit=1")
+    assert by_boundary["total"] == 5 and by_boundary["workItems"][0]["id"] == ids[1]
+
+
 async def test_min_seq_waits_for_the_projection_and_times_out_with_503(api: Api) -> None:
     item = await api.ok("POST", "/api/work", WORK, status=201)
     got = await api.ok("GET", f"/api/work/{item['id']}?min_seq={item['seq']}")

@@ -166,13 +166,22 @@ def test_a_snapshot_without_an_item_section_is_refused() -> None:
 
 
 def test_a_table_from_a_dict_is_all_decoded() -> None:
-    table = WorkTable({"a": {"id": "a"}})
-    assert (
-        table.encoded_count() == 0
-        and table.values() == [{"id": "a"}]
-        and table.items() == [("a", {"id": "a"})]
-    )
-    assert ProjectState(project="p", work={"a": {"id": "a"}}).work == table  # type: ignore[arg-type]
+    item = history().state().work["w0"]
+    table = WorkTable({"w0": item})
+    assert table.encoded_count() == 0 and table.values() == [item] and table.items() == [("w0", item)]
+    assert ProjectState(project="p", work={"w0": dict(item)}).work == table  # type: ignore[arg-type]
+
+
+def test_list_keys_need_no_decoding() -> None:
+    s = history()
+    s.submit("w9")
+    state = s.state()
+    state.work["w9"]["priority"] = 9  # (a fold never changes a priority; this orders the list)
+    back = decode_state(encode_state(state))
+    order = sorted(back.work, key=back.work.list_key)
+    assert back.work.encoded_count() == 6, "ordering decoded nothing"
+    assert order[0] == "w9" and order[1:] == [f"w{i}" for i in range(5)], "priority, then oldest"
+    assert [back.work.list_key(w) for w in order] == [state.work.list_key(w) for w in order]
 
 
 @PROPERTY

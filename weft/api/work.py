@@ -115,25 +115,23 @@ async def list_work(request: web.Request) -> web.Response:
     project = project_of(request)
     filters = _work_filters(request)
     view = await read_view(request, project)
-    items: list[Record] = []
-    if view is not None:
-        # One status's items through the fold's index; the other filters then scan only those.
-        pool = view.state.work_in(filters["status"]) if filters["status"] else list(view.state.work.values())
-        others = [(k, v) for k, v in filters.items() if k != "status" and v is not None]
-        items = [w for w in pool if all(w[k] == v for k, v in others)] if others else pool
     state = view.state if view else ProjectState(project=project)
-    body = page(items, "workItems", request.query.get("cursor"), request.query.get("limit"), filters, order=_list_order)
+    work = state.work
+    # One status's items through the fold's index. The order comes from keys the table holds
+    # without decoding, so a page of a long list decodes only the page; the other filters must
+    # look at each candidate.
+    ids = list(state.work_by_status[filters["status"]]) if filters["status"] else list(work)
+    others = [(k, v) for k, v in filters.items() if k != "status" and v is not None]
+    if others:
+        ids = [wid for wid in ids if all(work[wid][k] == v for k, v in others)]
+    body = page(ids, "workItems", request.query.get("cursor"), request.query.get("limit"), filters, order=work.list_key)
     waiting = waiting_reasons(request, view)
-    body["workItems"] = [present(state, w, waiting) for w in body["workItems"]]
+    body["workItems"] = [present(state, work.peek(wid), waiting) for wid in body["workItems"]]
     body["projectId"] = project
     resp = json_response(body, seq=state.seq)
     if "classification" in request.query:
         resp.headers["X-Deprecated-Param"] = "classification: use boundary"
     return resp
-
-
-def _list_order(w: Record) -> tuple[int, str, str]:
-    return (-w["priority"], w["offeredAt"], w["id"])
 
 
 async def find_item(request: web.Request, work_id: str) -> tuple[ProjectView, Record]:
