@@ -70,7 +70,11 @@ class WorkCommands(CommandsBase):
     ) -> BatchOutcome:
         view = await self.view(ctx.project)
         if ids is None:
-            ids = [w["id"] for w in view.state.work.values() if _matches_work_filter(w, flt or {})]
+            flt = flt or {}
+            state = view.state
+            # A named status is one walk of the status index (finished items stay encoded).
+            pool = state.work_in(flt["status"]) if flt.get("status") in state.work_by_status else state.work.values()
+            ids = [w["id"] for w in pool if _matches_work_filter(w, flt)]
         outcome = BatchOutcome()
 
         async def run(work_id: str) -> Outcome:
