@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import Any
 
 import orjson
@@ -24,6 +23,8 @@ STATE_SCHEMA = 4
 WORK_STATUSES = ("pending", "assigned", "in-progress", "completed", "failed", "cancelled")
 TERMINAL_WORK = frozenset({"completed", "failed", "cancelled"})
 LIVE_ASSIGNMENT = frozenset({"assigned", "in-progress"})
+# Statuses no event moves an item out of, nor changes it in (only a purge removes it).
+SETTLED_WORK = frozenset({"completed", "cancelled"})
 
 
 @dataclass(slots=True)
@@ -136,10 +137,7 @@ def encode_state(state: ProjectState, *, settle: bool = False) -> bytes:
     payload = bytes(out)  # nats-py's object store takes bytes, not a bytearray
     del out
     if settle:
-        by_status = state.work_by_status
-        state.work.rebase(
-            memoryview(payload)[:items_end], enc, chain(by_status["completed"], by_status["cancelled"])
-        )
+        state.work.rebase(memoryview(payload)[:items_end], enc, SETTLED_WORK)
     return payload
 
 

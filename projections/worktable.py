@@ -10,8 +10,9 @@ mutable dict, like the ones the fold creates.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from itertools import accumulate
+from collections.abc import Container, Iterator
+from itertools import accumulate, repeat
+from operator import add
 from typing import Any, NamedTuple
 
 import orjson
@@ -65,23 +66,25 @@ class WorkTable:
 
     def _point_at(self, section: memoryview, enc: Encoded) -> None:
         self._blob = section
-        # "[" item0 "," item1 ... "]": item i starts after i+1 separators and the items before it.
-        self._ends = list(accumulate(n + 1 for n in enc.lengths))
-        self._starts = [end - n for end, n in zip(self._ends, enc.lengths, strict=True)]
+        # "[" item0 "," item1 ... "]": item i starts after i+1 separators and the items before it
+        # (map/accumulate keep the per-item work in C).
+        self._starts = list(accumulate(map(add, enc.lengths, repeat(1)), initial=1))[:-1]
+        self._ends = list(map(add, self._starts, enc.lengths))
         self._priorities, self._offered = enc.priorities, enc.offered
 
-    def rebase(self, section: memoryview, enc: Encoded, settle: Iterable[str]) -> int:
+    def rebase(self, section: memoryview, enc: Encoded, settle: Container[str]) -> int:
         """Hold items as slices of a newer `encoded()` of this same table (which must not have
-        changed since): the items now encoded, plus the decoded items `settle` names, which
-        stop being dicts. Returns how many were settled. Callers holding such a dict keep a
-        correct copy only if nothing changes the item any more (finished items)."""
-        position = dict(zip(enc.ids, range(len(enc.ids)), strict=True))
-        frozen = {wid: position[wid] for wid in self._frozen}
+        changed since): the items now encoded, plus the decoded items whose status is in
+        `settle`, which stop being dicts. Returns how many were settled. Callers holding such a
+        dict keep a correct copy only if nothing changes the item any more (finished items)."""
+        frozen = dict(zip(enc.ids, range(len(enc.ids)), strict=True))
         live, settled = self._live, 0
-        for wid in settle:
-            if live.pop(wid, None) is not None:
-                frozen[wid] = position[wid]
+        for wid, item in list(live.items()):
+            if item["status"] in settle:
+                del live[wid]
                 settled += 1
+            else:
+                del frozen[wid]
         self._point_at(section, enc)
         self._frozen = frozen
         return settled
