@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from projections import ProjectState, apply, decode_state, encode_state, fold, state_hash
-from projections.state import LIVE_ASSIGNMENT, STATE_SCHEMA, WORK_STATUSES
+from projections.state import LIVE_ASSIGNMENT, SETTLED_WORK, STATE_SCHEMA, WORK_STATUSES
 from tests.strategies import PROJECT, event_sequences
 from weft.events import Event
 
@@ -237,7 +237,7 @@ def test_a_repeated_idempotency_key_is_ignored(events: list[Event]) -> None:
 
 @PROPERTY
 @given(event_sequences())
-def test_a_completed_or_cancelled_item_never_changes_again(events: list[Event]) -> None:
+def test_a_settled_item_never_changes_again(events: list[Event]) -> None:
     """`encode_state(settle=True)` relies on it: such items are held encoded, and a caller holding
     one of their dicts keeps a correct copy. Only a purge removes them."""
     state = ProjectState(project=PROJECT)
@@ -249,7 +249,7 @@ def test_a_completed_or_cancelled_item_never_changes_again(events: list[Event]) 
                 del finished[wid]  # purged
             else:
                 assert state.work[wid] == then, e.type
-        for wid in [*state.work_by_status["completed"], *state.work_by_status["cancelled"]]:
+        for wid in [wid for status in SETTLED_WORK for wid in state.work_by_status[status]]:
             finished.setdefault(wid, orjson.loads(orjson.dumps(state.work[wid])))
 
 
