@@ -58,7 +58,7 @@ class TimedStore(EventStore):
         self.peak_rss_after_fetch_mb = peak_rss_mb()
         return raw
 
-    async def save_snapshot(self, project: str, payload: bytes) -> None:
+    async def save_snapshot(self, project: str, payload: bytes | bytearray) -> None:
         t = time.perf_counter()
         await super().save_snapshot(project, payload)
         self.save_s += time.perf_counter() - t

@@ -126,19 +126,18 @@ def _footer(state: ProjectState, enc: Encoded, derived: bool) -> bytes:
     return b"\n" + orjson.dumps(footer, option=orjson.OPT_SORT_KEYS)
 
 
-def encode_state(state: ProjectState, *, settle: bool = False) -> bytes:
+def encode_state(state: ProjectState, *, settle: bool = False) -> bytearray:
     """The snapshot encoding. `settle`: afterwards hold completed and cancelled items (which no
-    event changes any more, only a purge removes) as slices of the returned bytes instead of
-    dicts, so a long-lived replica's memory does not grow with every item it ever finished."""
+    event changes any more, only a purge removes) as slices of the returned buffer instead of
+    dicts, so a long-lived replica's memory does not grow with every item it ever finished (the
+    buffer then cannot be resized, and must not be changed)."""
     enc = state.work.encoded()
     out = enc.items
     items_end = len(out)
     out += _footer(state, enc, derived=True)
-    payload = bytes(out)  # nats-py's object store takes bytes, not a bytearray
-    del out
     if settle:
-        state.work.rebase(memoryview(payload)[:items_end], enc, SETTLED_WORK)
-    return payload
+        state.work.rebase(memoryview(out)[:items_end], enc, SETTLED_WORK)
+    return out
 
 
 def decode_state(raw: bytes | bytearray) -> ProjectState:

@@ -216,7 +216,7 @@ class Replica:
         self._snapshot_tasks.add(task)
         task.add_done_callback(self._snapshot_tasks.discard)
 
-    async def _write_snapshot(self, project: str, payload: bytes, seq: int) -> None:
+    async def _write_snapshot(self, project: str, payload: bytearray, seq: int) -> None:
         try:
             await self.store.save_snapshot(project, payload)
             log.info("snapshot written", extra={"project": project, "seq": seq, "bytes": len(payload)})

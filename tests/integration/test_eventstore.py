@@ -397,6 +397,8 @@ async def test_snapshot_save_load_overwrite_delete(store: EventStore, project: s
     await store.delete_snapshot(project)  # deleting what is not there is fine
     await store.save_snapshot(project, b"three")
     assert await store.load_snapshot(project) == b"three"
+    await store.save_snapshot(project, bytearray(b"four") * 70_000)  # what encode_state gives
+    assert await store.load_snapshot(project) == b"four" * 70_000
     await store.delete_snapshot(project)
 
 
