@@ -6,7 +6,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,20 @@ class WeftProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self.output: list[str] = []
         self._reader: asyncio.Task[None] | None = None
+        self._waiters: list[tuple[Callable[[str], bool], asyncio.Future[str]]] = []
+
+    async def line(self, predicate: Callable[[str], bool], since: int = 0, timeout: float = 30.0) -> str:
+        """The first output line from index `since` on (printed already or yet to come) that
+        satisfies `predicate`."""
+        for text in self.output[since:]:
+            if predicate(text):
+                return text
+        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiters.append((predicate, waiter))
+        try:
+            return await asyncio.wait_for(waiter, timeout)
+        finally:
+            self._waiters.remove((predicate, waiter))
 
     @property
     def base(self) -> str:
@@ -60,6 +74,9 @@ class WeftProcess:
             self.output.append(text)
             if "weft ready on" in text and not ready.done():
                 ready.set_result(None)
+            for predicate, waiter in self._waiters:
+                if not waiter.done() and predicate(text):
+                    waiter.set_result(text)
         if not ready.done():
             ready.set_exception(RuntimeError("weft exited before ready:\n" + "\n".join(self.output[-20:])))
 

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import nats
+import orjson
 import pytest
 
 from projections import fold, state_hash
-from tests.processes import WeftProcess
+from tests.processes import WEFT, WeftProcess
 from tests.servers import own_nats_server
 from weft.embedded import EmbeddedNats
 from weft.eventstore import EventStore
@@ -74,6 +76,69 @@ async def test_graceful_restart_rebuilds_identical_state(own_nats: EmbeddedNats,
         assert (await weft.get(http, "/api/targets/laptop"))["name"] == "laptop"
         assert await replayed_hash(own_store, project) == (after["seq"], after["stateHash"])
     await weft.stop()
+
+
+def log_record(text: str) -> dict[str, Any]:
+    """A LOG_FORMAT=json line as a dict ({} for any other line)."""
+    try:
+        record = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+async def test_kill_9_with_snapshots_restarts_from_one_and_replays_to_the_same_hash(
+    own_nats: EmbeddedNats, project: str, own_store: EventStore
+) -> None:
+    """Snapshots every 7 events (each settles the writer's cancelled items back into encoded
+    form), then kill -9: the new process starts from a snapshot, not from the first event, and
+    holds the state of a full replay; `weft replay`, the debugging tool, prints the same hash,
+    and a past state's with --to-seq."""
+    env = {"WEFT_SNAPSHOT_EVERY": "7", "LOG_LEVEL": "info", "LOG_FORMAT": "json"}
+    weft = WeftProcess(own_nats.url, project, env=env)
+    await weft.start()
+    async with aiohttp.ClientSession() as http:
+        ids = [(await weft.post(http, "/api/work", WORK))[1]["id"] for _ in range(12)]
+        seq = 0
+        for work_id in ids[:6]:
+            status, body = await weft.post(http, f"/api/work/{work_id}/cancel", {})
+            assert status == 200
+            seq = body["seq"]
+        assert seq == 18
+        await weft.line(lambda t: (r := log_record(t)).get("msg") == "snapshot written" and r.get("seq") == 14)
+        before = await weft.get(http, "/api/stats/projection", min_seq=seq)
+        await weft.kill()
+
+        since = len(weft.output)
+        await weft.start()
+        attached = log_record(
+            await weft.line(lambda t: log_record(t).get("msg") == "project attached"
+                            and log_record(t).get("project") == project, since=since)
+        )
+        assert attached["from_seq"] >= 14, "the restart began at a snapshot"
+        after = await weft.get(http, "/api/stats/projection", min_seq=seq)
+        assert after == before
+        assert await replayed_hash(own_store, project) == (after["seq"], after["stateHash"])
+    await weft.stop()
+
+    replay_env = {**os.environ, "NATS_URL": own_nats.url, "LOG_LEVEL": "warning"}
+    whole = await run_replay(replay_env, "--project", project)
+    assert (whole["seq"], whole["state_hash"]) == (after["seq"], after["stateHash"])
+    assert whole["work"]["cancelled"] == 6 and whole["work"]["pending"] == 6
+    past = await run_replay(replay_env, "--project", project, "--to-seq", "7")
+    first_seven = fold([e async for e in own_store.read_range(project, 1, 7)], project=project)
+    assert (past["seq"], past["state_hash"]) == (7, state_hash(first_seven))
+
+
+async def run_replay(env: dict[str, str], *args: str) -> dict[str, Any]:
+    """`weft replay ...` as a process; its summary (the last line) as a dict."""
+    proc = await asyncio.create_subprocess_exec(
+        WEFT, "replay", *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    summary: dict[str, Any] = orjson.loads(out.splitlines()[-1])
+    return summary
 
 
 async def test_kill_9_during_load_loses_no_acknowledged_submit(own_nats: EmbeddedNats, project: str,
