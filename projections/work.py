@@ -295,7 +295,6 @@ def apply_work(state: ProjectState, ev: Event) -> None:
     item = state.work.get(ev.entity_id)
     if item is None and ev.type != "work.submitted":
         return
-    if HANDLERS[ev.type](state, item, ev):
-        item = state.work.get(ev.entity_id)
-        if item is not None:
-            item["updatedAt"] = ev.ts
+    # A new item already carries it; a purged one is gone, so setting it on the dict is moot.
+    if HANDLERS[ev.type](state, item, ev) and item is not None:
+        item["updatedAt"] = ev.ts
