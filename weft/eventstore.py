@@ -337,8 +337,9 @@ class EventStore:
 
 class _ChunkReader(io.BufferedIOBase):
     """A payload as the file nats-py's `ObjectStore.put` reads chunk by chunk (`readinto`, in its
-    executor). Given bytes or a bytearray it would first copy the whole payload on the event
-    loop: ~240 MB, and as much fresh memory, for a 200,000-item snapshot."""
+    executor). `put` refuses a bytearray, which is what `encode_state` builds; making bytes of it
+    would copy the whole payload on the event loop: ~240 MB, and as much fresh memory, for a
+    200,000-item snapshot."""
 
     def __init__(self, payload: bytes | bytearray) -> None:
         super().__init__()
