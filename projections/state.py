@@ -132,7 +132,7 @@ def encode_state(state: ProjectState, *, settle: bool = False) -> bytearray:
     dicts, so a long-lived replica's memory does not grow with every item it ever finished (the
     buffer then cannot be resized, and must not be changed)."""
     enc = state.work.encoded()
-    out = enc.items
+    out = enc.items  # the footer goes on the end of the items' own buffer: no copy
     items_end = len(out)
     out += _footer(state, enc, derived=True)
     if settle:
@@ -151,13 +151,11 @@ def decode_state(raw: bytes | bytearray) -> ProjectState:
         raise ValueError(f"snapshot schema {footer.get('schema')} != {STATE_SCHEMA}")
     if end < 0:
         raise ValueError("snapshot has no item section")
-    index = footer["work_index"]
-    enc = Encoded(
-        footer["work_ids"], footer["work_lengths"], footer["work_priorities"], footer["work_offered"], bytearray()
+    work = WorkTable.from_encoded(
+        buf[:end], footer["work_ids"], footer["work_lengths"], footer["work_priorities"], footer["work_offered"]
     )
-    work = WorkTable.from_encoded(buf[:end], enc)
     state = ProjectState.from_dict(footer, work)
-    by_status = {s: dict.fromkeys(index.get(s, ())) for s in WORK_STATUSES}
+    by_status = {s: dict.fromkeys(footer["work_index"].get(s, ())) for s in WORK_STATUSES}
     if sum(map(len, by_status.values())) != len(work) or any(
         len(by_status[s]) != n for s, n in state.work_counts.items()
     ):

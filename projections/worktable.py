@@ -49,28 +49,30 @@ class WorkTable:
         self._offered: list[str] = []
 
     @classmethod
-    def from_encoded(cls, section: memoryview, enc: Encoded) -> WorkTable:
-        """The items of `encoded()`: `section` is the JSON array of the items `enc.ids`, in that
-        order, the i-th `enc.lengths[i]` bytes long."""
-        n = len(enc.ids)
-        if not n == len(enc.lengths) == len(enc.priorities) == len(enc.offered):
+    def from_encoded(
+        cls, section: memoryview, ids: list[str], lengths: list[int], priorities: list[int], offered: list[str]
+    ) -> WorkTable:
+        """The items of an `encoded()`: `section` is the JSON array of the items `ids`, in that
+        order, the i-th `lengths[i]` bytes long, with the list order fields beside them."""
+        n = len(ids)
+        if not n == len(lengths) == len(priorities) == len(offered):
             raise ValueError("work table: ids, lengths and list keys disagree")
-        if sum(enc.lengths) + max(1, n) + 1 != len(section):
+        if sum(lengths) + max(1, n) + 1 != len(section):
             raise ValueError("work table: lengths and items disagree")
         table = cls()
-        table._point_at(section, enc)
-        table._frozen = dict(zip(enc.ids, range(n), strict=True))
+        table._point_at(section, lengths, priorities, offered)
+        table._frozen = dict(zip(ids, range(n), strict=True))
         if len(table._frozen) != n:
             raise ValueError("work table: repeated id")
         return table
 
-    def _point_at(self, section: memoryview, enc: Encoded) -> None:
+    def _point_at(self, section: memoryview, lengths: list[int], priorities: list[int], offered: list[str]) -> None:
         self._blob = section
         # "[" item0 "," item1 ... "]": item i starts after i+1 separators and the items before it
         # (map/accumulate keep the per-item work in C).
-        self._starts = list(accumulate(map(add, enc.lengths, repeat(1)), initial=1))[:-1]
-        self._ends = list(map(add, self._starts, enc.lengths))
-        self._priorities, self._offered = enc.priorities, enc.offered
+        self._starts = list(accumulate(map(add, lengths, repeat(1)), initial=1))[:-1]
+        self._ends = list(map(add, self._starts, lengths))
+        self._priorities, self._offered = priorities, offered
 
     def rebase(self, section: memoryview, enc: Encoded, settle: Container[str]) -> int:
         """Hold items as slices of a newer `encoded()` of this same table (which must not have
@@ -85,7 +87,7 @@ class WorkTable:
                 settled += 1
             else:
                 del frozen[wid]
-        self._point_at(section, enc)
+        self._point_at(section, enc.lengths, enc.priorities, enc.offered)
         self._frozen = frozen
         return settled
 
