@@ -1,6 +1,16 @@
 """Fold of `agent.*` events into the agent registry.
 
 Heartbeats are not events, so `lastHeartbeat` is not here; the API merges live liveness in.
+
+Two fields say whether the agent is alive, and only the agent's own words move them:
+`lastSeen` is the time of the last event the agent itself caused (registration, accept, progress,
+completion, failure, deregistration; see `seen`), unlike `lastActivity`, which also moves when weft
+assigns or withdraws work (idle scale-down wants that; loss detection must not, or a dead agent
+that keeps being offered work never falls silent). `unresponsiveSince` is set when one of its
+assignments was withdrawn for not being accepted in time (`mark_unresponsive`); routing offers
+such an agent nothing until it shows life again (its own event clears the flag; a heartbeat heard
+by the scheduler after that time counts too, see `weft.routing.plan_assignments`).
+Records folded before these fields existed lack them: readers use `.get`.
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ def new_agent(ev: Event) -> Record:
         "targetId": d.get("targetId"),
         "registeredAt": ev.ts,
         "lastActivity": ev.ts,
+        "lastSeen": ev.ts,
+        "unresponsiveSince": None,
         "shutdownRequested": None,
         "offlineReason": None,
         "offlineAt": None,
@@ -50,7 +62,20 @@ def _registered(state: ProjectState, agent: Record | None, ev: Event) -> None:
                 "maxConcurrentTasks", "spindownAfterIdleMs", "labels", "source", "spinUpId", "targetId"):
         agent[key] = fresh[key]
     agent.update(lastActivity=ev.ts, shutdownRequested=None, offlineReason=None, offlineAt=None)
+    seen(agent, ev.ts)
     agent["status"] = "busy" if agent["currentTaskCount"] >= agent["maxConcurrentTasks"] else "online"
+
+
+def seen(agent: Record, ts: str) -> None:
+    """The agent itself just said something (an event it caused): it is alive and responsive."""
+    agent["lastSeen"] = ts
+    agent["unresponsiveSince"] = None
+
+
+def mark_unresponsive(agent: Record, ts: str) -> None:
+    """An assignment to the agent was withdrawn at `ts` because it did not accept it in time."""
+    if agent["status"] != "offline":
+        agent["unresponsiveSince"] = ts
 
 
 def _shutdown_requested(state: ProjectState, agent: Record, ev: Event) -> None:
@@ -77,6 +102,7 @@ def apply_agent(state: ProjectState, ev: Event) -> None:
     elif ev.type == "agent.shutdown_requested":
         _shutdown_requested(state, agent, ev)
     elif ev.type == "agent.deregistered":
+        seen(agent, ev.ts)
         _offline(agent, ev, ev.data.get("reason") or "deregistered")
     elif ev.type == "agent.lost":
         _offline(agent, ev, "lost")

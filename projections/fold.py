@@ -5,12 +5,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from projections.agents import apply_agent
-from projections.state import ProjectState
+from projections.state import ProjectState, Record
 from projections.targets import apply_target
 from projections.work import apply_work
 from weft.events import ENTITY_OF, Event
 
-_BY_ENTITY = {"work": apply_work, "agent": apply_agent, "target": apply_target}
+
+def apply_project(state: ProjectState, ev: Event) -> None:
+    if ev.type == "leader.elected":  # its epoch was checked and taken by `apply`
+        leader: Record = {**ev.data, "epoch": ev.epoch, "electedAt": ev.ts, "seq": ev.seq}
+        state.leader = leader
+
+
+_BY_ENTITY = {"work": apply_work, "agent": apply_agent, "target": apply_target, "project": apply_project}
 
 
 def apply(state: ProjectState, ev: Event) -> ProjectState:
@@ -21,6 +28,7 @@ def apply(state: ProjectState, ev: Event) -> ProjectState:
     entity = ENTITY_OF[ev.type]
     if ev.seq:
         state.seq = ev.seq
+        state.last_event_id = ev.id
         state.entity_seq[entity + "." + ev.entity_id] = ev.seq
     key = ev.idempotency_key
     if key is not None:

@@ -17,8 +17,9 @@ from projections.worktable import Record as Record  # re-exported: the one recor
 
 # Bump when the folded shape changes: snapshots of another schema are ignored and state is rebuilt.
 # 4: the encoding (the items as a JSON array, then a footer line), same fields as 3; `updatedAt`
-# no longer moves on an event the fold ignores.
-STATE_SCHEMA = 4
+# no longer moves on an event the fold ignores. 5: `last_event_id` (a snapshot proves which stream
+# it belongs to) and `leader` (`leader.elected`).
+STATE_SCHEMA = 5
 
 WORK_STATUSES = ("pending", "assigned", "in-progress", "completed", "failed", "cancelled")
 TERMINAL_WORK = frozenset({"completed", "failed", "cancelled"})
@@ -31,6 +32,9 @@ SETTLED_WORK = frozenset({"completed", "cancelled"})
 class ProjectState:
     project: str
     seq: int = 0  # last stream sequence folded in
+    # The id (Nats-Msg-Id) of the event at `seq`: a snapshot is used only where the stream holds
+    # that event at that sequence, not on another project's or an earlier stream's of the name.
+    last_event_id: str = ""
     work: WorkTable = field(default_factory=WorkTable)
     agents: dict[str, Record] = field(default_factory=dict)
     targets: dict[str, Record] = field(default_factory=dict)
@@ -46,6 +50,8 @@ class ProjectState:
     last_activity: str | None = None
     # Highest scheduler epoch seen: decision events of an older epoch (a deposed leader) are fenced.
     epoch: int = 0
+    # The latest `leader.elected`: {holder, epoch, leaseRevision, electedAt, seq}.
+    leader: Record | None = None
     # Derived, never hashed: work ids by status, in the order they reached it, kept by the fold
     # (`projections.work.set_status`). The scheduler and filtered reads walk one status's items
     # instead of every item ever submitted. A snapshot carries it (so a restart decodes no item to
@@ -55,8 +61,9 @@ class ProjectState:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.work, dict):  # a plain dict of items (tests, a one-item routing view)
-            self.work = WorkTable(self.work)
+        work: object = self.work  # typed WorkTable, but callers may pass a plain dict
+        if isinstance(work, dict):  # a plain dict of items (tests, a one-item routing view)
+            self.work = WorkTable(work)
 
     def reindex_work(self) -> None:
         """Rebuild `work_by_status` from `work` after editing `work` directly (decodes every item)."""
@@ -76,6 +83,7 @@ class ProjectState:
             "schema": STATE_SCHEMA,
             "project": self.project,
             "seq": self.seq,
+            "last_event_id": self.last_event_id,
             "agents": self.agents,
             "targets": self.targets,
             "entity_seq": self.entity_seq,
@@ -85,6 +93,7 @@ class ProjectState:
             "events_applied": self.events_applied,
             "last_activity": self.last_activity,
             "epoch": self.epoch,
+            "leader": self.leader,
         }
 
     @classmethod
@@ -94,6 +103,7 @@ class ProjectState:
         return cls(
             project=d["project"],
             seq=d["seq"],
+            last_event_id=d["last_event_id"],
             work=work,
             agents=d["agents"],
             targets=d["targets"],
@@ -103,7 +113,8 @@ class ProjectState:
             purged_counts=d["purged_counts"],
             events_applied=d["events_applied"],
             last_activity=d["last_activity"],
-            epoch=d.get("epoch", 0),
+            epoch=d["epoch"],
+            leader=d["leader"],
         )
 
 

@@ -10,8 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from projections.agents import mark_unresponsive, seen
 from projections.state import LIVE_ASSIGNMENT, TERMINAL_WORK, ProjectState, Record
 from weft.events import Event
+
+# `cause` of a `work.requeued` / `work.dead_lettered` that withdrew an assignment its agent did not
+# accept in time: the agent is marked unresponsive (`projections.agents.mark_unresponsive`).
+ACCEPT_TIMEOUT = "accept-timeout"
 
 
 def new_work(ev: Event) -> Record:
@@ -35,6 +40,10 @@ def new_work(ev: Event) -> Record:
         "maxAttempts": d.get("maxAttempts", 3),
         "assignedTo": None,
         "assignedAt": None,
+        # The stream sequence of the live assignment's `work.assigned`: every (re)assignment of the
+        # item gets a higher one (attempts do not: a DLQ retry resets them), so agents hand it to
+        # their commands as the fencing token of the run.
+        "assignedSeq": None,
         "acceptBy": None,
         "startedAt": None,
         "progress": 0,
@@ -95,6 +104,7 @@ def _assigned(state: ProjectState, item: Record, ev: Event) -> bool:
     item.update(
         assignedTo=agent["guid"],
         assignedAt=ev.ts,
+        assignedSeq=ev.seq,
         acceptBy=ev.data.get("acceptBy"),
         attempts=ev.data.get("attempt", item["attempts"] + 1),
         retryAt=None,
@@ -114,11 +124,20 @@ def _holder_matches(item: Record, ev: Event) -> bool:
     return guid is None or guid == item["assignedTo"]
 
 
+def _heard_from_holder(state: ProjectState, item: Record, ev: Event) -> None:
+    """The holder itself reported on the item (accept, progress, result): a sign of life."""
+    guid = ev.data.get("agentGuid")
+    agent = state.agents.get(guid) if guid and guid == item["assignedTo"] else None
+    if agent is not None:
+        seen(agent, ev.ts)
+
+
 def _started(state: ProjectState, item: Record, ev: Event) -> bool:
     if item["status"] != "assigned" or not _holder_matches(item, ev):
         return False
     set_status(state, item, "in-progress")
     item.update(startedAt=ev.ts, acceptBy=None)
+    _heard_from_holder(state, item, ev)
     return True
 
 
@@ -130,6 +149,7 @@ def _progressed(state: ProjectState, item: Record, ev: Event) -> bool:
         item.update(startedAt=ev.ts, acceptBy=None)
     item.update(progress=max(0, min(100, int(ev.data["progress"]))), progressMessage=ev.data.get("message"))
     _touch_agent(state, item, ev.ts)
+    _heard_from_holder(state, item, ev)
     return True
 
 
@@ -142,6 +162,7 @@ def _touch_agent(state: ProjectState, item: Record, ts: str) -> None:
 def _completed(state: ProjectState, item: Record, ev: Event) -> bool:
     if item["status"] not in LIVE_ASSIGNMENT or not _holder_matches(item, ev):
         return False
+    _heard_from_holder(state, item, ev)
     release_agent(state, item, ev.ts)
     set_status(state, item, "completed")
     agent = state.agents.get(item["assignedTo"] or "")
@@ -175,6 +196,7 @@ def _failed(state: ProjectState, item: Record, ev: Event) -> bool:
         "attempt": item["attempts"],
         "agentGuid": item["assignedTo"],
     }
+    _heard_from_holder(state, item, ev)
     release_agent(state, item, ev.ts)
     item["errors"].append(error)
     item["error"] = error
@@ -187,7 +209,7 @@ def _failed(state: ProjectState, item: Record, ev: Event) -> bool:
 
 def _to_pending(state: ProjectState, item: Record, retry_at: str | None) -> None:
     set_status(state, item, "pending")
-    item.update(assignedTo=None, assignedAt=None, acceptBy=None, startedAt=None, retryAt=retry_at)
+    item.update(assignedTo=None, assignedAt=None, assignedSeq=None, acceptBy=None, startedAt=None, retryAt=retry_at)
 
 
 def _to_dead_letter(state: ProjectState, item: Record, ev: Event, reason: str) -> None:
@@ -205,9 +227,19 @@ def _to_dead_letter(state: ProjectState, item: Record, ev: Event, reason: str) -
     )
 
 
+def _withdrawn_from(state: ProjectState, item: Record, ev: Event) -> None:
+    """A live assignment is being taken back: if its agent let it time out, mark the agent."""
+    if ev.data.get("cause") != ACCEPT_TIMEOUT:
+        return
+    agent = state.agents.get(item["assignedTo"] or "")
+    if agent is not None and ev.data.get("agentGuid", agent["guid"]) == agent["guid"]:
+        mark_unresponsive(agent, ev.ts)
+
+
 def _requeued(state: ProjectState, item: Record, ev: Event) -> bool:
     if item["status"] not in LIVE_ASSIGNMENT:
         return False
+    _withdrawn_from(state, item, ev)
     release_agent(state, item, ev.ts)
     _to_pending(state, item, ev.data.get("retryAt"))
     item["lastRequeueReason"] = ev.data["reason"]
@@ -217,6 +249,8 @@ def _requeued(state: ProjectState, item: Record, ev: Event) -> bool:
 def _dead_lettered(state: ProjectState, item: Record, ev: Event) -> bool:
     if item["status"] in TERMINAL_WORK:
         return False
+    if item["status"] in LIVE_ASSIGNMENT:
+        _withdrawn_from(state, item, ev)
     release_agent(state, item, ev.ts)
     _to_dead_letter(state, item, ev, ev.data["reason"])
     return True

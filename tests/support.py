@@ -167,3 +167,36 @@ def check_work_invariants(events: list[Any], capacity: dict[str, int] | None = N
                 completions[ev.entity_id] = completions.get(ev.entity_id, 0) + 1
     assert all(n == 1 for n in completions.values()), "an item completed twice"
     return completions
+
+
+async def state_reaches(view: Any, predicate: Any, timeout: float = 20.0) -> None:
+    """Wait, bounded, until `predicate(view.state)` holds: checked now and after every folded event."""
+    reached = asyncio.Event()
+
+    def check(_ev: Any = None, state: Any = None) -> None:
+        if predicate(view.state):
+            reached.set()
+
+    check()
+    view.listeners.append(check)
+    try:
+        await asyncio.wait_for(reached.wait(), timeout)
+    finally:
+        view.listeners.remove(check)
+
+
+async def until(api: Api, check: Any, timeout: float = 60.0) -> Any:
+    """Await a condition on the projection of the api's project, waking on each folded event (no
+    sleeps); returns the condition's first truthy value."""
+    assert api.service is not None and api.service.replica is not None
+    view = await api.service.replica.view(api.project, create=True)
+    assert view is not None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = check(view.state)
+        if result:
+            return result
+        remaining = deadline - loop.time()
+        assert remaining > 0, "condition not reached in time"
+        await view.wait_for(view.state.seq + 1, min(remaining, 1.0))

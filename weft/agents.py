@@ -7,11 +7,13 @@ project's scheduler pushes messages to agents and turns silence into `agent.lost
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+import nats.errors
 import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -96,7 +98,8 @@ class Liveness:
         if self._probe is not None:
             self._probe.cancel()
         if self._sub is not None:
-            await self._sub.unsubscribe()
+            with contextlib.suppress(nats.errors.Error):  # a closed connection has no interest left
+                await self._sub.unsubscribe()
 
 
 class AgentGateway:
@@ -137,7 +140,8 @@ class AgentGateway:
 
     async def stop(self) -> None:
         for sub in self._subs:
-            await sub.unsubscribe()
+            with contextlib.suppress(nats.errors.Error):  # a closed connection has no interest left
+                await sub.unsubscribe()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 

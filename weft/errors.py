@@ -31,10 +31,24 @@ class Conflict(WeftError):
     error = "Conflict"
 
 
+class Fenced(Conflict):
+    """A scheduler decision of an epoch older than the stream's: its leader was deposed."""
+
+    error = "Fenced"
+
+
 class Unavailable(WeftError):
-    """The store or the projection cannot answer now (NATS down, projection behind): retry later."""
+    """The store or the projection cannot answer now (NATS down, projection behind): retry later.
+    Raised only when the command's event is known not to be in the stream."""
 
     error = "Unavailable"
+
+
+class OutcomeUnknown(WeftError):
+    """The event store never answered the append (every attempt timed out): the event may or may
+    not be in the stream. `details` name the event and entity so the caller can find out."""
+
+    error = "OutcomeUnknown"
 
 
 def field_of(loc: tuple[Any, ...]) -> str:

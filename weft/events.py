@@ -14,7 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, Literal, TypedDict
+from typing import Any, Final, Literal, NotRequired, TypedDict
 
 import orjson
 
@@ -78,10 +78,16 @@ class WorkFailed(TypedDict):
 class WorkRequeued(TypedDict):
     reason: str
     retryAt: str | None
+    # Why it was withdrawn, when the scheduler did it: "accept-timeout" marks `agentGuid` (the
+    # holder) unresponsive until it shows life; "agent-offline" says its agent was lost or left.
+    cause: NotRequired[str]
+    agentGuid: NotRequired[str]
 
 
 class WorkDeadLettered(TypedDict):
     reason: str
+    cause: NotRequired[str]  # as in WorkRequeued, when a withdrawal used up the item's attempts
+    agentGuid: NotRequired[str]
 
 
 class WorkCancelled(TypedDict):
@@ -178,6 +184,14 @@ class SpinUpFailed(TypedDict):
     durationMs: float
 
 
+class LeaderElected(TypedDict):
+    """A replica won the project's lease and will decide from now on. The envelope's `epoch` is
+    the term's fence: above every epoch in the stream, whatever happened to the lease bucket."""
+
+    holder: str
+    leaseRevision: int
+
+
 @dataclass(frozen=True, slots=True)
 class EventSpec:
     name: str
@@ -219,6 +233,7 @@ CATALOGUE: Final[dict[str, EventSpec]] = dict(
         _spec("spinup.started", "target", SpinUpStarted, "the mechanism launched the agent"),
         _spec("spinup.completed", "target", SpinUpCompleted, "an agent registered with the spin-up id"),
         _spec("spinup.failed", "target", SpinUpFailed, "the spin-up did not produce an agent in time"),
+        _spec("leader.elected", "project", LeaderElected, "a scheduler took over; older epochs are fenced"),
     ]
 )
 
@@ -227,7 +242,16 @@ CATALOGUE: Final[dict[str, EventSpec]] = dict(
 ENTITY_OF: Final[dict[str, Entity]] = {name: spec.entity for name, spec in CATALOGUE.items()}
 
 
-class UnknownEventType(ValueError):
+class UnsupportedEvent(ValueError):
+    """A well-formed event this version of weft cannot read (written by a newer one). Unlike a
+    corrupt message, some version can fold it: skipping it would make replicas disagree."""
+
+
+class UnknownEventType(UnsupportedEvent):
+    pass
+
+
+class NewerEventVersion(UnsupportedEvent):
     pass
 
 
@@ -385,7 +409,12 @@ def decode(raw: bytes, seq: int = 0) -> Event:
     ev.epoch = get("epoch")
     ev.idempotency_key = get("idempotency_key")
     ev.seq = seq
-    return upcast(ev) if ev.v != CATALOGUE[type_].version else ev
+    known = CATALOGUE[type_].version
+    if ev.v == known:
+        return ev
+    if ev.v > known:
+        raise NewerEventVersion(f"{type_} v{ev.v} (this weft reads up to v{known})")
+    return upcast(ev)
 
 
 def upcast(ev: Event) -> Event:

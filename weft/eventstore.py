@@ -3,7 +3,13 @@
 Everything weft knows is in these streams. Appends carry `Nats-Msg-Id` (the event id: the server
 drops a repeat inside its duplicate window) and `Nats-Expected-Last-Subject-Sequence` (the entity's
 last sequence as the writer saw it: a stale writer is rejected, never applied). Under load, appends
-share JetStream atomic batches with the same checks (`weft.groupcommit`). Snapshots live in an
+share JetStream atomic batches with the same checks (`weft.groupcommit`).
+
+An append resolves its own uncertainty before it answers: a publish without a reply is sent again
+with the same Msg-Id and expectation (both make a repeat harmless), a bounded number of times, and
+finding the event already stored after such an attempt is told apart from an earlier request's
+event with the same id by its payload (every request encodes its own ids and timestamp). Only when
+no attempt got an answer does it give up with `AppendOutcomeUnknown`. Snapshots live in an
 object store because a project's state quickly outgrows NATS's 1 MiB message limit.
 """
 
@@ -18,12 +24,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from weft.events import Event, decode, stream_name
-from weft.groupcommit import GroupCommit
+from weft.groupcommit import ALONE, Alone, GroupCommit
 
 log = logging.getLogger("weft.eventstore")
 
@@ -31,6 +38,19 @@ WRONG_LAST_SEQUENCE = 10071
 STREAM_NOT_FOUND = 10059
 OBJECT_NOT_FOUND = 10037
 SNAPSHOT_BUCKET = "weft-snapshots"
+# Publishes of one append before its outcome is declared unknown: the first and two repeats.
+PUBLISH_ATTEMPTS = 3
+# Attempts that failed before anything was sent (or was taken by a stream): they stored nothing.
+NOT_SENT = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.js.errors.NoStreamResponseError,
+)
+
+# A message of the stream that did not decode: (seq, subject, the decoding error).
+Skip = Callable[[int, str, Exception], None]
 
 
 class ConcurrencyConflict(Exception):
@@ -42,8 +62,20 @@ class ConcurrencyConflict(Exception):
         self.expected = expected
 
 
+class AppendOutcomeUnknown(Exception):
+    """No attempt of the append was answered: the event may or may not be in the stream."""
+
+    def __init__(self, ev: Event, attempts: int) -> None:
+        super().__init__(f"{ev.subject}: no answer to {attempts} publishes of event {ev.id}")
+        self.event = ev
+        self.attempts = attempts
+
+
 @dataclass(frozen=True, slots=True)
 class Appended:
+    """Where the event is. `duplicate`: an earlier request with the same event id stored it (a
+    client's retry with its Idempotency-Key), not this call."""
+
     seq: int
     duplicate: bool
 
@@ -114,6 +146,14 @@ class EventStore:
             return 0
         return int(info.state.last_seq)
 
+    async def msg_id_at(self, project: str, seq: int) -> str | None:
+        """The Nats-Msg-Id (event id) of the message at `seq`, or None if there is none."""
+        try:
+            msg = await self.js.get_msg(stream_name(project), seq)
+        except nats.js.errors.NotFoundError:
+            return None
+        return (msg.headers or {}).get(api.Header.MSG_ID.value)
+
     async def list_projects(self) -> list[str]:
         projects = []
         for info in await self.js.streams_info():
@@ -134,20 +174,48 @@ class EventStore:
         group = await self._group(ev.project)
         if group is None:
             return await self._publish(ev, payload, headers, expected_seq)
+        alone: Alone = ALONE
         if group.crowded():
-            seq = await group.append(ev.subject, payload, headers)  # None: alone, slot counted
-            if seq is not None:
-                ev.seq = seq
-                return Appended(seq=seq, duplicate=False)
+            got = await group.append(ev.subject, payload, headers)  # Alone: publish alone, slot counted
+            if not isinstance(got, Alone):
+                ev.seq = got
+                return Appended(seq=got, duplicate=False)
+            alone = got
         else:
             group.inflight += 1
         try:
-            return await self._publish(ev, payload, headers, expected_seq)
+            return await self._publish(ev, payload, headers, expected_seq, maybe_stored=alone.maybe_stored)
         finally:
             group.inflight -= 1
             group.kick()
 
-    async def _publish(self, ev: Event, payload: bytes, headers: dict[str, str], expected_seq: int | None) -> Appended:
+    async def _publish(
+        self, ev: Event, payload: bytes, headers: dict[str, str], expected_seq: int | None, *, maybe_stored: bool = False
+    ) -> Appended:
+        """Publish until an answer says where the event is. `maybe_stored`: an earlier attempt of
+        this call (a batch without a commit reply) may have stored it."""
+        for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+            try:
+                return await self._publish_once(ev, payload, headers, expected_seq, maybe_stored)
+            except NOT_SENT:
+                if not maybe_stored:
+                    raise  # nothing of this append can be in the stream: the caller may say so
+            except (nats.errors.TimeoutError, nats.js.errors.APIError) as err:
+                if isinstance(err, nats.js.errors.APIError) and not maybe_stored:
+                    raise  # the stream refused it, and no earlier attempt may have landed
+                # No answer (the request or its reply lost): stored or not, nobody can tell.
+                maybe_stored = True
+            log.warning("append of %s not confirmed (attempt %d of %d); publishing it again", ev.id, attempt,
+                        PUBLISH_ATTEMPTS, extra={"project": ev.project, "subject": ev.subject})
+        raise AppendOutcomeUnknown(ev, PUBLISH_ATTEMPTS)
+
+    async def _publish_once(
+        self, ev: Event, payload: bytes, headers: dict[str, str], expected_seq: int | None, maybe_stored: bool
+    ) -> Appended:
+        nc = self.js._nc
+        if not nc.is_connected:
+            # nats-py would buffer it to send after a reconnect: sent or not, nobody could tell.
+            raise nats.errors.ConnectionClosedError if nc.is_closed else nats.errors.ConnectionReconnectingError
         try:
             ack = await self.js.publish(ev.subject, payload, timeout=self.publish_timeout_s, headers=headers)
         except nats.js.errors.APIError as err:
@@ -155,12 +223,17 @@ class EventStore:
                 raise
             # The server checks the expected sequence before Msg-Id dedupe, so a retry of an append
             # that already landed (a lost ack, say) looks like a conflict: recognise our own event.
-            own_seq = await self._own_seq_after(ev, expected_seq or 0)
-            if own_seq is None:
+            own = await self._own_msg_after(ev, expected_seq or 0)
+            if own is None:
                 raise ConcurrencyConflict(ev.subject, expected_seq or 0) from err
-            ev.seq = own_seq
-            return Appended(seq=own_seq, duplicate=True)
+            ev.seq = own[0]
+            return Appended(seq=own[0], duplicate=not (maybe_stored and own[1] == payload))
         ev.seq = ack.seq
+        if ack.duplicate and maybe_stored:
+            # Ours (an earlier attempt of this call) or an earlier request's with this id? Only on
+            # this rare path is the stored message read back; the normal path costs nothing more.
+            stored = await self._payload_at(ev.project, ack.seq)
+            return Appended(seq=ack.seq, duplicate=stored != payload)
         return Appended(seq=ack.seq, duplicate=bool(ack.duplicate))
 
     async def _group(self, project: str) -> GroupCommit | None:
@@ -193,8 +266,9 @@ class EventStore:
             log.warning("no group commit for %s: %s", name, err, extra={"project": project})
         return group
 
-    async def _own_seq_after(self, ev: Event, expected: int) -> int | None:
-        """The sequence of `ev` if an earlier attempt of this append landed, else None.
+    async def _own_msg_after(self, ev: Event, expected: int) -> tuple[int, bytes] | None:
+        """(sequence, stored payload) of the event with `ev`'s id if an append of it landed with
+        `expected`, else None.
 
         An append that landed with `expected` was the first event on its subject after `expected`,
         so that one message decides it, even when later events on the entity followed it (the last
@@ -204,8 +278,15 @@ class EventStore:
         except nats.js.errors.NotFoundError:
             return None
         if (first.headers or {}).get(api.Header.MSG_ID.value) == ev.id and first.seq:
-            return int(first.seq)
+            return int(first.seq), bytes(first.data or b"")
         return None
+
+    async def _payload_at(self, project: str, seq: int) -> bytes | None:
+        try:
+            msg = await self.js.get_msg(stream_name(project), seq)
+        except nats.js.errors.NotFoundError:
+            return None
+        return bytes(msg.data or b"")
 
     # --- read ------------------------------------------------------------------------------
 
@@ -214,10 +295,10 @@ class EventStore:
         project: str,
         from_seq: int,
         on_event: Callable[[Event], Awaitable[None] | None],
-        on_skip: Callable[[int, str], None] | None = None,
+        on_skip: Skip | None = None,
     ) -> Tail:
         """Deliver every event from `from_seq` on, in order, forever (one ordered consumer).
-        A message that does not decode is passed to `on_skip(seq, subject)` instead."""
+        A message that does not decode is passed to `on_skip(seq, subject, error)` instead."""
         await self.ensure_stream(project)
         tail = Tail(self, project, from_seq, on_event, on_skip)
         await tail.start()
@@ -374,7 +455,7 @@ class Tail:
         project: str,
         from_seq: int,
         on_event: Callable[[Event], Awaitable[None] | None],
-        on_skip: Callable[[int, str], None] | None = None,
+        on_skip: Skip | None = None,
     ) -> None:
         self.store = store
         self.project = project
@@ -394,15 +475,16 @@ class Tail:
         seq = _stream_seq(msg)
         try:
             ev = decode(msg.data, seq)
-        except Exception:
-            # Corrupt, or a type from a newer weft (rolling upgrade): skip it, but say so, or a
-            # reader waiting for this sequence would wait for the next event instead.
-            log.exception("undecodable event skipped", extra={"project": self.project, "seq": seq})
+        except Exception as err:
+            # Corrupt, or from a newer weft (rolling upgrade): the reader decides (`on_skip`); a
+            # reader waiting for this sequence must hear of it, or it would wait for the next one.
             if self.on_skip is not None:
                 try:
-                    self.on_skip(seq, msg.subject)
+                    self.on_skip(seq, msg.subject, err)
                 except Exception:
                     log.exception("skip callback failed", extra={"project": self.project, "seq": seq})
+            else:
+                log.error("undecodable event skipped: %s", err, extra={"project": self.project, "seq": seq})
             return
         try:
             result = self.on_event(ev)

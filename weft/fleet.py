@@ -50,7 +50,7 @@ class FleetManager:
         self.policy = policy
         self.epoch = epoch
         self.config = config
-        self.ctx = Ctx(project=project, actor="scheduler")
+        self.ctx = Ctx(project=project, actor="scheduler", fresh_answers=False)
         # spin-up id -> its launch task, while launching: completion waits for it, because a fast
         # agent can register before launch() returns, and its handle must be recorded first.
         self._launching: dict[str, asyncio.Task[None]] = {}
@@ -100,26 +100,35 @@ class FleetManager:
         task.add_done_callback(self._tasks.discard)
 
     async def _run_launch(self, req: SpinUpRequest, requested_at: str) -> None:
+        """Launch, and record `spinup.started` or `spinup.failed`. However it ends (a mechanism's
+        bug, a record that could not be appended, cancellation), the spin-up stops counting as
+        launching: if no outcome was recorded, `decisions` fails it once it is overdue, so it
+        cannot hold its target's slot forever."""
         t = req.target
         started = time.perf_counter()
         mechanism = self.mechanisms.get(t["mechanism"])
         try:
-            if mechanism is None:
-                raise SpinUpError(f"mechanism {t['mechanism']} is not available in this weft")
-            launched = await asyncio.wait_for(mechanism.launch(req), t["spinUpTimeoutMs"] / 1000)
-        except (SpinUpError, TimeoutError, OSError) as err:
-            reason = str(err) or type(err).__name__
-            log.warning("spin-up failed: %s", reason, extra={"project": self.project, "target": t["name"]})
-            data = {"error": reason, "durationMs": round((time.perf_counter() - started) * 1000, 3)}
-            await self._record(t["id"], req.spin_up_id, "spinup.failed", data)
-            return
-            self._launching.pop(req.spin_up_id, None)
-            return
-        log.info("agent launched", extra={"project": self.project, "target": t["name"], "spin_up_id": req.spin_up_id})
-        try:
+            try:
+                if mechanism is None:
+                    raise SpinUpError(f"mechanism {t['mechanism']} is not available in this weft")
+                launched = await asyncio.wait_for(mechanism.launch(req), t["spinUpTimeoutMs"] / 1000)
+            except (SpinUpError, TimeoutError, OSError) as err:
+                await self._launch_failed(req, str(err) or type(err).__name__, started)
+                return
+            except Exception as err:  # a mechanism's bug is still a failed spin-up, not a stuck one
+                log.exception("spin-up raised", extra={"project": self.project, "target": t["name"]})
+                await self._launch_failed(req, f"{type(err).__name__}: {err}", started)
+                return
+            log.info("agent launched", extra={"project": self.project, "target": t["name"], "spin_up_id": req.spin_up_id})
             await self._record(t["id"], req.spin_up_id, "spinup.started", {"mechanismResult": launched.handle})
         finally:
             self._launching.pop(req.spin_up_id, None)
+
+    async def _launch_failed(self, req: SpinUpRequest, reason: str, started: float) -> None:
+        t = req.target
+        log.warning("spin-up failed: %s", reason, extra={"project": self.project, "target": t["name"]})
+        data = {"error": reason, "durationMs": round((time.perf_counter() - started) * 1000, 3)}
+        await self._record(t["id"], req.spin_up_id, "spinup.failed", data)
 
     def _complete(self, state: ProjectState, ev: Event) -> None:
         spin_up_id = ev.data["spinUpId"]

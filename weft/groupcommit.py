@@ -12,8 +12,14 @@ publish, so smaller batches cost more than they save), sent as one batch of up t
 Every message keeps its own `Nats-Msg-Id` and `Nats-Expected-Last-Subject-Sequence`, and a batch
 is all or nothing: when the server refuses one (a stale expectation, a duplicate, a lost commit
 reply), each of its appends is published alone, where the usual conflict and duplicate handling
-applies. nats-py has no atomic-batch API, so the three batch headers are set here; the stream must
+applies; when the batch may have been stored (no answer), the append is told so (`Alone.maybe_stored`)
+so that finding its own event there is not mistaken for someone else's earlier request.
+nats-py has no atomic-batch API, so the three batch headers are set here; the stream must
 have `allow_atomic` (nats-server 2.12+).
+
+A single slot, once handed to a waiter, is that waiter's to give back, also when its task is
+cancelled before it resumes (a scheduler stopping, a request abandoned); a waiter cancelled while
+still queued leaves the queue, so no batch publishes it after its caller gave up.
 """
 
 from __future__ import annotations
@@ -39,12 +45,24 @@ class BatchRejected(Exception):
     """The server refused the batch as a whole; nothing of it was stored."""
 
 
+@dataclass(frozen=True, slots=True)
+class Alone:
+    """Publish the append alone; its single slot is counted in `inflight`. `maybe_stored`: it was
+    in a batch whose outcome is unknown (no commit reply), so it may be in the stream already."""
+
+    maybe_stored: bool = False
+
+
+ALONE = Alone()
+ALONE_AFTER_LOST_BATCH = Alone(maybe_stored=True)
+
+
 @dataclass(slots=True)
 class _Pending:
     subject: str
     payload: bytes
     headers: dict[str, str]
-    done: asyncio.Future[int | None]
+    done: asyncio.Future[int | Alone]
 
 
 class GroupCommit:
@@ -72,14 +90,24 @@ class GroupCommit:
     def crowded(self) -> bool:
         return self.inflight >= self.after
 
-    async def append(self, subject: str, payload: bytes, headers: dict[str, str]) -> int | None:
+    async def append(self, subject: str, payload: bytes, headers: dict[str, str]) -> int | Alone:
         """Wait for a batch or a free single slot. Returns the stream sequence the batch stored the
-        append at, or None: publish it alone, already counted in `inflight` (a slot came free
-        first, or its batch was refused)."""
-        done: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(subject, payload, headers, done))
+        append at, or `Alone`: publish it alone, already counted in `inflight` (a slot came free
+        first, or its batch was not committed)."""
+        done: asyncio.Future[int | Alone] = asyncio.get_running_loop().create_future()
+        pending = _Pending(subject, payload, headers, done)
+        self._queue.append(pending)
         self.kick()
-        return await done
+        try:
+            return await done
+        except asyncio.CancelledError:
+            if done.done() and not done.cancelled() and isinstance(done.result(), Alone):
+                # Handed a slot, cancelled before it could use it: nobody else would give it back.
+                self.inflight -= 1
+                self.kick()
+            elif pending in self._queue:
+                self._queue.remove(pending)  # never sent: no batch may publish it for a gone caller
+            raise
 
     def kick(self) -> None:
         """After an append queued or a single publish finished: start a batch once enough wait,
@@ -90,10 +118,10 @@ class GroupCommit:
         while self._queue and self.inflight < self.after:
             self._release(self._queue.pop(0))
 
-    def _release(self, p: _Pending) -> None:
+    def _release(self, p: _Pending, alone: Alone = ALONE) -> None:
         if not p.done.done():
             self.inflight += 1  # the caller publishes it alone and gives the slot back
-            p.done.set_result(None)
+            p.done.set_result(alone)
 
     async def _flush(self) -> None:
         batch: list[_Pending] = []
@@ -104,14 +132,15 @@ class GroupCommit:
                 try:
                     last, count = await self._send(batch)
                     if count != len(batch):
-                        raise BatchRejected(f"commit reported {count} of {len(batch)} messages")
+                        raise RuntimeError(f"commit reported {count} of {len(batch)} messages")
                 except Exception as err:
                     # Stored or not, one by one is safe: OCC read-back and Msg-Id dedupe recognise
-                    # an append that did land (a lost commit reply) as a duplicate.
+                    # an append that did land (a lost commit reply). Only a refusal says it did not.
                     log.info("batch of %d not committed, appending one by one: %s", len(batch), err,
                              extra={"stream": self.stream})
+                    alone = ALONE if isinstance(err, BatchRejected) else ALONE_AFTER_LOST_BATCH
                     for p in batch:
-                        self._release(p)
+                        self._release(p, alone)
                     batch = []
                     continue
                 self.batches += 1
@@ -122,7 +151,9 @@ class GroupCommit:
                         p.done.set_result(last - len(batch) + 1 + i)
                 batch = []
         except asyncio.CancelledError:
-            for p in batch + self._queue:  # shutting down: nobody waits forever
+            for p in batch:  # shutting down mid-commit: nobody waits forever
+                self._release(p, ALONE_AFTER_LOST_BATCH)
+            for p in self._queue:
                 self._release(p)
             self._queue.clear()
             raise

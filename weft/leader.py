@@ -3,10 +3,14 @@
 One key per project; its value is orjson `{holder, acquiredAt}` (renewals add `epoch`, `renewedAt`).
 
 - **Acquire** = `kv.create` (create-if-absent). The revision it returns starts a leadership term and
-  is the term's *epoch*: stream sequences only grow, so every later term has a larger epoch.
+  names it here (`epoch` of this module). It is not the fence on its own: revisions start again at
+  1 when the bucket is deleted and recreated, so the scheduler announces each term in the project's
+  stream (`leader.elected`) with an epoch above every epoch the stream has seen
+  (`weft.commands.leadership.term_epoch`), and stamps that one on its decisions.
 - **Renew** = `kv.update(key, value, last=revision)`: a compare-and-set on the holder's own last
   revision. The epoch stays the same for the whole term. A failed CAS means someone else's entry
-  is there (ours lapsed or was removed): leadership is lost and the epoch becomes None.
+  is there (ours lapsed or was removed): leadership is lost and the epoch becomes None. A bucket
+  that vanished (no responders) is opened, and so created, again on the next attempt.
 - **Expiry**: the bucket's TTL (`max_age` of its stream, history 1) removes an entry that was not
   renewed in time, so a dead leader's lease lapses and another replica's `create` succeeds.
 - **Local validity**: a holder counts itself leader only until `ttl` after it *sent* its last
@@ -34,6 +38,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 import orjson
 from nats.js.api import KeyValueConfig
 from nats.js.client import JetStreamContext
@@ -49,7 +54,7 @@ LEASE_BUCKET = "weft-leases"
 DEFAULT_TTL_S = 6.0
 
 # Failures that leave the outcome of a lease operation unknown or merely postpone it.
-_TRANSIENT: tuple[type[BaseException], ...] = (nats.errors.Error, asyncio.TimeoutError, OSError)
+TRANSIENT: tuple[type[BaseException], ...] = (nats.errors.Error, asyncio.TimeoutError, OSError)
 
 ElectedCallback = Callable[[str, int], Awaitable[None] | None]
 DeposedCallback = Callable[[str], Awaitable[None] | None]
@@ -101,6 +106,7 @@ class LeaderLease:
         *,
         bucket: str = LEASE_BUCKET,
         kv: KeyValue | None = None,
+        replicas: int = 1,
     ) -> None:
         if not is_valid_project_id(project):
             raise ValueError(f"invalid project id {project!r}")
@@ -111,6 +117,7 @@ class LeaderLease:
         self.holder = holder
         self.ttl_s = ttl_s
         self.bucket = bucket
+        self.replicas = replicas
         self._kv = kv
         self._epoch: int | None = None
         self._revision = 0
@@ -161,10 +168,10 @@ class LeaderLease:
         try:
             await kv.delete(self.project, last=revision)
             return
-        except _TRANSIENT as e:
+        except TRANSIENT as e:
             # Wrong last revision (an unknown-outcome renewal landed) or a transient failure.
             log.debug("lease %s release by revision %s failed: %r", self.project, revision, e)
-        with contextlib.suppress(*_TRANSIENT):
+        with contextlib.suppress(*TRANSIENT):
             entry = await kv.get(self.project)
             if self._entry_epoch(entry, epoch) == epoch:
                 await kv.delete(self.project, last=_revision(entry))
@@ -187,7 +194,7 @@ class LeaderLease:
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
-            self._kv, self.ttl_s = await open_lease_bucket(self.js, self.ttl_s, self.bucket)
+            self._kv, self.ttl_s = await open_lease_bucket(self.js, self.ttl_s, self.bucket, self.replicas)
         return self._kv
 
     async def _acquire(self, kv: KeyValue) -> int | None:
@@ -202,8 +209,9 @@ class LeaderLease:
             # Someone's entry is there (or vanished mid-call). Ours, if a create of ours had timed out?
             self._pending_create = previous
             return await self._adopt_pending_create(kv)
-        except _TRANSIENT as e:
+        except TRANSIENT as e:
             log.warning("lease %s acquire failed: %r", self.project, e)
+            self._reopen_if_gone(e)
             return None
         self._pending_create = None
         self._start_term(revision, revision, acquired_at, sent)
@@ -219,7 +227,7 @@ class LeaderLease:
         except KeyNotFoundError:
             self._pending_create = None
             return None
-        except _TRANSIENT:
+        except TRANSIENT:
             return None
         value, sent = pending
         if entry.value != value:
@@ -246,8 +254,9 @@ class LeaderLease:
         except KeyWrongLastSequenceError:
             self._pending_renewals.pop()  # this attempt definitely did not apply
             return await self._after_cas_failure(kv, epoch)
-        except _TRANSIENT as e:
+        except TRANSIENT as e:
             log.warning("lease %s renew failed (epoch %s): %r", self.project, epoch, e)
+            self._reopen_if_gone(e)
             return self.epoch
         self._pending_renewals.clear()
         self._revision = revision
@@ -261,7 +270,7 @@ class LeaderLease:
                 entry = await kv.get(self.project)
             except KeyNotFoundError:
                 entry = None
-            except _TRANSIENT:
+            except TRANSIENT:
                 return self.epoch  # cannot tell yet; local validity decides
             if entry is not None and self._entry_epoch(entry, epoch) == epoch:
                 # Count from the earliest unknown renewal: the most conservative expiry.
@@ -273,6 +282,12 @@ class LeaderLease:
         log.warning("lease %s lost by %s (epoch %s): entry changed under us", self.project, self.holder, epoch)
         self._lose()
         return None
+
+    def _reopen_if_gone(self, err: BaseException) -> None:
+        """No responders: the bucket's stream is gone (an operator deleted it). Open, and so
+        create, it again on the next attempt rather than fail forever."""
+        if isinstance(err, nats.errors.NoRespondersError | nats.js.errors.NoStreamResponseError):
+            self._kv = None
 
     def _entry_epoch(self, entry: KeyValue.Entry, epoch: int) -> int | None:
         """The entry's epoch if it is one of ours for `epoch`'s term, else None."""
@@ -366,7 +381,7 @@ class LeaderElector:
         """Compete for `project` from the next round (which starts at once if running)."""
         if project not in self._leases:
             self._leases[project] = LeaderLease(
-                self.js, project, self.holder, self.ttl_s, bucket=self.bucket, kv=self._kv
+                self.js, project, self.holder, self.ttl_s, bucket=self.bucket, kv=self._kv, replicas=self.replicas
             )
             self._wake.set()
 
@@ -375,7 +390,7 @@ class LeaderElector:
         async with self._round_lock:
             lease = self._leases.pop(project, None)
             if lease is not None:
-                with contextlib.suppress(*_TRANSIENT):
+                with contextlib.suppress(*TRANSIENT):
                     await lease.release()
             await self._transition(project, None)
 
@@ -398,7 +413,7 @@ class LeaderElector:
         async with self._round_lock:
             for project, lease in list(self._leases.items()):
                 if release:
-                    with contextlib.suppress(*_TRANSIENT):
+                    with contextlib.suppress(*TRANSIENT):
                         await lease.release()
                 await self._transition(project, None)
 
@@ -413,7 +428,7 @@ class LeaderElector:
             )
             for (project, lease), result in zip(projects, results, strict=True):
                 if isinstance(result, BaseException):
-                    if not isinstance(result, _TRANSIENT):
+                    if not isinstance(result, TRANSIENT):
                         log.error("lease %s: unexpected error", project, exc_info=result)
                     else:
                         log.warning("lease %s: %r", project, result)

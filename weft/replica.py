@@ -18,7 +18,7 @@ import orjson
 
 from projections import ProjectState, apply, decode_state, encode_state
 from weft import gcpause
-from weft.events import Event, is_valid_project_id
+from weft.events import Event, UnsupportedEvent, is_valid_project_id
 from weft.eventstore import EventStore, Tail
 
 log = logging.getLogger("weft.replica")
@@ -43,9 +43,11 @@ class ProjectView:
         self.snapshot_every = 0
         self.on_snapshot_due: Callable[[ProjectView], None] | None = None
         self.gc_pause: gcpause.Pause | None = None  # held while folding the backlog found at attach
+        # (seq, reason) of an event this weft cannot read: the projection stops before it.
+        self.halted: tuple[int, str] | None = None
 
     def apply(self, ev: Event) -> None:
-        if ev.seq and ev.seq <= self.state.seq:
+        if (ev.seq and ev.seq <= self.state.seq) or self.halted is not None:
             return
         try:
             apply(self.state, ev)
@@ -63,12 +65,32 @@ class ProjectView:
             except Exception:
                 log.exception("listener failed", extra={"project": self.project})
 
-    def skip(self, seq: int, subject: str) -> None:
-        """A message in the stream that does not decode: count its sequence as folded (as
-        `apply` does for an event the fold ignores), so waiters and OCC see the stream's position."""
-        if seq <= self.state.seq:
+    def skip(self, seq: int, subject: str, err: Exception) -> None:
+        """A message in the stream that does not decode.
+
+        A well-formed event of a newer weft (`UnsupportedEvent`) halts the projection before it: a
+        replica that skipped it would disagree with one that can fold it, and a snapshot would bake
+        the gap in. The project reads as of the event before; it is not ready until a weft that
+        reads the event replays it. Anything else (not an event at all) no version can fold: its
+        sequence counts as folded (as `apply` does for an event the fold ignores), alike on every
+        replica, so waiters and OCC see the stream's position."""
+        if seq <= self.state.seq or self.halted is not None:
             return
+        if isinstance(err, UnsupportedEvent):
+            self.halted = (seq, f"event at seq {seq} cannot be read by this weft: {err}")
+            log.error("projection halted: %s; upgrade weft", self.halted[1], extra={"project": self.project, "seq": seq})
+            # Nothing waits for what will not come: waiters re-check and fail at once, and a
+            # start-up that waits for the backlog goes on (the project reports not ready).
+            for _, _, fut in self._waiters:
+                if not fut.done():
+                    fut.set_result(None)
+            self._waiters.clear()
+            if not self.caught_up.is_set():
+                self.set_caught_up()
+            return
+        log.error("corrupt message skipped: %s", err, extra={"project": self.project, "seq": seq})
         self.state.seq = seq
+        self.state.last_event_id = ""  # whatever its Msg-Id: a snapshot here is verified as unknown
         parts = subject.split(".")
         if len(parts) == 5:  # weft.<project>.ev.<entity>.<id>
             self.state.entity_seq[f"{parts[3]}.{parts[4]}"] = seq
@@ -93,13 +115,15 @@ class ProjectView:
         """True once the projection reached `seq`; False after `timeout` seconds."""
         if self.state.seq >= seq:
             return True
+        if self.halted is not None:
+            return False
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (seq, next(self._counter), fut))
         try:
             # The future is ours alone, so a timeout may cancel it: no shield (a task per wait).
             async with asyncio.timeout(timeout):
                 await fut
-            return True
+            return self.state.seq >= seq  # not so if woken by a halt
         except TimeoutError:
             # Drop our entry: a client's min_seq that never comes must not stay in the heap forever.
             self._waiters = [w for w in self._waiters if not w[2].done()]
@@ -145,7 +169,11 @@ class Replica:
 
     @property
     def ready(self) -> bool:
-        return all(v.caught_up.is_set() for v in self.views.values())
+        return all(v.caught_up.is_set() and v.halted is None for v in self.views.values())
+
+    def halted(self) -> dict[str, dict[str, object]]:
+        """Projects whose projection stopped before an event this weft cannot read."""
+        return {p: {"seq": v.halted[0], "reason": v.halted[1]} for p, v in self.views.items() if v.halted}
 
     async def view(self, project: str, *, create: bool = False) -> ProjectView | None:
         """The project's view; attaches lazily. Without `create`, an unknown project gives None."""
@@ -171,14 +199,11 @@ class Replica:
             except BaseException:
                 pause.end()
                 raise
-            if state is not None and state.seq > last_seq:
-                # The snapshot is of an older stream of the same name (deleted and re-created):
-                # resuming from it would skip every event of the new stream.
-                log.warning(
-                    "snapshot ahead of the stream ignored",
-                    extra={"project": project, "snapshot_seq": state.seq, "last_seq": last_seq},
-                )
-                state = None
+            if state is not None:
+                mismatch = await self._snapshot_mismatch(project, state, last_seq)
+                if mismatch:
+                    log.warning("snapshot ignored, replaying: %s", mismatch, extra={"project": project, "snapshot_seq": state.seq})
+                    state = None
             view = ProjectView(project, state)
             view.target_seq = last_seq
             view.gc_pause = pause
@@ -206,6 +231,21 @@ class Replica:
             # A snapshot is an optimisation: an unreadable or old-schema one means a full replay.
             log.warning("snapshot ignored: %s", err, extra={"project": project})
             return None
+
+    async def _snapshot_mismatch(self, project: str, state: ProjectState, last_seq: int) -> str | None:
+        """Why the snapshot does not belong to this stream (another project's, or of an earlier
+        stream of the name that was deleted and refilled), or None: the stream must hold, at the
+        snapshot's sequence, the very event the snapshot was folded up to."""
+        if state.project != project:
+            return f"it is of project {state.project!r}"
+        if state.seq > last_seq:
+            return f"it is at seq {state.seq}, beyond the stream's last {last_seq}"
+        if state.seq == 0:
+            return None
+        found = await self.store.msg_id_at(project, state.seq) or ""
+        if not found or found != state.last_event_id:
+            return f"the stream's event at seq {state.seq} is {found!r}, not {state.last_event_id!r}"
+        return None
 
     def _snapshot_due(self, view: ProjectView) -> None:
         view.events_since_snapshot = 0

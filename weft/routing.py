@@ -3,11 +3,15 @@
 Pure: no I/O and no clock reads (`now` is a parameter), deterministic for a given state, so the
 scheduler, the API (why is my item waiting?) and the tests share it.
 
-Hard constraints (`eligible`): the agent is live (not offline, no pending shutdown), has the item's
+Hard constraints (`eligible`): the agent is live (not offline, no pending shutdown), responsive
+(it did not let an assignment time out without showing life since: `is_unresponsive`), has the item's
 capability, accepts its boundary (an agent whose boundaries are empty or contain "*" accepts any),
 is of a type the boundary's rule allows, is of the item's `requiredAgentType` if it names one, and
-has a free slot. Soft preferences rank the eligible agents: the item's `preferredAgentType`, then
-the rule's preferred types in order, then the least loaded, then the guid (for determinism).
+has a free slot. Plans also apply Warp's visibility (`visible_in`: private and user-only agents take
+no work from weft) and count a Warp agent's load as the higher of what weft holds on it and what its
+registry entry reports (`load_of`). Soft preferences rank the eligible agents: the item's
+`preferredAgentType`, then the rule's preferred types in order, then the least loaded, then the guid
+(for determinism).
 
 A boundary rule comes from the `RoutingPolicy`; boundaries without a rule accept any agent type.
 `DEFAULT_POLICY` enforces the original README's policy (corporate work goes only to copilot-cli).
@@ -18,7 +22,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
@@ -238,12 +242,32 @@ def free_slots(agent: Record) -> int:
     return max(0, int(agent["maxConcurrentTasks"]) - len(agent["currentTasks"]))
 
 
-def eligible(agent: Record, item: Record, policy: RoutingPolicy) -> str | None:
-    """None if `agent` may take `item` now, else why not (hard constraints only)."""
+UNRESPONSIVE_REASON: Final = "let an assignment time out and has not been heard from since"
+
+
+def is_unresponsive(
+    agent: Record, heard_from: Collection[str] = frozenset(), timed_out: Collection[str] = frozenset()
+) -> bool:
+    """Offered nothing for now: an assignment to it was withdrawn for not being accepted in time
+    (`unresponsiveSince`, cleared by the agent's own next event), and the caller has not heard from
+    it since (`heard_from`: a heartbeat after that time, which only the live scheduler knows), or the
+    caller is withdrawing one of its assignments for that reason in this very pass (`timed_out`)."""
+    if agent["guid"] in timed_out:
+        return True
+    return bool(agent.get("unresponsiveSince")) and agent["guid"] not in heard_from
+
+
+def eligible(
+    agent: Record, item: Record, policy: RoutingPolicy, heard_from: Collection[str] = frozenset()
+) -> str | None:
+    """None if `agent` may take `item` now, else why not (hard constraints only). `heard_from`: as
+    for `plan_assignments`."""
     if agent["status"] == "offline":
         return "agent is offline"
     if agent.get("shutdownRequested"):
         return "agent is shutting down"
+    if is_unresponsive(agent, heard_from):
+        return f"agent {UNRESPONSIVE_REASON}"
     capability = item["capability"]
     if capability not in agent["capabilities"]:
         return f"agent lacks capability {capability}"
@@ -281,6 +305,77 @@ def spin_up_agent_types(item: Record, policy: RoutingPolicy) -> list[str] | None
     if rule.allowedAgentTypes is None and not order:
         return None
     return order
+
+
+# --- Warp visibility, reported load, the submit answer's agent type ------------------------------
+
+DEFAULT_AGENT_TYPE: Final = "claude-code"  # the original's type when nothing else decides
+# Visibilities no REST client and no project can satisfy: `private` is visible only to the agent
+# itself, and `user-only` only to the same username, which no weft request or project carries.
+HIDDEN_VISIBILITIES: Final = frozenset({"private", "user-only"})
+# The label the Warp bridge keeps a Warp entry's own `currentTaskCount` in (work taken outside weft).
+WARP_TASK_COUNT_LABEL: Final = "warpCurrentTaskCount"
+
+
+def visible_in(agent: Record, project: str) -> bool:
+    """Whether `agent` is visible to requests and work of `project` (Warp's rules): public to every
+    project, project-only (the default, and any unknown value) to its own, private and user-only
+    to none. weft agents are always project-only."""
+    visibility = agent.get("visibility") or "project-only"
+    if visibility == "public":
+        return True
+    if visibility in HIDDEN_VISIBILITIES:
+        return False
+    return bool(agent.get("projectId") == project)
+
+
+def load_of(agent: Record) -> int:
+    """An agent's load against its capacity: the items weft holds on it, or, for a Warp agent, the
+    task count its registry entry reports if that is higher (Warp agents also take work of their own)."""
+    held = len(agent["currentTasks"])
+    if agent.get("source") != "warp":
+        return held
+    raw = (agent.get("labels") or {}).get(WARP_TASK_COUNT_LABEL)
+    try:
+        reported = int(raw) if raw is not None else 0
+    except (TypeError, ValueError):
+        reported = 0
+    return max(held, reported)
+
+
+def reported_agent_type(state: ProjectState, item: Record, policy: RoutingPolicy) -> str:
+    """The `targetAgentType` of a submit answer, by the original's routing steps (weft-protocol
+    §1.4): the required type wins; else, among the types of the live, visible agents that could
+    take the item (capacity aside), the item's preferred type, then the boundary's preferred types
+    in order (the original's preferred, then fallback), then the first registered; with none, the
+    type a spin-up would launch, else `claude-code` (or the boundary's first allowed type).
+
+    Unlike the original, the item's own `preferredAgentType` counts whenever the boundary allows
+    it, because weft's assignment really prefers it (the original honours it only if it happened
+    to be among the types it considered)."""
+    required = item.get("requiredAgentType")
+    if required:
+        return str(required)
+    boundary, capability = item["boundary"], item["capability"]
+    rule = policy.rule_for(boundary)
+    available: list[str] = []
+    for agent in state.agents.values():  # registration order: the fold's, the same on every replica
+        agent_type = agent["agentType"]
+        if agent_type in available or not is_live(agent) or not visible_in(agent, state.project):
+            continue
+        if capability in agent["capabilities"] and rule.allows(agent_type) and accepts_boundary(agent, boundary):
+            available.append(agent_type)
+    if available:
+        for t in (item.get("preferredAgentType"), *rule.preferredAgentTypes):
+            if t and t in available:
+                return str(t)
+        return available[0]
+    launchable = spin_up_agent_types(item, policy)
+    if launchable:
+        return launchable[0]
+    if rule.allows(DEFAULT_AGENT_TYPE) or not rule.allowedAgentTypes:
+        return DEFAULT_AGENT_TYPE
+    return rule.allowedAgentTypes[0]
 
 
 # --- planning ----------------------------------------------------------------------------------
@@ -339,6 +434,9 @@ def plan_assignments(
     policy: RoutingPolicy,
     now: datetime,
     spinning_up: Iterable[str] = frozenset(),
+    *,
+    heard_from: Collection[str] = frozenset(),
+    timed_out: Collection[str] = frozenset(),
 ) -> Plan:
     """Decide which pending items go to which agents now, and why the rest wait.
 
@@ -347,6 +445,12 @@ def plan_assignments(
     agent with a free slot (preferred type, then least loaded, then guid). Capacity is consumed as
     the plan goes, so an agent never gets more than it has room for and no item is planned twice.
     Items in `spinning_up` that stay unassigned wait with `spin-up in progress`.
+
+    Unresponsive agents (`is_unresponsive`) get nothing: an agent that let an assignment time out
+    may be dead, and feeding it more work would only burn the items' attempts. `heard_from` names
+    the marked agents the caller heard a heartbeat from since they were marked (they get work again);
+    `timed_out` the agents whose assignments the caller is withdrawing for not being accepted in
+    time in this same pass (not marked in `state` yet).
     """
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
@@ -355,11 +459,17 @@ def plan_assignments(
 
     # Live agents, indexed by capability; one mutable slot per agent shared by every class.
     by_capability: dict[str, list[tuple[Record, _Slot]]] = defaultdict(list)
+    unresponsive_caps: set[str] = set()
     for guid in sorted(state.agents):
         agent = state.agents[guid]
         if not is_live(agent):
             continue
-        slot = _Slot(guid, agent["agentType"], int(agent["maxConcurrentTasks"]), len(agent["currentTasks"]))
+        if is_unresponsive(agent, heard_from, timed_out):
+            unresponsive_caps.update(agent["capabilities"])
+            continue
+        if not visible_in(agent, state.project):
+            continue  # Warp visibility: private and user-only agents take no work from weft
+        slot = _Slot(guid, agent["agentType"], int(agent["maxConcurrentTasks"]), load_of(agent))
         for cap in set(agent["capabilities"]):
             by_capability[cap].append((agent, slot))
 
@@ -383,7 +493,7 @@ def plan_assignments(
                 item.get("preferredAgentType") or None)
         cls = classes.get(ckey)
         if cls is None:
-            cls = classes[ckey] = _build_class(ckey, by_capability, policy)
+            cls = classes[ckey] = _build_class(ckey, by_capability, policy, unresponsive_caps)
         chosen = None if cls.reason is not None or cls.exhausted else _best(cls)
         if chosen is not None:
             chosen.load += 1
@@ -404,11 +514,15 @@ def _build_class(
     ckey: tuple[str, str, str | None, str | None],
     by_capability: Mapping[str, Sequence[tuple[Record, _Slot]]],
     policy: RoutingPolicy,
+    unresponsive_caps: Container[str] = frozenset(),
 ) -> _Class:
     capability, boundary, required, preferred = ckey
     rule = policy.rule_for(boundary)
     with_cap = by_capability.get(capability, ())
     if not with_cap:
+        if capability in unresponsive_caps:  # still "capability": a replacement may be spun up
+            return _Class([], f"no responsive agent with capability {capability}: each one {UNRESPONSIVE_REASON}",
+                          "capability")
         return _Class([], f"no agent with capability {capability}", "capability")
     if required and not rule.allows(required):
         return _Class([], rule.excluded_reason(), "boundary-type")

@@ -12,19 +12,22 @@ the matching idle agent gets its assignment within one append round trip.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from projections.state import ProjectState, Record
+from projections.work import ACCEPT_TIMEOUT
 from weft import elastic, retention
 from weft.agents import Liveness, Pusher
 from weft.aio import cancel_and_wait, wait_event
 from weft.commands import Commands, Ctx, Outcome
-from weft.events import Event, format_ts, parse_ts
+from weft.errors import Fenced, Unavailable, WeftError
+from weft.events import Event, format_ts, new_id, parse_ts
 from weft.fleet import FleetConfig, FleetManager
-from weft.leader import LeaderElector
+from weft.leader import TRANSIENT, LeaderElector
 from weft.logs import project_var
 from weft.replica import ProjectView, Replica
 from weft.routing import Plan, RoutingPolicy, plan_assignments
@@ -32,14 +35,17 @@ from weft.spinup.base import Mechanism
 
 log = logging.getLogger("weft.scheduler")
 
+# What postpones a take-over's announcement (a store hiccup, a concurrent announcement).
+_RETRYABLE: tuple[type[BaseException], ...] = (WeftError, *TRANSIENT)
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     heartbeat_ms: int = 10_000
     lost_after_heartbeats: int = 3
     accept_timeout_ms: int = 30_000
-    # An item whose assignments keep being withdrawn (agents dying under it) is dead-lettered
-    # after this many attempts rather than requeued forever.
+    # An item whose assignments keep being withdrawn (agents dying under it, accept timeouts) is
+    # dead-lettered once it used its own `maxAttempts`, or this many attempts if that is lower.
     max_withdrawals: int = 10
     # Warp agents heartbeat into their KV entry every 60 s; Warp's own GC calls 3 minutes silence offline.
     warp_lost_after_s: float = 180.0
@@ -62,8 +68,12 @@ class ProjectScheduler:
         epoch: int,
         config: SchedulerConfig,
         fleet: FleetManager | None = None,
+        lease_valid: Callable[[], bool] = lambda: True,
     ) -> None:
         self.view = view
+        # Whether this replica's lease is still locally valid: checked before every decision, so a
+        # holder whose renewals fail stops deciding before anyone else can take over.
+        self.lease_valid = lease_valid
         self.fleet = fleet
         self.project = view.project
         self.commands = commands
@@ -77,8 +87,9 @@ class ProjectScheduler:
         self.last_plan: Plan | None = None
         self._task: asyncio.Task[None] | None = None
         self._deadline_s = config.idle_tick_s
-        self.ctx = Ctx(project=self.project, actor="scheduler")
+        self.ctx = Ctx(project=self.project, actor="scheduler", fresh_answers=False)
         self._next_purge: datetime | None = None  # the first tick looks at once
+        self._idle_reason: str | None = None
         self._purge_cursor = retention.Cursor()
 
     def start(self) -> None:
@@ -139,8 +150,8 @@ class ProjectScheduler:
         project_var.set(self.project)
         while not self._stopping:
             await wait_event(self.wake, self._deadline_s)
-            if self._stopping:
-                return
+            if self._stopping:  # stop() ran meanwhile (mypy keeps the loop condition's narrowing)
+                return  # type: ignore[unreachable]
             self.wake.clear()
             try:
                 await self.tick(datetime.now(UTC))
@@ -150,7 +161,24 @@ class ProjectScheduler:
                 log.exception("scheduler tick failed", extra={"project": self.project})
                 await asyncio.sleep(0.5)  # back off a failing store instead of spinning
 
+    def deposed(self) -> str | None:
+        """Why this scheduler must not decide now, or None."""
+        if self.view.halted is not None:
+            return "projection halted"
+        if self.view.state.epoch > self.epoch:
+            return f"fenced by epoch {self.view.state.epoch}"  # a newer leader announced itself
+        if not self.lease_valid():
+            return "lease no longer valid"
+        return None
+
     async def tick(self, now: datetime) -> None:
+        why = self.deposed()
+        if why is not None:
+            if why != self._idle_reason:
+                log.warning("not deciding: %s", why, extra={"project": self.project, "epoch": self.epoch})
+            self._idle_reason = why
+            return
+        self._idle_reason = None
         state = self.view.state
         decisions: list[Awaitable[Outcome]] = []
         lost_after = {
@@ -160,6 +188,10 @@ class ProjectScheduler:
         accept_deadline: datetime | None = None
         # Right after this replica's own loop stalled, unread heartbeats may be queued: judge later.
         may_judge = not self.liveness.stalled_within(lost_after["weft"])
+        # Agents that let an assignment time out get no work (routing) until they show life:
+        # `heard_from` those marked so that this replica heard since; `timed_out` those about to be.
+        heard_from: set[str] = set()
+        timed_out: set[str] = set()
         for agent in list(state.agents.values()):
             guid = agent["guid"]
             offline = agent["status"] == "offline"
@@ -168,19 +200,24 @@ class ProjectScheduler:
                 last = self.liveness.wall.get((self.project, guid))
                 decisions.append(self.commands.mark_agent_lost(self.ctx, guid, last, self.epoch))
                 continue  # its work is withdrawn once the loss is folded (next tick)
+            if not offline and agent.get("unresponsiveSince") and self._heard_since(guid, agent["unresponsiveSince"]):
+                heard_from.add(guid)
             for work_id in list(agent["currentTasks"]):
                 item = state.work[work_id]
                 if offline:
                     reason = f"agent {guid} {agent['offlineReason'] or 'offline'}"
-                    decisions.append(self._withdraw(work_id, reason))
+                    decisions.append(self._withdraw(item, reason, "agent-offline"))
                 elif item["status"] == "assigned" and item["acceptBy"]:
                     accept_by = parse_ts(item["acceptBy"])
                     if accept_by <= now:
-                        decisions.append(self._withdraw(work_id, f"not accepted by {guid} in time"))
+                        timed_out.add(guid)
+                        decisions.append(self._withdraw(item, f"not accepted by {guid} in time", ACCEPT_TIMEOUT))
                     elif accept_deadline is None or accept_by < accept_deadline:
                         accept_deadline = accept_by
         if self._worth_planning(state, now):
-            plan = plan_assignments(state, self.policy, now, self.spinning_up(state))
+            plan = plan_assignments(
+                state, self.policy, now, self.spinning_up(state), heard_from=heard_from, timed_out=timed_out
+            )
         else:
             plan = Plan()  # nobody could take anything: an O(pending) plan would change nothing
         self.last_plan = plan
@@ -191,11 +228,21 @@ class ProjectScheduler:
             decisions += self.fleet.decisions(state, plan, now, {guid for _, guid in plan.assignments})
         decisions += self._purges(state, now)
         if decisions:
-            results = await asyncio.gather(*decisions, return_exceptions=True)
+            results = await asyncio.gather(*(self._guarded(d) for d in decisions), return_exceptions=True)
             for r in results:
                 if isinstance(r, BaseException):
                     log.warning("decision not applied: %s", r, extra={"project": self.project})
         self._deadline_s = self._next_deadline(state, now, accept_deadline)
+
+    async def _guarded(self, decision: Awaitable[Outcome]) -> Outcome | None:
+        """Run a decision only while this scheduler may still decide (the group commit may have
+        held it back while the lease lapsed or a newer leader announced itself)."""
+        why = self.deposed()
+        if why is not None:
+            if inspect.iscoroutine(decision):
+                decision.close()
+            raise Fenced(f"decision dropped: {why}")
+        return await decision
 
     def _purges(self, state: ProjectState, now: datetime) -> list[Awaitable[Outcome]]:
         cfg = self.config
@@ -210,12 +257,22 @@ class ProjectScheduler:
         return [self.commands.purge_work(self.ctx, wid, before, self.epoch) for wid in due]
 
     def _silent_for(self, agent: Record, now: datetime) -> float:
-        """Seconds without a sign of life: the last heartbeat this replica heard, but never longer
-        than since the agent's last activity in the projection (its registration, say), so an agent
-        that joined a long-running replica a moment ago is not 'silent since the replica started'."""
+        """Seconds without a sign of life from the agent itself: since the last heartbeat this
+        replica heard, but never longer than since the last event the agent itself caused
+        (`lastSeen`: its registration, an accept, progress, a result), so an agent that joined a
+        long-running replica a moment ago is not 'silent since the replica started'. What weft
+        says about the agent (an assignment, a withdrawal) is no sign of life: a dead agent that
+        keeps being offered work must still fall silent."""
         heard = self.liveness.silent_for(self.project, agent["guid"])
-        active = (now - parse_ts(agent["lastActivity"])).total_seconds()
+        # A record folded before `lastSeen` existed: its registration is the last word known of it.
+        seen = agent.get("lastSeen") or agent["registeredAt"]
+        active = (now - parse_ts(seen)).total_seconds()
         return min(heard, max(0.0, active))
+
+    def _heard_since(self, guid: str, ts: str) -> bool:
+        """Did this replica hear the agent (a heartbeat, a registration, a sync) after `ts`?"""
+        last = self.liveness.wall.get((self.project, guid))
+        return last is not None and parse_ts(last) > parse_ts(ts)
 
     def _worth_planning(self, state: ProjectState, now: datetime) -> bool:
         if state.work_counts["pending"] == 0:
@@ -225,8 +282,11 @@ class ProjectScheduler:
                 return True
         return self.fleet is not None and elastic.any_target_can_launch(state, now, self.fleet.config.max_crashes)
 
-    def _withdraw(self, work_id: str, reason: str) -> Awaitable[Outcome]:
-        return self.commands.withdraw_assignment(self.ctx, work_id, reason, self.epoch, self.config.max_withdrawals)
+    def _withdraw(self, item: Record, reason: str, cause: str) -> Awaitable[Outcome]:
+        return self.commands.withdraw_assignment(
+            self.ctx, item["id"], reason, self.epoch, self.config.max_withdrawals,
+            guid=item["assignedTo"], attempt=item["attempts"], cause=cause,
+        )
 
     def _next_deadline(self, state: ProjectState, now: datetime, accept_deadline: datetime | None) -> float:
         """Seconds until something time-based is due: a retry backoff, an accept timeout, a heartbeat."""
@@ -280,6 +340,7 @@ class SchedulerHost:
         self.pusher = pusher
         self.config = config
         self.schedulers: dict[str, ProjectScheduler] = {}
+        self._takeovers: dict[str, asyncio.Task[None]] = {}
         self._releasing = False
         self.elector = LeaderElector(
             replica.store.js,
@@ -296,21 +357,56 @@ class SchedulerHost:
         self.replica.on_attach.append(lambda view: self.elector.add_project(view.project))
         await self.elector.start()
 
-    async def _elected(self, project: str, epoch: int) -> None:
+    async def _elected(self, project: str, revision: int) -> None:
+        # The elector's round must not wait for the take-over (catch-up, an append): a task.
+        await self._cancel_takeover(project)
+        task = asyncio.create_task(self._take_over(project, revision), name=f"take-over:{project}")
+        self._takeovers[project] = task
+
+    async def _take_over(self, project: str, revision: int) -> None:
+        """Catch up with the stream (so every epoch in it is seen), announce the term with
+        `leader.elected`, then start deciding with the announced epoch: from the announcement on,
+        the fold ignores any late decision of an older term."""
+        project_var.set(project)
         old = self.schedulers.pop(project, None)
         if old is not None:
             await old.stop()
+
+        def valid() -> bool:
+            return self.elector.epoch(project) == revision
+
         view = self.replica.views[project]
+        ctx = Ctx(project=project, actor="scheduler", correlation_id=new_id())
+        delay = 0.2
+        while valid():
+            try:
+                if view.halted is not None:
+                    raise Unavailable(view.halted[1])
+                await self.replica.catch_up(project, self.config.idle_tick_s)
+                _, epoch = await self.commands.announce_leader(ctx, self.elector.holder, revision, valid)
+                break
+            except _RETRYABLE as err:
+                log.warning("could not announce leadership: %s", err, extra={"project": project})
+                await asyncio.sleep(delay)  # bounded backoff; ends when the lease does
+                delay = min(delay * 2, 2.0)
+        else:
+            return
         fleet = None
         if self.fleet_config is not None:
             fleet = FleetManager(project, self.commands, self.mechanisms, self.policy, epoch, self.fleet_config)
         sched = ProjectScheduler(
-            view, self.commands, self.policy, self.liveness, self.pusher, epoch, self.config, fleet
+            view, self.commands, self.policy, self.liveness, self.pusher, epoch, self.config, fleet, valid
         )
         self.schedulers[project] = sched
         sched.start()
 
+    async def _cancel_takeover(self, project: str) -> None:
+        task = self._takeovers.pop(project, None)
+        if task is not None:
+            await cancel_and_wait(task)
+
     async def _deposed(self, project: str) -> None:
+        await self._cancel_takeover(project)
         sched = self.schedulers.pop(project, None)
         if sched is not None:
             if self._releasing:  # our own shutdown gave the lease up: nothing went wrong
@@ -319,11 +415,25 @@ class SchedulerHost:
                 log.warning("lost the lease", extra={"project": project})
             await sched.stop()
 
+    async def wait_scheduling(self, project: str, timeout: float) -> ProjectScheduler:
+        """The project's scheduler once this replica leads it and has announced its term."""
+        async with asyncio.timeout(timeout):
+            await self.elector.wait_elected(project)
+            task = self._takeovers.get(project)
+            if task is not None:
+                await asyncio.shield(task)
+        sched = self.schedulers.get(project)
+        if sched is None:
+            raise LookupError(f"not scheduling {project}: deposed during the take-over")
+        return sched
+
     def leading(self) -> dict[str, int]:
         return {p: s.epoch for p, s in self.schedulers.items()}
 
     async def stop(self) -> None:
         self._releasing = True
         await self.elector.stop(release=True)
+        for project in list(self._takeovers):
+            await self._cancel_takeover(project)
         await asyncio.gather(*(s.stop() for s in self.schedulers.values()), return_exceptions=True)
         self.schedulers.clear()

@@ -1,7 +1,9 @@
 """Validation and normalisation of spin-up target definitions (pure).
 
 Accepts both config shapes existing clients send: nested (`config.local.command`, the original
-Weft) and flat (`config.command`, the Shuttle CLI). Stores the nested shape. Secrets must be
+Weft) and flat (`config.command`, the Shuttle CLI). Stores the nested shape in `config` (what the
+mechanisms read) and the client's own shape in `registeredConfig` (what GET answers as `config`, so
+a client prints what it registered). Secrets must be
 references (`env:NAME`, `file:PATH`, `secret:NAME` for a Kubernetes secret): a literal secret is
 rejected, so none can ever reach an event or a response.
 """
@@ -24,14 +26,15 @@ MECHANISMS: dict[str, str] = {
 REQUIRED: dict[str, tuple[str, ...]] = {
     "local": ("command",),
     "ssh": ("host", "user", "command"),
-    "kubernetes": ("namespace", "image"),
+    "kubernetes": ("image",),
     "github-actions": ("repo", "workflow"),
     "webhook": ("url",),
 }
 DEFAULTS: dict[str, dict[str, Any]] = {
     "local": {"args": [], "env": {}, "detached": True},
     "ssh": {"port": 22, "env": {}, "connectionTimeoutMs": 30000, "knownHosts": "default"},
-    "kubernetes": {"jobNamePrefix": "weft-agent", "env": {}, "ttlSecondsAfterFinished": 600},
+    # No namespace means `default`, as kubectl has it (Shuttle has no Kubernetes flags at all).
+    "kubernetes": {"namespace": "default", "jobNamePrefix": "weft-agent", "env": {}, "ttlSecondsAfterFinished": 600},
     "github-actions": {"ref": "main", "tokenEnvVar": "GITHUB_TOKEN", "inputs": {}, "startTimeoutMs": 5000},
     "webhook": {"method": "POST", "headers": {}, "successCodes": [200, 201, 202], "timeoutMs": 30000},
 }
@@ -109,6 +112,27 @@ def normalise_config(mechanism: str, config: Any) -> dict[str, Any]:
     _check_mechanism_fields(mechanism, key, body)
     check_secrets(body, f"config.{key}")
     return {"mechanism": mechanism, key: body}
+
+
+def registered_config(mechanism: str, config: Any) -> dict[str, Any]:
+    """The config in the shape the client sent it (flat or nested), without the blocks of other
+    mechanisms that normalisation ignores too. Call after `normalise_config` accepted `config`:
+    every value here was checked for literal secrets there; checked again, to be sure."""
+    if not isinstance(config, dict):
+        return {}
+    key = MECHANISMS[mechanism]
+    shown = {k: v for k, v in config.items() if k in ("mechanism", key) or k not in MECHANISMS.values()}
+    check_secrets(shown, "config")
+    return shown
+
+
+def merge_registered(mechanism: str, registered: dict[str, Any], incoming: dict[str, Any]) -> dict[str, Any]:
+    """An update's config merged (shallowly, like the normalised one) into the registered shape."""
+    key = MECHANISMS[mechanism]
+    inner = incoming.get(key, {k: v for k, v in incoming.items() if k != "mechanism"})
+    if isinstance(registered.get(key), dict):
+        return {**registered, key: {**registered[key], **inner}}
+    return {**registered, **inner}
 
 
 def _check_mechanism_fields(mechanism: str, key: str, body: dict[str, Any]) -> None:
@@ -369,6 +393,7 @@ def validate_new_target(body: Any) -> dict[str, Any]:
         "boundaries": _require_str_list(body.get("boundaries", DEFAULT_BOUNDARIES), "boundaries", non_empty=True),
         "mechanism": mechanism,
         "config": normalise_config(mechanism, body.get("config")),
+        "registeredConfig": registered_config(mechanism, body.get("config")),
         "healthCheck": _health(body.get("healthCheck"), DEFAULT_HEALTH),
         "maxConcurrentAgents": _int_field(body, "maxConcurrentAgents", 3, 1),
         "cooldownMs": _int_field(body, "cooldownMs", 30000, 0),
@@ -405,8 +430,13 @@ def validate_update(current: dict[str, Any], updates: Any) -> dict[str, Any]:
         if not isinstance(incoming, dict):
             raise InvalidInput("config must be an object", field="config")
         inner = incoming.get(key, {k: v for k, v in incoming.items() if k != "mechanism"})
+        if not isinstance(inner, dict):
+            raise InvalidInput(f"config.{key} must be an object", field=f"config.{key}")
         merged = {**current["config"][key], **inner}
         changes["config"] = normalise_config(mechanism, {"mechanism": mechanism, key: merged})
+        registered = current.get("registeredConfig")
+        if isinstance(registered, dict):  # targets registered before weft kept the client's shape lack it
+            changes["registeredConfig"] = registered_config(mechanism, merge_registered(mechanism, registered, incoming))
     if "healthCheck" in updates:
         changes["healthCheck"] = _health(updates["healthCheck"], current["healthCheck"])
     for name, minimum in (("maxConcurrentAgents", 1), ("cooldownMs", 0), ("spinUpTimeoutMs", 100), ("circuitBreakerThreshold", 1)):

@@ -4,13 +4,21 @@ Registry import. Warp agents announce themselves by putting a `RegistryEntry` (J
 guid in the global KV bucket `agent-registry` and re-putting it every 60 s as a heartbeat. Every
 replica watches the bucket (initial values included) and turns what weft cares about into events:
 
-- an entry weft does not know, or one whose declaration changed (type, capabilities, handle, host,
-  user, visibility), or one that comes back online after weft saw it go offline, appends
+- an entry weft does not know, or one whose declaration changed (type, capabilities, boundaries,
+  capacity, reported task count, idle limit, handle, host, user, visibility), or one that comes back
+  online after weft saw it go offline, appends
   `agent.registered` with an event id derived from the KV revision, so every replica that sees the
   same entry appends the same event once (JetStream's Msg-Id dedupe plus the store's own-event check);
 - a heartbeat-only update appends nothing: it only feeds `Liveness` (the scheduler declares a Warp
   agent lost after `warp_lost_after_s` without one);
 - `status: offline`, a delete or a purge marker deregisters the agent (idempotent).
+
+What an entry declares is read as the original read it, plus Warp's own fields: `agentType` and
+`boundaries` from `metadata` (the original's place) or the top level, `["default"]` when it names no
+boundary (never a wildcard: a literal "*" is dropped), `maxConcurrentTasks` (default 1),
+`currentTaskCount` (kept as a label: routing counts it as load, Warp agents also work for
+themselves), `spindownAfterIdleMs`, and its visibility (`visibility`, else Warp's `scope`, else
+project-only), which `weft.routing.visible_in` applies to listings and routing.
 
 "Changed" is judged against the project's projection, not against memory, so a restarted replica
 re-reading the whole bucket appends nothing for entries weft already reflects. Entries that do not
@@ -50,6 +58,7 @@ from weft.errors import NotFound
 from weft.events import idempotent_id, is_valid_entity_id, is_valid_project_id
 from weft.logs import project_var
 from weft.replica import ProjectView, Replica
+from weft.routing import ANY_BOUNDARY, WARP_TASK_COUNT_LABEL
 
 log = logging.getLogger("weft.warp")
 
@@ -74,8 +83,10 @@ _MAX_CAPABILITIES: Final = 200
 _MAX_CAPABILITY_LEN: Final = 128
 _BAD_SUBJECT_CHARS: Final = re.compile(r"[\s*>]")
 # The fields of a registration weft cares about: a difference in any of them re-registers.
-_DECLARED: Final = ("agentType", "capabilities", "boundaries", "maxConcurrentTasks", "handle", "hostname",
-                    "username", "visibility", "labels", "source")
+_DECLARED: Final = ("agentType", "capabilities", "boundaries", "maxConcurrentTasks", "spindownAfterIdleMs",
+                    "handle", "hostname", "username", "visibility", "labels", "source")
+DEFAULT_BOUNDARIES: Final = ("default",)  # the original's boundaries for an entry that names none
+_MAX_TASKS: Final = 1000
 
 
 # --- pure: entries, declarations, work offers ---------------------------------------------------
@@ -94,12 +105,32 @@ class WarpEntry:
     visibility: str
     status: str  # online | busy | offline (anything else counts as online)
     project_id: str | None  # Warp's projectId, as written
+    boundaries: tuple[str, ...] = DEFAULT_BOUNDARIES
+    max_tasks: int = 1
+    task_count: int | None = None  # the entry's own currentTaskCount
+    spindown_ms: int | None = None
 
 
 def _text(value: Any, limit: int) -> str | None:
     if not isinstance(value, str) or not value.strip():
         return None
     return value[:limit]
+
+
+def _count(value: Any, minimum: int, maximum: int) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        return None
+    return value
+
+
+def _boundaries(value: Any) -> tuple[str, ...] | None:
+    """The boundaries an entry names, or None when it names none usable. A literal "*" is dropped:
+    the original matches boundaries literally, so it never made an entry a wildcard."""
+    if not isinstance(value, list) or len(value) > _MAX_CAPABILITIES:
+        return None
+    names = [b for b in value if isinstance(b, str) and b.strip() and len(b) <= _MAX_CAPABILITY_LEN]
+    names = [b for b in names if b != ANY_BOUNDARY]
+    return tuple(dict.fromkeys(names)) or None
 
 
 def parse_entry(key: str, value: bytes | None) -> WarpEntry | None:
@@ -125,9 +156,13 @@ def parse_entry(key: str, value: bytes | None) -> WarpEntry | None:
         visibility = _SCOPE_VISIBILITY.get(str(body.get("scope")), "project-only")
     status = body.get("status")
     project_id = body.get("projectId")
+    raw_meta = body.get("metadata")
+    meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
+    max_tasks = _count(body.get("maxConcurrentTasks"), 1, _MAX_TASKS) or _count(meta.get("maxConcurrentTasks"), 1,
+                                                                                _MAX_TASKS)
     return WarpEntry(
         guid=guid,
-        agent_type=_text(body.get("agentType"), 64) or "warp",
+        agent_type=_text(meta.get("agentType"), 64) or _text(body.get("agentType"), 64) or "warp",
         capabilities=tuple(dict.fromkeys(caps)),
         handle=_text(body.get("handle"), 200),
         hostname=_text(body.get("hostname"), 255),
@@ -135,6 +170,10 @@ def parse_entry(key: str, value: bytes | None) -> WarpEntry | None:
         visibility=str(visibility),
         status=status if status in ("online", "busy", "offline") else "online",
         project_id=project_id if isinstance(project_id, str) else None,
+        boundaries=_boundaries(meta.get("boundaries")) or _boundaries(body.get("boundaries")) or DEFAULT_BOUNDARIES,
+        max_tasks=max_tasks or 1,
+        task_count=_count(body.get("currentTaskCount"), 0, _MAX_TASKS),
+        spindown_ms=_count(body.get("spindownAfterIdleMs"), 0, 2**53),
     )
 
 
@@ -149,15 +188,18 @@ def project_for(entry: WarpEntry, default_project: str, project_map: Mapping[str
 
 
 def declaration(entry: WarpEntry) -> dict[str, Any]:
-    """The `register_agent` declaration of a Warp agent. Warp has no boundaries and no capacity:
-    any boundary its type is allowed, one item at a time."""
+    """The `register_agent` declaration of a Warp agent: the boundaries, capacity and idle limit its
+    entry declares (`["default"]` and one item at a time when it declares none)."""
     labels = {"warpProjectId": entry.project_id} if entry.project_id else {}
+    if entry.task_count is not None:
+        labels[WARP_TASK_COUNT_LABEL] = str(entry.task_count)
     return {
         "guid": entry.guid,
         "agentType": entry.agent_type,
         "capabilities": list(entry.capabilities),
-        "boundaries": ["*"],
-        "maxConcurrentTasks": 1,
+        "boundaries": list(entry.boundaries),
+        "maxConcurrentTasks": entry.max_tasks,
+        "spindownAfterIdleMs": entry.spindown_ms,
         "handle": entry.handle,
         "hostname": entry.hostname,
         "username": entry.username,

@@ -21,7 +21,9 @@ LOCAL_TARGET = {
 
 
 async def stream_len(store: EventStore, project: str) -> int:
-    return await store.last_seq(project)
+    """Events the requests appended: all but the scheduler's announcement of its term, which the
+    session's replica appends once it leads the project (whenever that is)."""
+    return len([e async for e in store.read_range(project) if e.type != "leader.elected"])
 
 
 async def test_submit_returns_201_with_seq_and_item_is_readable(api: Api) -> None:
@@ -108,13 +110,20 @@ async def test_unknown_ids_are_404_and_unknown_routes_json(api: Api) -> None:
         assert (await resp.json())["error"] == "NotFound"
 
 
-async def test_cancel_of_terminal_item_is_409_and_appends_nothing(api: Api, store: EventStore) -> None:
+async def test_cancel_again_is_200_and_appends_nothing(api: Api, store: EventStore) -> None:
+    """Cancelling a cancelled item is idempotent (Shuttle's repeated `work cancel`); a completed or
+    failed one stays a 409 (tests/integration/test_compat.py)."""
     item = await api.ok("POST", "/api/work", WORK, status=201)
     await api.ok("POST", f"/api/work/{item['id']}/cancel", {"reason": "not needed"})
-    before = await stream_len(store, api.project)
-    resp = await api.call("POST", f"/api/work/{item['id']}/cancel")
-    assert resp.status == 409
-    assert await stream_len(store, api.project) == before
+
+    async def item_events() -> int:  # the item's own (the scheduler's leader.elected lands on its own time)
+        return len([ev async for ev in store.read_range(api.project) if ev.entity_id == item["id"]])
+
+    before = await item_events()
+    again = await api.ok("POST", f"/api/work/{item['id']}/cancel")
+    assert again["success"] is True and again["alreadyCancelled"] is True
+    assert again["workItem"]["status"] == "cancelled"
+    assert await item_events() == before
     got = await api.ok("GET", f"/api/work/{item['id']}")
     assert got["status"] == "cancelled" and got["cancelReason"] == "not needed"
 
@@ -179,12 +188,12 @@ async def test_lists_of_settled_items_decode_only_the_page(api: Api) -> None:
     assert by_boundary["total"] == 5 and by_boundary["workItems"][0]["id"] == ids[1]
 
 
-async def test_min_seq_waits_for_the_projection_and_times_out_with_503(api: Api) -> None:
+async def test_min_seq_waits_for_the_projection_and_refuses_a_seq_beyond_the_stream(api: Api) -> None:
     item = await api.ok("POST", "/api/work", WORK, status=201)
     got = await api.ok("GET", f"/api/work/{item['id']}?min_seq={item['seq']}")
     assert got["id"] == item["id"]
     resp = await api.call("GET", f"/api/work?min_seq={item['seq'] + 1000}")
-    assert resp.status == 503
+    assert resp.status == 400  # it may never come: no wait, no 503
     assert (await resp.json())["details"]["field"] == "min_seq"
     assert (await api.call("GET", "/api/work?min_seq=-1")).status == 400
 
@@ -226,7 +235,8 @@ async def test_flat_config_is_accepted_and_stored_nested(api: Api) -> None:
     body = {"name": "box", "agentType": "copilot-cli", "mechanism": "ssh", "capabilities": ["python"],
             "config": {"mechanism": "ssh", "host": "127.0.0.1", "user": "agent", "command": "weft agent"}}
     t = await api.ok("POST", "/api/targets", body, status=201)
-    assert t["config"] == {"mechanism": "ssh", "ssh": {"host": "127.0.0.1", "user": "agent", "command": "weft agent",
+    assert t["config"] == body["config"]  # answered as registered; the mechanism runs the nested form
+    assert t["normalizedConfig"] == {"mechanism": "ssh", "ssh": {"host": "127.0.0.1", "user": "agent", "command": "weft agent",
                                                         "port": 22, "env": {}, "connectionTimeoutMs": 30000,
                                                         "knownHosts": "default"}}
 
@@ -264,7 +274,8 @@ async def test_target_test_runs_a_real_probe(api: Api) -> None:
 
 async def test_spin_up_request_is_recorded(api: Api) -> None:
     await api.ok("POST", "/api/targets", LOCAL_TARGET, status=201)
-    res = await api.ok("POST", "/api/targets/laptop/spin-up", status=202)
+    res = await api.ok("POST", "/api/targets/laptop/spin-up")
+    assert res["success"] is True and res["status"] == "in-progress"
     t = await api.ok("GET", "/api/targets/laptop")
     assert [op["spinUpId"] for op in t["activeSpinUps"]] == [res["operationId"]]
     await api.ok("POST", "/api/targets/laptop/disable")
@@ -281,7 +292,8 @@ async def test_disable_batch(api: Api) -> None:
 
 async def test_agents_list_is_never_blocked_by_an_empty_registry(api: Api) -> None:
     body = await api.ok("GET", "/api/agents")
-    assert body["agents"] == [] and body["count"] == 0 and body["hasMore"] is False
+    # Other projects' public Warp agents are listed in every project: none of this project's own.
+    assert [a for a in body["agents"] if a["projectId"] == api.project] == [] and body["hasMore"] is False
     assert (await api.call("POST", "/api/agents/nobody/shutdown", {"graceful": True})).status == 404
     assert (await api.call("GET", "/api/agents?status=sleeping")).status == 400
 

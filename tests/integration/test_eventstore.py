@@ -1,12 +1,13 @@
 """The JetStream event store against a real nats-server: appends, OCC, dedupe, reads, snapshots.
 
-Events here are target and unassignable work events, so a scheduler that another suite may run on
-the shared server has nothing to decide in these projects and never adds events of its own.
+The module runs on a nats-server of its own (see `nats_server` below), so no scheduler leads its
+projects or adds events of its own to them.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
@@ -15,10 +16,19 @@ from nats.aio.client import Client as NATS
 from nats.js import api
 
 from projections import fold, state_hash
+from tests.servers import own_nats_server
 from weft import natsconn
 from weft.embedded import EmbeddedNats
 from weft.events import Event, stream_name
 from weft.eventstore import Appended, ConcurrencyConflict, EventStore
+
+
+@pytest.fixture(scope="module")
+async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedNats]:
+    """A server of this module's own (for `nc` and `store` too): these tests count every event of
+    their streams, and the session replica's scheduler would announce its term in them."""
+    async with own_nats_server(tmp_path_factory, "eventstore") as server:
+        yield server
 
 
 def target_registered(project: str, target_id: str = "t1", **kw: Any) -> Event:

@@ -1,7 +1,8 @@
 """Replicas against a real nats-server: live views, snapshots, convergence, lazy attach, waiting.
 
-Events here are target and unassignable work events, so a scheduler that another suite may run on
-the shared server has nothing to decide in these projects and never adds events of its own.
+The module runs on a nats-server of its own: these tests count and hash every event of their
+streams, and a scheduler of another suite's replica would lead their projects and announce its
+term (`leader.elected`) in them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from nats.aio.client import Client as NATS
 from projections import ProjectState, decode_state, encode_state, fold, state_hash
 from projections.state import STATE_SCHEMA
 from tests.integration.test_eventstore import read_all, target_registered, target_updated, work_submitted
+from tests.servers import own_nats_server
 from weft.embedded import EmbeddedNats
 from weft.events import Event, stream_name
 from weft.eventstore import SNAPSHOT_BUCKET, ConcurrencyConflict, EventStore
@@ -25,6 +27,13 @@ from weft.replica import ProjectView, Replica
 WAIT = 10.0  # upper bound for a wait that should end long before; never a synchronisation sleep
 
 ReplicaFactory = Callable[..., Awaitable[Replica]]
+
+
+@pytest.fixture(scope="module")
+async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedNats]:
+    """Overrides the session's server for this module (and the `nc`, `store` fixtures built on it)."""
+    async with own_nats_server(tmp_path_factory, "replica") as server:
+        yield server
 
 
 @pytest.fixture

@@ -82,12 +82,14 @@ async def registry(weft_service: WeftService) -> KeyValue:
 
 
 async def agents_of(api: Api) -> dict[str, dict[str, Any]]:
+    """The project's own agents (its listing also shows other projects' public ones)."""
     body = await api.ok("GET", f"/api/agents?projectId={api.project}")
-    return {a["guid"]: a for a in body["agents"]}
+    return {a["guid"]: a for a in body["agents"] if a["projectId"] == api.project}
 
 
 async def count_events(store: EventStore, project: str) -> int:
-    return len([ev async for ev in store.read_range(project)])
+    """The project's agent events (the scheduler's own `leader.elected` comes and goes on its own time)."""
+    return len([ev async for ev in store.read_range(project) if ev.type.startswith("agent.")])
 
 
 # --- pure mapping ------------------------------------------------------------------------------
@@ -97,9 +99,9 @@ def test_entry_maps_to_a_warp_declaration() -> None:
     entry = parse_entry("g1", orjson.dumps(warp_entry("abcdef0123456789", guid="g1", scope="personal")))
     assert entry is not None
     decl = declaration(entry)
-    assert decl["source"] == "warp" and decl["boundaries"] == ["*"] and decl["maxConcurrentTasks"] == 1
+    assert decl["source"] == "warp" and decl["boundaries"] == ["default"] and decl["maxConcurrentTasks"] == 1
     assert decl["agentType"] == "developer" and decl["visibility"] == "user-only"
-    assert decl["labels"] == {"warpProjectId": "abcdef0123456789"}
+    assert decl["labels"] == {"warpProjectId": "abcdef0123456789", "warpCurrentTaskCount": "0"}
     assert project_for(entry, "default") == "abcdef0123456789"
     assert project_for(entry, "default", {"abcdef0123456789": "web"}) == "web"
     odd = parse_entry("g2", orjson.dumps(warp_entry("not a weft id!", guid="g2", visibility="public")))
@@ -143,13 +145,13 @@ async def test_warp_entry_appears_as_warp_agent(api: Api, registry: KeyValue, we
     agents = await agents_of(api)
     got = agents[entry["guid"]]
     assert got["source"] == "warp" and got["agentType"] == "developer" and got["status"] == "online"
-    assert got["boundaries"] == ["*"] and got["maxConcurrentTasks"] == 1
+    assert got["boundaries"] == ["default"] and got["maxConcurrentTasks"] == 1
     assert got["capabilities"] == ["python", "typescript"] and got["visibility"] == "project-only"
     assert (got["handle"], got["hostname"], got["username"]) == ("dev-1", "laptop", "ada")
     one = await api.ok("GET", f"/api/agents/{entry['guid']}")
     assert one["guid"] == entry["guid"]
     typed = await api.ok("GET", f"/api/agents?projectId={api.project}&type=developer")
-    assert [a["guid"] for a in typed["agents"]] == [entry["guid"]]
+    assert [a["guid"] for a in typed["agents"] if a["projectId"] == api.project] == [entry["guid"]]
 
 
 async def test_sparse_garbage_foreign_and_deleted_entries(
@@ -202,7 +204,7 @@ async def test_entry_without_valid_project_goes_to_default_project(
     await put(registry, bridge, entry["guid"], entry)
     assert weft_service.replica is not None
     view = weft_service.replica.views[weft_service.settings.default_project]
-    assert view.state.agents[entry["guid"]]["labels"] == {"warpProjectId": "not a weft id!"}
+    assert view.state.agents[entry["guid"]]["labels"]["warpProjectId"] == "not a weft id!"
 
 
 async def test_heartbeat_only_update_appends_no_event(
@@ -215,14 +217,16 @@ async def test_heartbeat_only_update_appends_no_event(
     before = await count_events(store, api.project)
     beat_before = weft_service.liveness.seen[(api.project, entry["guid"])]
     later = format_ts(datetime.now(UTC))
-    await put(registry, bridge, entry["guid"], {**entry, "lastHeartbeat": later, "status": "busy",
-                                                "currentTaskCount": 1})
+    await put(registry, bridge, entry["guid"], {**entry, "lastHeartbeat": later, "status": "busy"})
     assert await count_events(store, api.project) == before
     assert weft_service.liveness.seen[(api.project, entry["guid"])] > beat_before
     # A capability change is something weft cares about: one new registration.
     await put(registry, bridge, entry["guid"], {**entry, "capabilities": ["python", "rust"]})
     assert await count_events(store, api.project) == before + 1
     assert (await agents_of(api))[entry["guid"]]["capabilities"] == ["python", "rust"]
+    # So is the task count the entry reports (routing counts it as load): one more.
+    await put(registry, bridge, entry["guid"], {**entry, "capabilities": ["python", "rust"], "currentTaskCount": 1})
+    assert await count_events(store, api.project) == before + 2
 
 
 async def test_offline_status_then_online_again(api: Api, registry: KeyValue, weft_service: WeftService) -> None:
@@ -372,7 +376,7 @@ async def test_work_goes_to_warp_agent_via_warp_queue_and_completes_over_rest(
 ) -> None:
     bridge = bridge_of(weft_service)
     capability = f"w{api.project}.py"  # unique per test: the queues are global; dotted like "node.js"
-    entry = warp_entry(api.project, capabilities=[capability])
+    entry = warp_entry(api.project, capabilities=[capability], metadata={"boundaries": ["personal"]})
     await put(registry, bridge, entry["guid"], entry)
     published = await nc.subscribe(f"global.workqueue.{capability}")  # to know when the offer is out
     item = await api.ok("POST", "/api/work", {"capability": capability, "boundary": "personal",

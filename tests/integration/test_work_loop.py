@@ -255,8 +255,7 @@ async def test_an_agent_joining_a_long_running_replica_is_not_lost_before_its_fi
         agent = FakeAgent(nc, api.project, "newcomer", heartbeat_s=3600)  # one heartbeat, then silence
         await agent.start()
         liveness.seen.pop((api.project, "newcomer"), None)  # as if no sign of life were on record
-        await api.service.scheduler.elector.wait_elected(api.project, timeout=10)
-        sched = api.service.scheduler.schedulers[api.project]
+        sched = await api.service.scheduler.wait_scheduling(api.project, timeout=10)
         await sched.tick(datetime.now(UTC))
         assert (await api.ok("GET", "/api/agents/newcomer"))["status"] == "online"
         await agent.close()

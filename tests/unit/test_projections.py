@@ -62,6 +62,7 @@ class Stream:
             ts=f"2026-01-01T00:00:{self.seq:02d}.000Z",
             idempotency_key=idempotency_key,
             seq=self.seq,
+            id=f"ev-{self.seq}",  # the state keeps the last one's (`last_event_id`)
         )
         self.events.append(e)
         return e
@@ -305,6 +306,7 @@ def golden_stream() -> Stream:
     s.submit("w1", key="work:k1")
     s.submit("w2")
     s.submit("w3")
+    s.ev("leader.elected", "golden", holder="r1", leaseRevision=1).epoch = 1
     s.ev("spinup.requested", "t1", spinUpId="s1", workId="w1", capability="code", boundary=None, reason="r")
     s.ev("spinup.started", "t1", spinUpId="s1", mechanismResult={"pid": 1})
     s.ev("spinup.completed", "t1", spinUpId="s1", agentGuid="a1", durationMs=5.0)
@@ -334,6 +336,8 @@ GOLDEN_HASHES = {
     2: "eacf387439458ba552e6b61a5981fd72e2a7d29a7ce7f81a45c6ed13c2666048",
     3: "169f77d112fd0d59854eeda4f7beafaae325eb6f6f164a50794e90742b69bb5c",  # purged_counts, work.purged
     4: "1d096ca3a35f86fbd2811270fa8439e852755fa3823dc1f3bebdb6eea3eebddf",  # items array + footer line
+    # last_event_id, leader (leader.elected); agents' lastSeen and unresponsiveSince
+    5: "2dbae4611acc716375f43ad25a221a6ec9fad0a39289f9648108e5eb598e1db5",
 }
 
 
@@ -806,6 +810,7 @@ def test_target_update_cannot_overwrite_fields_weft_maintains() -> None:
 def test_spin_up_lifecycle_is_tracked() -> None:
     s = Stream()
     s.register_target("t1")
+    s.ev("leader.elected", "golden", holder="r1", leaseRevision=1).epoch = 1
     s.ev("spinup.requested", "t1", spinUpId="s1", workId="w1", capability="code", boundary=None, reason="r")
     s.ev("spinup.started", "t1", spinUpId="s1", mechanismResult={"pid": 42})
     t = s.state().targets["t1"]

@@ -372,7 +372,7 @@ class AgentClient:
                 if reply.get("ok") is True:
                     return reply
                 error = str(reply.get("error") or "Error")
-                if error != "Unavailable":
+                if error not in ("Unavailable", "OutcomeUnknown"):  # both: a repeat is answered idempotently
                     raise RequestError(verb, error, str(reply.get("message") or ""), reply.get("field"))
                 failure: Exception = RequestError(verb, error, str(reply.get("message") or ""))
             except nats.errors.ConnectionClosedError:

@@ -1,14 +1,17 @@
 """The reference agent's loop: register, heartbeat, sync, and run the configured command per item.
 
-Per work item: `work.accept`, then the command (`/bin/sh -c CMD`, its own process group) with the
-description on stdin and `WEFT_WORK_*` in its environment. `progress: N message` lines on stdout
-become `work.progress` (best effort, latest wins); exit 0 becomes `work.complete` (summary = the
+Per work item: `work.accept`, then the command (`/bin/sh -c CMD`, in a session of its own under a
+small supervisor, weft/agent/lifeline.py) with the description on stdin and `WEFT_WORK_*` and
+`WEFT_FENCING_TOKEN` in its environment. When the item ends, however it ends, and when the agent
+dies, even by `kill -9`, every process the command started is killed. `progress: N message` lines
+on stdout become `work.progress` (best effort, latest wins); exit 0 becomes `work.complete` (summary = the
 last non-progress lines, output = the stdout tail), any other exit `work.fail` (recoverable for the
 configured exit codes). accept/complete/fail are retried until weft answers, so an item survives a
 NATS restart; a `Conflict`/`NotFound` answer means the item is no longer ours and stops it.
 
-Work is deduplicated by id (one run per id at a time) and by (id, attempt) once finished, so a
-sync answered by a replica that is a little behind cannot start a finished item again.
+Work is deduplicated by id (one run per id at a time) and by (id, attempt, assignment sequence) once
+finished, so a sync answered by a replica that is a little behind cannot start a finished item
+again, while a new assignment of the same attempt number (after a DLQ retry) still runs.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ import logging
 import os
 import re
 import signal
+import socket
+import sys
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -38,6 +44,7 @@ from weft.agent.client import (
     ShutdownRequest,
     SyncReply,
 )
+from weft.agent.lifeline import EXITED, SWEPT
 from weft.agent.settings import AgentSettings
 from weft.logs import correlation_var, project_var
 
@@ -50,6 +57,9 @@ MAX_PROGRESS_MESSAGE = 1000
 FINISHED_MEMORY = 4096
 EX_OK = 0
 EX_CONFIG = 2  # the registration was refused: bad configuration, like a bad flag
+SHELL = "/bin/sh"
+LIFELINE = str(Path(__file__).with_name("lifeline.py"))
+LIFELINE_TIMEOUT_S = 5.0  # how long the supervisor may take to confirm that the command's processes are gone
 
 _PROGRESS_RE = re.compile(r"^\s*progress:\s*(\d{1,3})(?:\.\d+)?\s*%?(?:\s+(.*?))?\s*$", re.IGNORECASE)
 
@@ -134,6 +144,7 @@ def work_env(settings: AgentSettings, work: Mapping[str, Any]) -> dict[str, str]
         context = "{}"
     priority = work.get("priority")
     attempt = work.get("attempts")
+    token = work.get("assignedSeq")
     env.update(
         WEFT_WORK_ID=_env_value(str(work.get("id") or "")),
         WEFT_WORK_TASK_ID=_env_value(str(work.get("taskId") or "")),
@@ -142,6 +153,10 @@ def work_env(settings: AgentSettings, work: Mapping[str, Any]) -> dict[str, str]
         WEFT_WORK_PRIORITY="" if priority is None else str(priority),
         WEFT_WORK_DESCRIPTION=_env_value(str(work.get("description") or "")),
         WEFT_WORK_ATTEMPT="" if attempt is None else str(attempt),
+        # The stream sequence of this run's `work.assigned`: grows with every (re)assignment of the
+        # item, also when the attempt number does not (a DLQ retry resets it). Empty from a weft
+        # that does not send it.
+        WEFT_FENCING_TOKEN=str(token) if isinstance(token, int) and not isinstance(token, bool) else "",
         WEFT_WORK_CONTEXT=context.replace("\x00", ""),
         WEFT_PROJECT=settings.project,
         WEFT_AGENT_GUID=settings.guid,
@@ -149,42 +164,79 @@ def work_env(settings: AgentSettings, work: Mapping[str, Any]) -> dict[str, str]
     return env
 
 
-def _finished_key(work: Mapping[str, Any]) -> tuple[str, Any]:
-    return (str(work.get("id")), work.get("attempts"))
+FinishedKey = tuple[str, Any, Any]
 
 
-def _exit_future(proc: asyncio.subprocess.Process) -> asyncio.Future[None]:
-    """Resolves when the process exits, even if something it left behind still holds its pipes.
-
-    `Process.wait()` also waits for the pipes to close; a pidfd tells us about the exit itself.
-    """
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def resolve(_: Any = None) -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    try:
-        fd = os.pidfd_open(proc.pid)
-    except (AttributeError, OSError):  # not Linux >= 5.3, or already reaped
-        waiter = asyncio.ensure_future(proc.wait())
-        waiter.add_done_callback(resolve)
-        fut.add_done_callback(lambda _: waiter.cancel())
-        return fut
-
-    def cleanup(_: Any) -> None:
-        loop.remove_reader(fd)
-        os.close(fd)
-
-    loop.add_reader(fd, resolve)
-    fut.add_done_callback(cleanup)
-    return fut
+def _finished_key(work: Mapping[str, Any]) -> FinishedKey:
+    """One assignment of an item: (id, attempt, the sequence of its `work.assigned`)."""
+    return (str(work.get("id")), work.get("attempts"), work.get("assignedSeq"))
 
 
 def _signal_group(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)  # start_new_session: the shell leads its own process group
+        os.killpg(proc.pid, sig)  # start_new_session: the supervisor leads the command's process group
+
+
+class Lifeline:
+    """The agent's end of one command's lifeline, the socket to its supervisor (weft/agent/lifeline.py).
+
+    `ended` resolves with the shell's returncode when the supervisor reports it (None if the
+    supervisor died without saying). `cut()` closes our end: the supervisor SIGKILLs every process
+    of the command, wherever it went, and confirms. The kernel cuts it for us if the agent dies, so
+    the path a `kill -9` takes is the one every completion and cancel goes through.
+    """
+
+    def __init__(self, sock: socket.socket, proc: asyncio.subprocess.Process, warn: Callable[[str], None]) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.proc = proc
+        self.warn = warn
+        self.swept = False
+        self.ended: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.create_task(self._read())
+        self._cut: asyncio.Future[None] | None = None
+
+    async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        buf = b""
+        try:
+            while data := await loop.sock_recv(self.sock, 4096):
+                buf += data
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    self._on_line(line)
+        except OSError:
+            pass
+        finally:
+            self.sock.close()
+            if not self.ended.done():
+                self.ended.set_result(None)
+
+    def _on_line(self, line: bytes) -> None:
+        word, _, arg = line.partition(b" ")
+        if word == EXITED and not self.ended.done():
+            with contextlib.suppress(ValueError):
+                self.ended.set_result(int(arg))
+        elif word == SWEPT:
+            self.swept = True
+
+    def cut(self) -> asyncio.Future[None]:
+        """Kill every process of the command (once); resolves when they are gone, bounded."""
+        if self._cut is None:
+            self._cut = asyncio.ensure_future(self._sweep())
+        return self._cut
+
+    async def _sweep(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+        await asyncio.wait({self._reader}, timeout=LIFELINE_TIMEOUT_S)  # it reads until the supervisor exits
+        if not self.swept:  # the supervisor was killed, or is stuck: the process group is what is in reach
+            self.warn("the command's supervisor did not confirm that its processes are gone: killing its group")
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        if not self._reader.done():
+            self._reader.cancel()
+            await asyncio.wait({self._reader})
 
 
 @dataclass
@@ -255,11 +307,12 @@ class ProgressPump:
 class ItemRun:
     work: Body
     work_id: str
-    key: tuple[str, Any]
+    key: FinishedKey
     attempt: int | None = None
     task: asyncio.Task[None] | None = None
     proc: asyncio.subprocess.Process | None = None
-    exited: asyncio.Future[None] | None = None
+    lifeline: Lifeline | None = None
+    exited: asyncio.Future[int | None] | None = None  # the shell's returncode (None: unknown)
     stopped: str | None = None  # why we stopped it: nothing further is reported
     summary: deque[str] = field(default_factory=deque)
     output: TailBuffer = field(default_factory=lambda: TailBuffer(64 * 1024))
@@ -275,7 +328,7 @@ class AgentRunner:
         self.client = client
         self.running: dict[str, ItemRun] = {}
         self.queued: OrderedDict[str, Body] = OrderedDict()
-        self.finished: OrderedDict[tuple[str, Any], None] = OrderedDict()
+        self.finished: OrderedDict[FinishedKey, None] = OrderedDict()
         self.draining = False
         self.registered = asyncio.Event()
         self.heartbeat_ms = settings.heartbeat_ms or DEFAULT_HEARTBEAT_MS
@@ -533,21 +586,24 @@ class AgentRunner:
             run.stopped = reason
             self._remember(run.key)
             self.log_item(run, logging.INFO, "stopping: %s", reason)
-        proc = run.proc
-        if proc is not None and proc.returncode is None:
-            _signal_group(proc, signal.SIGTERM)
-            exited = run.exited
-            if exited is not None and not exited.done():
-                await asyncio.wait({exited}, timeout=self.settings.kill_grace_s)
-                if not exited.done():
-                    self.log_item(run, logging.WARNING, "still running after %gs: SIGKILL", self.settings.kill_grace_s)
-            _signal_group(proc, signal.SIGKILL)
+        proc, exited = run.proc, run.exited
+        if proc is not None and exited is not None and not exited.done():
+            _signal_group(proc, signal.SIGTERM)  # the command's group; its supervisor ignores it
+            await asyncio.wait({exited}, timeout=self.settings.kill_grace_s)
+            if not exited.done():
+                self.log_item(run, logging.WARNING, "still running after %gs: SIGKILL", self.settings.kill_grace_s)
+        await self._end_processes(run)  # SIGKILL for what is left, in any group or session
         task = run.task
         if task is not None and task is not asyncio.current_task() and not task.done():
             task.cancel()
             await asyncio.wait({task})
 
-    def _remember(self, key: tuple[str, Any]) -> None:
+    async def _end_processes(self, run: ItemRun) -> None:
+        """Kill whatever is left of the item's command, in any process group of its session."""
+        if run.lifeline is not None:
+            await asyncio.shield(run.lifeline.cut())
+
+    def _remember(self, key: FinishedKey) -> None:
         self.finished[key] = None
         while len(self.finished) > FINISHED_MEMORY:
             self.finished.popitem(last=False)
@@ -592,62 +648,62 @@ class AgentRunner:
             if run.stopped is not None:
                 return
             rc = await self._execute(run)
+            # A cancel push (another task) may have stopped it meanwhile; mypy keeps the narrowing
+            # of the check above across the await.
             if run.stopped is not None:
-                return
+                return  # type: ignore[unreachable]
             self._remember(run.key)
             await self._finish(run, rc)
         except Exception:
             # A bug, not a verdict on the item: it stays held, and the next sync starts it again.
             self.log_item(run, logging.ERROR, "unexpected error while running the item", exc_info=True)
         finally:
-            if run.pump is not None:
-                await run.pump.close()
-            proc = run.proc
-            if proc is not None and proc.returncode is None:
-                _signal_group(proc, signal.SIGKILL)
-            if self.running.get(run.work_id) is run:
-                del self.running[run.work_id]
-            self._update_load()
-            self._start_queued()
+            try:
+                if run.pump is not None:
+                    await run.pump.close()
+                await self._end_processes(run)
+            finally:  # also when a cancel lands in the awaits above
+                if self.running.get(run.work_id) is run:
+                    del self.running[run.work_id]
+                self._update_load()
+                self._start_queued()
 
     async def _execute(self, run: ItemRun) -> int | None:
         """Run the command to its end; its exit code, or None if it could not start."""
         s = self.settings
         try:
-            run.proc = proc = await asyncio.create_subprocess_shell(
-                s.command,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=work_env(s, run.work),
-                cwd=s.workdir,
-                start_new_session=True,
-            )
+            run.proc, run.lifeline = proc, lifeline = await self._start_command(run)
         except OSError as err:
             run.stderr.add(f"could not start the command: {err}")
             self.log_item(run, logging.ERROR, "could not start the command: %s", err)
             return None
-        run.exited = _exit_future(proc)
+        run.exited = exited = lifeline.ended
         run.pump = ProgressPump(self, run)
         self.log_item(run, logging.INFO, "command started (pid %d)", proc.pid)
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         feeder = asyncio.create_task(self._feed(proc.stdin, str(run.work.get("description") or "")))
         readers = asyncio.gather(self._read_stdout(run, proc.stdout), self._read_stderr(run, proc.stderr))
         try:
-            first: set[asyncio.Future[Any]] = {run.exited, readers}
+            first: set[asyncio.Future[Any]] = {exited, readers}
             await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
-            await run.exited
+            await exited
             if not readers.done():
                 # The command exited but something it started still holds its output: end that too.
                 await asyncio.wait({readers}, timeout=s.drain_timeout_s)
                 if not readers.done():
                     self.log_item(run, logging.WARNING, "leftover processes hold the output: killing them")
-                    _signal_group(proc, signal.SIGKILL)
+                    await self._end_processes(run)
                     await asyncio.wait({readers}, timeout=s.drain_timeout_s)
-            try:
-                return await asyncio.wait_for(proc.wait(), s.drain_timeout_s + 5)
-            except TimeoutError:
-                return proc.returncode if proc.returncode is not None else -1
+            # What the command left running ends with it, before weft hears the outcome: a later
+            # attempt of the item can never run beside a leftover of this one.
+            await self._end_processes(run)
+            rc = exited.result()
+            if rc is None:  # the supervisor died without a word: its own exit is all we know
+                try:
+                    rc = await asyncio.wait_for(proc.wait(), s.drain_timeout_s + 5)
+                except TimeoutError:
+                    rc = proc.returncode if proc.returncode is not None else -1
+            return rc
         finally:
             readers.cancel()
             feeder.cancel()
@@ -655,6 +711,31 @@ class AgentRunner:
                 await readers
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await feeder
+
+    async def _start_command(self, run: ItemRun) -> tuple[asyncio.subprocess.Process, Lifeline]:
+        """Start the command under its supervisor: `python lifeline.py FD AGENT_PID /bin/sh -c CMD`."""
+        s = self.settings
+        if not sys.executable:
+            raise OSError("no Python interpreter to run the command's lifeline")
+        ours, theirs = socket.socketpair()
+        try:
+            fd = theirs.fileno()
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-I", "-S", LIFELINE, str(fd), str(os.getpid()), SHELL, "-c", s.command,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=work_env(s, run.work),
+                cwd=s.workdir,
+                start_new_session=True,
+                pass_fds=(fd,),
+            )
+        except BaseException:
+            ours.close()  # a supervisor that did start sees the EOF and sweeps
+            raise
+        finally:
+            theirs.close()
+        return proc, Lifeline(ours, proc, lambda msg: self.log_item(run, logging.WARNING, msg.replace("%", "%%")))
 
     async def _feed(self, stdin: asyncio.StreamWriter, description: str) -> None:
         try:

@@ -18,12 +18,15 @@ async def health(request: web.Request) -> web.Response:
     nc = svc.replica.store.js._nc
     connected = bool(nc.is_connected)
     ready = svc.replica.ready
+    halted = svc.replica.halted()
     body = {
         "status": "ok" if connected and ready else ("starting" if connected else "degraded"),
         "timestamp": utc_now(),
         "documentation": "/api/docs",
         "websocket": {"connections": 0, "status": "disabled"},
         "ready": ready,
+        # Projects stopped before an event this weft cannot read (a newer weft wrote it): upgrade.
+        **({"halted": halted} if halted else {}),
         "nats": {"connected": connected},
         "replica": svc.settings.replica_name,
         "projects": len(svc.replica.views),

@@ -106,9 +106,18 @@ async def read_view(request: web.Request, project: str) -> ProjectView | None:
     """The project's view for a read, after waiting (bounded) for `min_seq` if the client gave one."""
     svc = services(request)
     wanted = min_seq_of(request)
-    view = await svc.replica.view(project, create=wanted > 0)
-    if view is None or not wanted:
+    view = await svc.replica.view(project)  # a read never creates a project
+    if not wanted or (view is not None and view.state.seq >= wanted):
         return view
+    # A sequence the stream has not reached may never come: wait only for one it holds.
+    last = await svc.replica.store.last_seq(project) if view is not None else 0
+    if wanted > last:
+        raise InvalidInput(
+            f"min_seq {wanted} is beyond the last sequence of project {project}'s stream ({last})",
+            field="min_seq",
+            details={"lastSeq": last},
+        )
+    assert view is not None
     if not await view.wait_for(wanted, svc.settings.min_seq_wait_ms / 1000):
         raise Unavailable(
             f"projection of {project} is at {view.state.seq}, below min_seq {wanted}; retry",

@@ -1,4 +1,10 @@
-"""The one place that turns failures into HTTP: `{error, message, details}` with the offending field."""
+"""The one place that turns failures into HTTP: `{error, message, details}` with the offending field.
+
+What a status promises about a command's event: 503 (always with `Retry-After`) means it is not in
+the stream, so any retry is safe; 504 `OutcomeUnknown` means weft could not find out (the body names
+the event and entity, and how to look); a 2xx means it is in the stream (202 `folded: false` when
+this replica has not folded it yet).
+"""
 
 from __future__ import annotations
 
@@ -7,23 +13,60 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
 from weft.api.common import SERVICES
-from weft.errors import Conflict, InvalidInput, NotFound, Unavailable, WeftError, field_of
+from weft.errors import Conflict, InvalidInput, NotFound, OutcomeUnknown, Unavailable, WeftError, field_of
 
 log = logging.getLogger("weft.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-STATUS = {InvalidInput: 400, NotFound: 404, Conflict: 409, Unavailable: 503}
+STATUS = {InvalidInput: 400, NotFound: 404, Conflict: 409, Unavailable: 503, OutcomeUnknown: 504}
+RETRY_AFTER_S = "1"
+
+# The store could not be reached, so nothing was sent or stored: retry later. (An append that may
+# have landed never gets here: the store resolves it or raises OutcomeUnknown.)
+STORE_UNREACHABLE = (
+    nats.errors.TimeoutError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+)
 
 
 def json_error(status: int, error: str, message: str, details: dict[str, Any] | None = None) -> web.Response:
     body = {"error": error, "message": message, "details": details or {}}
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+    resp = web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+    if status == 503:
+        resp.headers["Retry-After"] = RETRY_AFTER_S
+    return resp
+
+
+def stored_not_folded(project: str, entity: str, entity_id: str, seq: int, *, replayed: bool = False) -> web.Response:
+    """202 for a command whose event is in the stream at `seq` but not yet in this replica's view,
+    so the usual body cannot be built: the entity id and `seq` to read it with (`min_seq`)."""
+    body = {
+        "id": entity_id,
+        "entity": entity,
+        "projectId": project,
+        "seq": seq,
+        "folded": False,
+        "message": f"accepted: stored at seq {seq}; read {entity} {entity_id} with min_seq={seq}",
+    }
+    resp = web.Response(status=202, body=orjson.dumps(body), content_type="application/json")
+    resp.headers["X-Weft-Seq"] = str(seq)
+    if replayed:
+        resp.headers["Idempotent-Replayed"] = "true"
+    return resp
 
 
 def validation_response(err: ValidationError) -> web.Response:
@@ -43,13 +86,13 @@ def validation_response(err: ValidationError) -> web.Response:
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
-        return await handler(request)
+        resp = await handler(request)
+        if resp.status == 503 and not resp.prepared and "Retry-After" not in resp.headers:
+            resp.headers["Retry-After"] = RETRY_AFTER_S  # /health when degraded, say
+        return resp
     except WeftError as err:
         status = next((s for cls, s in STATUS.items() if isinstance(err, cls)), 500)
-        resp = json_error(status, err.error, err.message, err.details)
-        if status == 503:
-            resp.headers["Retry-After"] = "1"
-        return resp
+        return json_error(status, err.error, err.message, err.details)
     except ValidationError as err:
         return validation_response(err)
     except web.HTTPRequestEntityTooLarge:
@@ -62,11 +105,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             405, "MethodNotAllowed", f"{request.method} not allowed on {request.path}",
             {"field": "method", "allowed": sorted(err.allowed_methods)},
         )
-    except web.HTTPException:
+    except web.HTTPException as err:
+        if err.status == 503:
+            err.headers.setdefault("Retry-After", RETRY_AFTER_S)
         raise
-    except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError, nats.errors.NoRespondersError) as err:
+    except STORE_UNREACHABLE as err:
         log.warning("store unavailable: %s", err)
-        return json_error(503, "Unavailable", "event store unavailable; retry", {"field": None})
+        return json_error(503, "Unavailable", f"event store unavailable ({type(err).__name__}); retry",
+                          {"field": None})
     except Exception:
         log.exception("unhandled error", extra={"path": request.path})
         return json_error(500, "InternalError", "internal error; see the server log", {})

@@ -1,4 +1,9 @@
-"""/api/stats and /api/stats/projects: the multi-project shape existing clients read, plus extras."""
+"""/api/stats and /api/stats/projects: the multi-project shape existing clients read, plus extras.
+
+`/api/stats` also carries the flat fields older clients (Shuttle's `stats` table) read, for the
+request's project (named, else the default project): `pending`, `active` (assigned + in-progress),
+`completed`, `failed` (cancelled included, as the original counts it) and `total`.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,11 @@ import orjson
 from aiohttp import web
 
 from projections import ProjectState, state_hash
+from projections.state import WORK_STATUSES
 from weft.api.common import all_views, explicit_project, json_response, project_of, read_view
 from weft.events import utc_now
 from weft.replica import ProjectView
+from weft.routing import visible_in
 
 
 def project_stats(view: ProjectView) -> dict[str, Any]:
@@ -19,7 +26,7 @@ def project_stats(view: ProjectView) -> dict[str, Any]:
     c = s.work_counts
     dead = sum(1 for w in s.work_in("failed") if w["deadLetter"] and not w["deadLetter"]["discarded"])
     return {
-        "agents": sum(1 for a in s.agents.values() if a["status"] != "offline"),
+        "agents": sum(1 for a in s.agents.values() if a["status"] != "offline" and visible_in(a, s.project)),
         "pendingWork": c["pending"],
         "activeWork": c["assigned"] + c["in-progress"],
         "completedWork": c["completed"],
@@ -60,8 +67,24 @@ async def stats(request: web.Request) -> web.Response:
     totals = {k: sum(p[k] for p in by_project.values()) for k in keys}
     for extra in ("cancelledWork", "deadLetteredWork", "purgedWork"):  # fields the original lacks
         totals[extra] = sum(p[extra] for p in by_project.values())
-    body = {"timestamp": utc_now(), "totalProjects": len(by_project), "totals": totals, "byProject": by_project}
+    body = {"timestamp": utc_now(), "totalProjects": len(by_project), "totals": totals, "byProject": by_project,
+            **await flat_stats(request)}
     return _cached(request, body)
+
+
+async def flat_stats(request: web.Request) -> dict[str, Any]:
+    """The single-project fields of older clients, for the request's project (zeros if unknown)."""
+    project = project_of(request)
+    view = await read_view(request, project)
+    c = view.state.work_counts if view else dict.fromkeys(WORK_STATUSES, 0)
+    return {
+        "projectId": project,
+        "pending": c["pending"],
+        "active": c["assigned"] + c["in-progress"],
+        "completed": c["completed"],
+        "failed": c["failed"] + c["cancelled"],
+        "total": sum(c.values()),
+    }
 
 
 async def projects(request: web.Request) -> web.Response:
@@ -81,7 +104,8 @@ async def projection(request: web.Request) -> web.Response:
     view = await read_view(request, project)
     state = view.state if view else ProjectState(project=project)
     return json_response(
-        {"projectId": project, "seq": state.seq, "stateHash": state_hash(state), "eventsApplied": state.events_applied}
+        {"projectId": project, "seq": state.seq, "stateHash": state_hash(state), "eventsApplied": state.events_applied,
+         "epoch": state.epoch, "leader": state.leader}
     )
 
 

@@ -1,4 +1,10 @@
-"""/api/targets: register, list, get/update/remove, test, spin-up, enable/disable, disable-batch."""
+"""/api/targets: register, list, get/update/remove, test, spin-up, enable/disable, disable-batch.
+
+A target is answered with `config` in the shape it was registered in (flat, as the Shuttle CLI
+sends it, or nested, as the original's clients do) and the normalised nested form weft's
+mechanisms run in `normalizedConfig`. Both hold only references for secrets (a literal secret
+is refused at registration).
+"""
 
 from __future__ import annotations
 
@@ -8,17 +14,22 @@ from aiohttp import web
 
 from projections.state import Record
 from weft.api.common import ctx_of, json_response, parse_body, project_of, read_json, read_view, services
+from weft.api.errors import stored_not_folded
 from weft.api.pagination import page
 from weft.api.schemas import DisableBatch, Reason, SpinUpRequest
 from weft.api.work import batch_body
 from weft.commands import find_target
 from weft.errors import NotFound
+from weft.events import utc_now
 from weft.health import probe_target
 
 
 def present(t: Record) -> dict[str, Any]:
     out = dict(t)
     out["activeSpinUps"] = list(t["activeSpinUps"].values())
+    registered = out.pop("registeredConfig", None)  # absent on targets registered before it was kept
+    out["normalizedConfig"] = t["config"]
+    out["config"] = registered if isinstance(registered, dict) else t["config"]
     return out
 
 
@@ -37,6 +48,8 @@ async def register(request: web.Request) -> web.Response:
     body = await read_json(request)
     ctx = ctx_of(request, project)
     outcome = await services(request).commands.register_target(ctx, body)
+    if not outcome.folded:
+        return stored_not_folded(project, "target", outcome.entity_id, outcome.seq, replayed=not outcome.created)
     t = services(request).replica.views[project].state.targets[outcome.entity_id]
     return json_response(present(t), 201 if outcome.created else 200, outcome.seq)
 
@@ -79,6 +92,8 @@ async def update(request: web.Request) -> web.Response:
     project, t = await _target(request)
     body = await read_json(request)
     outcome = await services(request).commands.update_target(ctx_of(request, project), t["id"], body)
+    if not outcome.folded:
+        return stored_not_folded(project, "target", t["id"], outcome.seq)
     fresh = services(request).replica.views[project].state.targets[t["id"]]
     return json_response(present(fresh), seq=outcome.seq)
 
@@ -130,15 +145,21 @@ async def test(request: web.Request) -> web.Response:
 
 
 async def spin_up(request: web.Request) -> web.Response:
+    """The original's SpinUpResult (`success`, `targetId`, `targetName`, `timestamp`) plus the
+    tracked operation (`operationId`, `status: in-progress`) and weft's spin-up id and `seq`. The
+    launch runs on the project's scheduler; the spin-up succeeds when the agent registers
+    (`GET /api/targets/{idOrName}`: `activeSpinUps`, then `lastSpinUp`). A refused one is a 4xx:
+    404 unknown target, 409 target not available or at its `maxConcurrentAgents`."""
     project, t = await _target(request)
     body = await parse_body(request, SpinUpRequest)
     outcome, spin_up_id = await services(request).commands.request_spin_up(
         ctx_of(request, project), t["id"], body.workItemId, "manual"
     )
     return json_response(
-        {"operationId": spin_up_id, "spinUpId": spin_up_id, "targetId": t["id"], "targetName": t["name"],
-         "status": "requested", "seq": outcome.seq},
-        202,
+        {"success": True, "triggered": True, "status": "in-progress", "operationId": spin_up_id,
+         "spinUpId": spin_up_id, "targetId": t["id"], "targetName": t["name"], "workItemId": body.workItemId,
+         "timestamp": utc_now(), "seq": outcome.seq},
+        200,
         outcome.seq,
     )
 

@@ -18,6 +18,7 @@ from weft.api.common import (
     read_view,
     services,
 )
+from weft.api.errors import stored_not_folded
 from weft.api.pagination import page
 from weft.api.schemas import CancelBatch, Reason, WorkSubmit
 from weft.commands import Ctx
@@ -25,7 +26,7 @@ from weft.elastic import plan_spin_ups
 from weft.errors import InvalidInput, NotFound
 from weft.events import utc_now
 from weft.replica import ProjectView
-from weft.routing import plan_assignments, reason_for_new_item, spin_up_agent_types
+from weft.routing import plan_assignments, reason_for_new_item, reported_agent_type
 from weft.scheduler import ProjectScheduler
 
 WORK_STATUSES = ("pending", "assigned", "in-progress", "completed", "failed", "cancelled")
@@ -76,9 +77,10 @@ async def submit(request: web.Request) -> web.Response:
         )
     data = spec.model_dump(mode="json")
     outcome = await services(request).commands.submit_work(ctx, data)
+    if not outcome.folded:
+        return stored_not_folded(project, "work", outcome.entity_id, outcome.seq, replayed=not outcome.created)
     view = services(request).replica.views[project]
     item = view.state.work[outcome.entity_id]
-    types = spin_up_agent_types(item, policy)
     reason = reason_for_new_item(view.state, item, policy, datetime.now(UTC)) if item["status"] == "pending" else None
     body = {
         "id": item["id"],
@@ -86,7 +88,7 @@ async def submit(request: web.Request) -> web.Response:
         "taskId": item["taskId"],
         "status": item["status"],
         "projectId": project,
-        "targetAgentType": item["requiredAgentType"] or item["preferredAgentType"] or (types[0] if types else None),
+        "targetAgentType": reported_agent_type(view.state, item, policy),
         "spinUpTriggered": False,
         "estimatedWaitSeconds": 5 if reason is None or reason == "all eligible agents busy" else None,
         "waitingReason": reason,
@@ -157,12 +159,19 @@ async def get_work(request: web.Request) -> web.Response:
 
 
 async def cancel(request: web.Request) -> web.Response:
+    """200 with the item; again 200 (no event) if it was cancelled already; 409 if it completed or
+    failed (it was not cancelled: answering success would be a lie)."""
     body = await parse_body(request, Reason)
     view, item = await find_item(request, request.match_info["id"])
     ctx = ctx_of(request, view.project)
     outcome = await services(request).commands.cancel_work(ctx, item["id"], body.reason)
-    msg = f"work item {item['id']} cancelled"
-    return json_response({"success": True, "message": msg, "id": item["id"], "seq": outcome.seq}, seq=outcome.seq)
+    fresh = view.state.work.get(item["id"]) or item
+    msg = f"work item {item['id']} {'was already ' if outcome.noop else ''}cancelled"
+    return json_response(
+        {"success": True, "message": msg, "id": item["id"], "alreadyCancelled": outcome.noop,
+         "workItem": present(view.state, fresh), "seq": outcome.seq},
+        seq=outcome.seq,
+    )
 
 
 def batch_body(outcome: Any, extra: dict[str, Any]) -> dict[str, Any]:
@@ -238,6 +247,8 @@ async def fail(request: web.Request) -> web.Response:
         svc.retry,
         attempt=body.attempt,
     )
+    if not outcome.folded:
+        return stored_not_folded(view.project, "work", item["id"], outcome.seq)
     fresh = view.state.work[item["id"]]
     result = "retry" if fresh["status"] == "pending" else "dead-letter"
     return json_response({"success": True, "outcome": result, "retryAt": fresh["retryAt"], "seq": outcome.seq},

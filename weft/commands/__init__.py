@@ -16,6 +16,7 @@ from weft.commands.core import (
     Decide,
     Outcome,
 )
+from weft.commands.leadership import LeadershipCommands, term_epoch
 from weft.commands.targets import TargetCommands, find_target
 from weft.commands.work import RetryPolicy, WorkCommands
 
@@ -28,13 +29,16 @@ __all__ = [
     "CommandsBase",
     "Ctx",
     "Decide",
+    "LeadershipCommands",
     "Outcome",
     "RetryPolicy",
     "TargetCommands",
     "WorkCommands",
     "find_target",
+    "term_epoch",
 ]
 
 
-class Commands(WorkCommands, AgentCommands, TargetCommands):
-    """Every command handler: work items, agents, targets and spin-ups over one `CommandsBase` loop."""
+class Commands(WorkCommands, AgentCommands, TargetCommands, LeadershipCommands):
+    """Every command handler: work items, agents, targets, spin-ups and leadership over one
+    `CommandsBase` loop."""

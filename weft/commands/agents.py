@@ -33,6 +33,7 @@ class AgentCommands(CommandsBase):
             "spindownAfterIdleMs": decl.get("spindownAfterIdleMs"),
         }
         ev_id = event_id or new_id()
+        await self.view(ctx.project, create=True)  # an agent joining is what creates a project
         return await self.execute(
             ctx, f"agent.{guid}", lambda s: self.event(ctx, "agent.registered", guid, data, id=ev_id)
         )

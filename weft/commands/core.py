@@ -2,8 +2,10 @@
 
 Every handler follows one loop (`execute`): run a pure `decide(state)` against the current view,
 append its event with the entity's last sequence as the expectation, and on a conflict catch up
-and decide again. A command answers only after the local projection folded its event, so the
-caller reads its own write on this replica and gets `seq` to read it on any other.
+and decide again. A command answers once the local projection folded its event, so the caller
+reads its own write on this replica and gets `seq` to read it on any other. A stored event is a
+success even when the fold is slow (`Outcome.folded` False): an error would invite a retry that
+repeats an unkeyed create. An append whose outcome the store could not learn is `OutcomeUnknown`.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from projections.state import ProjectState
-from weft.errors import Conflict, InvalidInput, NotFound, Unavailable
+from weft.errors import Conflict, Fenced, InvalidInput, NotFound, OutcomeUnknown, Unavailable
 from weft.events import Event, idempotent_id, new_id
-from weft.eventstore import ConcurrencyConflict, EventStore
+from weft.eventstore import AppendOutcomeUnknown, ConcurrencyConflict, EventStore
 from weft.replica import ProjectView, Replica
 
 MAX_ATTEMPTS = 8
@@ -31,6 +33,9 @@ class Ctx:
     actor: str = "api"
     correlation_id: str | None = None
     idempotency_key: str | None = None
+    # Check a no-op or a rejection against the stream's latest state first (one round trip). The
+    # scheduler does not: its no-ops are re-planned on the next event anyway.
+    fresh_answers: bool = True
 
 
 @dataclass(slots=True)
@@ -39,6 +44,7 @@ class Outcome:
     entity_id: str
     created: bool = True
     noop: bool = False
+    folded: bool = True  # False: stored at `seq`, but this replica's view had not reached it yet
 
 
 @dataclass(slots=True)
@@ -64,8 +70,15 @@ class CommandsBase:
 
     # --- the one loop ------------------------------------------------------------------------
 
-    async def view(self, project: str) -> ProjectView:
-        return await self.replica.view(project, create=True)  # type: ignore[return-value]
+    async def view(self, project: str, *, create: bool = False) -> ProjectView:
+        """The project's view. Only commands that create an entity (`create`) create a project:
+        anything else on an unknown project sees an empty, unattached state (and so answers
+        404 or does nothing) instead of leaving a stream, a lease and a scheduler behind."""
+        view = await self.replica.view(project, create=create)
+        return view if view is not None else ProjectView(project)
+
+    def _attached(self, view: ProjectView) -> bool:
+        return self.replica.views.get(view.project) is view
 
     @staticmethod
     def keyed_create(ctx: Ctx, view: ProjectView, entity: str) -> tuple[str | None, str, Outcome | None]:
@@ -95,20 +108,45 @@ class CommandsBase:
     async def execute(self, ctx: Ctx, entity_key: str, decide: Decide) -> Outcome:
         view = await self.view(ctx.project)
         entity_id = entity_key.split(".", 1)[1]
+        # A no-op or a rejection is an answer too: give it from the stream's latest state, not a
+        # view that may lag (another replica's write). Nothing to catch up on an unknown project.
+        latest = not ctx.fresh_answers or not self._attached(view)
         for _ in range(MAX_ATTEMPTS):
-            ev = decide(view.state)
+            if view.halted is not None:
+                raise Unavailable(f"project {ctx.project} cannot be served by this weft: {view.halted[1]}")
+            try:
+                ev = decide(view.state)
+            except (NotFound, Conflict):
+                if latest:
+                    raise
+                latest = await self._catch_up(ctx.project)
+                continue
             if ev is None:
-                return Outcome(seq=view.state.entity_seq.get(entity_key, 0), entity_id=entity_id, noop=True)
+                if latest:
+                    return Outcome(seq=view.state.entity_seq.get(entity_key, 0), entity_id=entity_id, noop=True)
+                latest = await self._catch_up(ctx.project)
+                continue
+            if not self._attached(view):
+                raise RuntimeError(f"{ev.type} on unknown project {ctx.project}: its command must create it")
+            if ev.epoch is not None and ev.epoch < view.state.epoch:
+                # The fold would ignore it: a newer leader announced itself. Never append (or retry).
+                raise Fenced(f"{ev.type} of epoch {ev.epoch} is fenced by epoch {view.state.epoch}")
             try:
                 appended = await self.store.append(ev, view.state.entity_seq.get(entity_key, 0))
             except ConcurrencyConflict:
                 if not await self.replica.catch_up(ctx.project, self.wait_s):
                     raise Unavailable("projection could not catch up after a concurrent write") from None
                 continue
-            if not await view.wait_for(appended.seq, self.wait_s):
-                raise Unavailable(f"event {appended.seq} appended but not yet folded; read with min_seq")
-            return Outcome(seq=appended.seq, entity_id=entity_id, created=not appended.duplicate)
+            except AppendOutcomeUnknown as err:
+                raise outcome_unknown(ctx, ev) from err
+            folded = await view.wait_for(appended.seq, self.wait_s)
+            return Outcome(seq=appended.seq, entity_id=entity_id, created=not appended.duplicate, folded=folded)
         raise Conflict(f"{entity_key} is changing too fast; retry")
+
+    async def _catch_up(self, project: str) -> bool:
+        if not await self.replica.catch_up(project, self.wait_s):
+            raise Unavailable(f"projection of {project} could not catch up with the stream; retry")
+        return True
 
     async def _batch(
         self, ids: Iterable[str], run: Callable[[str], Any], outcome: BatchOutcome
@@ -131,3 +169,25 @@ class CommandsBase:
 
         await asyncio.gather(*(one(i) for i in ids))
         return outcome
+
+
+def outcome_unknown(ctx: Ctx, ev: Event) -> OutcomeUnknown:
+    """What a caller needs to find out for itself whether `ev` was stored."""
+    how = (
+        "repeat the request with the same Idempotency-Key (answered from the stored event if it landed)"
+        if ctx.idempotency_key
+        else f"look up {ev.entity} {ev.entity_id} (or the correlation id); repeating the request without an "
+        "Idempotency-Key may apply it twice"
+    )
+    return OutcomeUnknown(
+        f"the event store did not confirm {ev.type} of {ev.entity} {ev.entity_id}; it may or may not have "
+        f"been applied: {how}",
+        details={
+            "eventId": ev.id,
+            "type": ev.type,
+            "entity": ev.entity,
+            "entityId": ev.entity_id,
+            "correlationId": ctx.correlation_id,
+            "idempotencyKey": ctx.idempotency_key,
+        },
+    )

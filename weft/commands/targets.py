@@ -8,6 +8,7 @@ from typing import Any
 from projections.state import ProjectState, Record
 from weft import targetspec
 from weft.commands.core import BatchOutcome, CommandsBase, Ctx, Outcome
+from weft.elastic import target_load
 from weft.errors import Conflict, NotFound
 from weft.events import Event, new_uuid
 from weft.replica import ProjectView
@@ -19,7 +20,7 @@ class TargetCommands(CommandsBase):
         # The id derives from the name, so two replicas registering one name contend on one subject
         # and optimistic concurrency lets exactly one win: names stay unique without a lock.
         target_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"weft-target:{ctx.project}:{definition['name']}"))
-        view = await self.view(ctx.project)
+        view = await self.view(ctx.project, create=True)
         key, event_id, earlier = self.keyed_create(ctx, view, "target")
         if earlier is not None:
             return earlier
@@ -110,6 +111,11 @@ class TargetCommands(CommandsBase):
             t = _target(state, target_id)
             if t["status"] != "available":
                 raise Conflict(f"target {t['name']} is {t['status']}", field="id")
+            if reason == "manual":
+                load = target_load(state, t)
+                if load >= t["maxConcurrentAgents"]:
+                    raise Conflict(f"target {t['name']} is at its limit of {t['maxConcurrentAgents']} agents "
+                                   f"({load} running or starting); retry when one has finished", field="id")
             item = state.work.get(work_id) if work_id else None
             data = {
                 "spinUpId": spin_up_id,

@@ -7,15 +7,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from projections.state import LIVE_ASSIGNMENT, TERMINAL_WORK, ProjectState, Record
-from projections.work import purgeable
+from projections.work import ACCEPT_TIMEOUT, purgeable
 from weft.commands.core import BatchOutcome, CommandsBase, Ctx, Outcome
-from weft.errors import Conflict, NotFound
+from weft.errors import Conflict, NotFound, Unavailable
 from weft.events import Event, format_ts, new_uuid
 
 
 class WorkCommands(CommandsBase):
     async def submit_work(self, ctx: Ctx, spec: dict[str, Any]) -> Outcome:
-        view = await self.view(ctx.project)
+        view = await self.view(ctx.project, create=True)
         key, event_id, earlier = self.keyed_create(ctx, view, "work")
         if earlier is not None:
             return earlier
@@ -43,13 +43,21 @@ class WorkCommands(CommandsBase):
         outcome = await self.execute(ctx, f"work.{work_id}", lambda s: ev)
         if key and not outcome.created:
             # The first request with this key won inside the dedupe window: answer with its item.
-            original = view.state.idempotency.get(key, work_id)
+            original = view.state.idempotency.get(key)
+            if original is None:  # its event is stored (at outcome.seq) but not folded here yet
+                raise Unavailable(f"an earlier request with this Idempotency-Key is at seq {outcome.seq}, not yet "
+                                  "readable here; nothing was added: repeat with the same key", field="Idempotency-Key")
             return Outcome(seq=view.state.entity_seq.get(f"work.{original}", 0), entity_id=original, created=False)
         return outcome
 
     async def cancel_work(self, ctx: Ctx, work_id: str, reason: str | None = None) -> Outcome:
-        def decide(state: ProjectState) -> Event:
+        """Idempotent: cancelling a cancelled item is a no-op (no event); a completed or failed one
+        is a Conflict (it was not cancelled, and saying so would be a lie)."""
+
+        def decide(state: ProjectState) -> Event | None:
             item = _work(state, work_id)
+            if item["status"] == "cancelled":
+                return None
             if item["status"] in TERMINAL_WORK:
                 raise Conflict(f"work item {work_id} is already {item['status']}", field="id")
             return self.event(ctx, "work.cancelled", work_id, {"reason": reason})
@@ -189,18 +197,41 @@ class WorkCommands(CommandsBase):
 
         return await self.execute(ctx, f"work.{work_id}", decide)
 
-    async def withdraw_assignment(self, ctx: Ctx, work_id: str, reason: str, epoch: int, max_withdrawals: int) -> Outcome:
-        """Scheduler: take a live assignment back (agent lost, not accepted in time). An item whose
-        agents keep vanishing is dead-lettered rather than requeued forever."""
+    async def withdraw_assignment(
+        self,
+        ctx: Ctx,
+        work_id: str,
+        reason: str,
+        epoch: int,
+        max_withdrawals: int,
+        *,
+        guid: str | None = None,
+        attempt: int | None = None,
+        cause: str | None = None,
+    ) -> Outcome:
+        """Scheduler: take a live assignment back (agent lost or offline, not accepted in time).
+
+        A withdrawn attempt counts: an item that used its `maxAttempts` (or `max_withdrawals`, if
+        lower) is dead-lettered instead of requeued, as a failed one would be. `guid` and `attempt`
+        are what the decision saw: if the item has moved on since (another holder, another
+        attempt), nothing is withdrawn; with `cause` "accept-timeout", neither is an item its agent
+        accepted meanwhile. The event records `cause` and the holder, so the fold can mark an agent
+        that let an assignment time out as unresponsive (`projections.agents`)."""
 
         def decide(state: ProjectState) -> Event | None:
             item = state.work.get(work_id)
             if item is None or item["status"] not in LIVE_ASSIGNMENT:
                 return None
-            if item["attempts"] >= max_withdrawals:
-                msg = f"{reason}; gave up after {item['attempts']} attempts"
-                return self.event(ctx, "work.dead_lettered", work_id, {"reason": msg}, epoch=epoch)
-            return self.event(ctx, "work.requeued", work_id, {"reason": reason, "retryAt": None}, epoch=epoch)
+            if (guid is not None and item["assignedTo"] != guid) or (attempt is not None and item["attempts"] != attempt):
+                return None
+            if cause == ACCEPT_TIMEOUT and item["status"] != "assigned":
+                return None  # accepted just in time
+            data: dict[str, Any] = {"reason": reason, "cause": cause, "agentGuid": item["assignedTo"]}
+            limit = min(max_withdrawals, item.get("maxAttempts") or max_withdrawals)
+            if item["attempts"] >= limit:
+                data["reason"] = f"{reason}; gave up after {item['attempts']} attempts"
+                return self.event(ctx, "work.dead_lettered", work_id, data, epoch=epoch)
+            return self.event(ctx, "work.requeued", work_id, {**data, "retryAt": None}, epoch=epoch)
 
         return await self.execute(ctx, f"work.{work_id}", decide)
 
