@@ -134,8 +134,7 @@ class CommandsBase:
             try:
                 appended = await self.store.append(ev, view.state.entity_seq.get(entity_key, 0))
             except ConcurrencyConflict:
-                if not await self.replica.catch_up(ctx.project, self.wait_s):
-                    raise Unavailable("projection could not catch up after a concurrent write") from None
+                latest = await self._catch_up(ctx.project)  # after a concurrent write
                 continue
             except AppendOutcomeUnknown as err:
                 raise outcome_unknown(ctx, ev) from err
