@@ -386,7 +386,9 @@ class SchedulerHost:
                 _, epoch = await self.commands.announce_leader(ctx, self.elector.holder, revision, valid)
                 break
             except _RETRYABLE as err:
-                log.warning("could not announce leadership: %s", err, extra={"project": project})
+                # Once a warning, then quietly: a halted project would otherwise log every 2 s.
+                level = logging.WARNING if delay == 0.2 else logging.DEBUG
+                log.log(level, "could not announce leadership: %s", err, extra={"project": project})
                 await asyncio.sleep(delay)  # bounded backoff; ends when the lease does
                 delay = min(delay * 2, 2.0)
         else:
