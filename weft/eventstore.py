@@ -148,11 +148,14 @@ class EventStore:
 
     async def msg_id_at(self, project: str, seq: int) -> str | None:
         """The Nats-Msg-Id (event id) of the message at `seq`, or None if there is none."""
+        msg = await self._msg_at(project, seq)
+        return None if msg is None else (msg.headers or {}).get(api.Header.MSG_ID.value)
+
+    async def _msg_at(self, project: str, seq: int) -> api.RawStreamMsg | None:
         try:
-            msg = await self.js.get_msg(stream_name(project), seq)
+            return await self.js.get_msg(stream_name(project), seq)
         except nats.js.errors.NotFoundError:
             return None
-        return (msg.headers or {}).get(api.Header.MSG_ID.value)
 
     async def list_projects(self) -> list[str]:
         projects = []
@@ -282,11 +285,8 @@ class EventStore:
         return None
 
     async def _payload_at(self, project: str, seq: int) -> bytes | None:
-        try:
-            msg = await self.js.get_msg(stream_name(project), seq)
-        except nats.js.errors.NotFoundError:
-            return None
-        return bytes(msg.data or b"")
+        msg = await self._msg_at(project, seq)
+        return None if msg is None else bytes(msg.data or b"")
 
     # --- read ------------------------------------------------------------------------------
 

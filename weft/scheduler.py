@@ -12,7 +12,6 @@ the matching idle agent gets its assignment within one append round trip.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from weft import elastic, retention
 from weft.agents import Liveness, Pusher
 from weft.aio import cancel_and_wait, wait_event
 from weft.commands import Commands, Ctx, Outcome
-from weft.errors import Fenced, Unavailable, WeftError
+from weft.errors import Unavailable, WeftError
 from weft.events import Event, format_ts, new_id, parse_ts
 from weft.fleet import FleetConfig, FleetManager
 from weft.leader import TRANSIENT, LeaderElector
@@ -172,6 +171,8 @@ class ProjectScheduler:
         return None
 
     async def tick(self, now: datetime) -> None:
+        # Checked once: this tick's decisions start in this same turn of the loop. A lease that
+        # lapses while they wait is fenced by the fold once the next leader has announced itself.
         why = self.deposed()
         if why is not None:
             if why != self._idle_reason:
@@ -228,21 +229,11 @@ class ProjectScheduler:
             decisions += self.fleet.decisions(state, plan, now, {guid for _, guid in plan.assignments})
         decisions += self._purges(state, now)
         if decisions:
-            results = await asyncio.gather(*(self._guarded(d) for d in decisions), return_exceptions=True)
+            results = await asyncio.gather(*decisions, return_exceptions=True)
             for r in results:
                 if isinstance(r, BaseException):
                     log.warning("decision not applied: %s", r, extra={"project": self.project})
         self._deadline_s = self._next_deadline(state, now, accept_deadline)
-
-    async def _guarded(self, decision: Awaitable[Outcome]) -> Outcome | None:
-        """Run a decision only while this scheduler may still decide (the group commit may have
-        held it back while the lease lapsed or a newer leader announced itself)."""
-        why = self.deposed()
-        if why is not None:
-            if inspect.iscoroutine(decision):
-                decision.close()
-            raise Fenced(f"decision dropped: {why}")
-        return await decision
 
     def _purges(self, state: ProjectState, now: datetime) -> list[Awaitable[Outcome]]:
         cfg = self.config

@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
-from weft.api.common import SERVICES
+from weft.api.common import SERVICES, json_response
 from weft.errors import Conflict, InvalidInput, NotFound, OutcomeUnknown, Unavailable, WeftError, field_of
 
 log = logging.getLogger("weft.api")
@@ -62,8 +62,7 @@ def stored_not_folded(project: str, entity: str, entity_id: str, seq: int, *, re
         "folded": False,
         "message": f"accepted: stored at seq {seq}; read {entity} {entity_id} with min_seq={seq}",
     }
-    resp = web.Response(status=202, body=orjson.dumps(body), content_type="application/json")
-    resp.headers["X-Weft-Seq"] = str(seq)
+    resp = json_response(body, 202, seq=seq)
     if replayed:
         resp.headers["Idempotent-Replayed"] = "true"
     return resp
