@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-from weft.events import Event, format_ts
-from weft.eventstore import append_headers
+from projections.events import Event, format_ts
+from weft.store.eventstore import append_headers
 
 EVENTS_PER_ITEM = 5
 AGENTS = 16

@@ -21,9 +21,9 @@ from bench import eventgen
 from bench.raw import BenchError, Timed, publish_core, publish_pipelined, replay_ordered, replay_ordered_iter
 from bench.server import connect
 from projections import ProjectState, apply, encode_state
-from weft.events import decode, stream_name
-from weft.eventstore import EventStore
-from weft.replica import ProjectView, Replica
+from projections.events import decode, stream_name
+from weft.store.eventstore import EventStore
+from weft.store.readmodel import ProjectView, Replica
 
 
 def peak_rss_mb() -> float:

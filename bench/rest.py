@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 
 from bench import httpload
-from weft.embedded import free_port
+from weft.store.embedded import free_port
 
 BODY = {"capability": "python", "boundary": "personal", "description": "bench item"}
 PROJECT = "bench"

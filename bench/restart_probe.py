@@ -17,12 +17,13 @@ T_IMPORTS = time.perf_counter()
 import orjson  # noqa: E402
 
 from bench.rebuild import TimedReplica, TimedStore, peak_rss_mb  # noqa: E402
-from weft import loop, natsconn  # noqa: E402
+from weft import loop  # noqa: E402
+from weft.store import connection  # noqa: E402
 
 
 async def main(url: str, project: str) -> None:
     t0 = time.perf_counter()
-    nc = await natsconn.connect(url)  # as weft serve: its client class and event loop
+    nc = await connection.connect(url)  # as weft serve: its client class and event loop
     store = TimedStore(nc.jetstream())
     replica = TimedReplica(store, snapshot_every=0)
     t_connected = time.perf_counter()

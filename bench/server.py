@@ -9,8 +9,8 @@ from pathlib import Path
 
 from nats.aio.client import Client as NATS
 
-from weft import natsconn
-from weft.embedded import EmbeddedNats, NatsServerConfig, free_port
+from weft.store import connection
+from weft.store.embedded import EmbeddedNats, NatsServerConfig, free_port
 
 
 @contextlib.asynccontextmanager
@@ -26,8 +26,8 @@ async def nats_server(store_dir: Path, *, sync_always: bool = True, name: str = 
 
 
 async def connect(url: str) -> NATS:
-    """weft's own client class (natsconn.Client), so the bench measures what weft runs."""
-    return await natsconn.connect(
+    """weft's own client class (connection.Client), so the bench measures what weft runs."""
+    return await connection.connect(
         url,
         name="weft-bench",
         max_reconnect_attempts=2,

@@ -9,14 +9,14 @@ assigns or withdraws work (idle scale-down wants that; loss detection must not, 
 that keeps being offered work never falls silent). `unresponsiveSince` is set when one of its
 assignments was withdrawn for not being accepted in time (`mark_unresponsive`); routing offers
 such an agent nothing until it shows life again (its own event clears the flag; a heartbeat heard
-by the scheduler after that time counts too, see `weft.routing.plan_assignments`).
+by the scheduler after that time counts too, see `weft.core.routing.plan_assignments`).
 Records folded before these fields existed lack them: readers use `.get`.
 """
 
 from __future__ import annotations
 
+from projections.events import Event
 from projections.state import ProjectState, Record
-from weft.events import Event
 
 
 def new_agent(ev: Event) -> Record:
@@ -108,6 +108,6 @@ def apply_agent(state: ProjectState, ev: Event) -> None:
         _offline(agent, ev, "lost")
         target = state.targets.get(agent.get("targetId") or "")
         if target is not None and agent.get("spinUpId"):
-            # A spun-up agent died: the target backs off and eventually gives up (weft.elastic).
+            # A spun-up agent died: the target backs off and eventually gives up (weft.core.fleet_policy).
             target["crashes"] = target.get("crashes", 0) + 1
             target["lastError"] = f"spun-up agent {agent['guid']} was lost"

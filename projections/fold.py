@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from projections.agents import apply_agent
+from projections.events import ENTITY_OF, Event
 from projections.state import ProjectState, Record
 from projections.targets import apply_target
 from projections.work import apply_work
-from weft.events import ENTITY_OF, Event
 
 
 def apply_project(state: ProjectState, ev: Event) -> None:

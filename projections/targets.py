@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from projections.events import Event
 from projections.state import ProjectState, Record
-from weft.events import Event
 
 DEFAULT_BREAKER_THRESHOLD = 3
 # Fields the fold maintains from lifecycle events: `target.updated` never overwrites them (status

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 from projections.agents import mark_unresponsive, seen
+from projections.events import Event
 from projections.state import LIVE_ASSIGNMENT, TERMINAL_WORK, ProjectState, Record
-from weft.events import Event
 
 # `cause` of a `work.requeued` / `work.dead_lettered` that withdrew an assignment its agent did not
 # accept in time: the agent is marked unresponsive (`projections.agents.mark_unresponsive`).

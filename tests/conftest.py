@@ -15,9 +15,9 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from tests.servers import Reporter, own_nats_server
-from weft import natsconn
-from weft.embedded import EmbeddedNats
-from weft.eventstore import EventStore
+from weft.store import connection
+from weft.store.embedded import EmbeddedNats
+from weft.store.eventstore import EventStore
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -45,7 +45,7 @@ async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
 @pytest.fixture
 async def nc(nats_server: EmbeddedNats) -> AsyncIterator[NATS]:
     # weft's own client class, as the service uses it: store and replica tests run through it.
-    client = await natsconn.connect(nats_server.url, max_reconnect_attempts=3)
+    client = await connection.connect(nats_server.url, max_reconnect_attempts=3)
     yield client
     await client.close()
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from weft.embedded import die_with_parent, free_port
+from weft.store.embedded import die_with_parent, free_port
 
 WEFT = str(Path(sys.executable).parent / "weft")
 # Every process a test starts, so a failing test cannot leave one behind (see conftest).

@@ -19,8 +19,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from weft.embedded import EmbeddedNats, NatsServerConfig, free_port
 from weft.spinup.local import proc_stat
+from weft.store.embedded import EmbeddedNats, NatsServerConfig, free_port
 
 
 @contextlib.asynccontextmanager

@@ -17,9 +17,9 @@ from typing import Any
 from hypothesis import strategies as st
 
 from projections import ProjectState, apply
+from projections.events import Event, format_ts
 from projections.state import LIVE_ASSIGNMENT, TERMINAL_WORK
 from projections.work import purgeable
-from weft.events import Event, format_ts
 
 PROJECT = "prop"
 WORK_IDS = ("w0", "w1", "w2", "w3", "w4")

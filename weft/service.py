@@ -11,19 +11,19 @@ import nats.errors
 from aiohttp import web
 from nats.aio.client import Client as NATS
 
-from weft import natsconn
-from weft.agents import AgentGateway, Liveness, Pusher
 from weft.api import create_app
 from weft.api.common import Services
 from weft.commands import Commands, RetryPolicy
-from weft.eventstore import EventStore
-from weft.fleet import FleetConfig
-from weft.replica import Replica
-from weft.routing import DEFAULT_POLICY, load_policy
-from weft.scheduler import SchedulerConfig, SchedulerHost
+from weft.core.routing import DEFAULT_POLICY, load_policy
+from weft.runtime.fleet_executor import FleetConfig
+from weft.runtime.gateway import AgentGateway, Liveness, Pusher
+from weft.runtime.scheduler import SchedulerConfig, SchedulerHost
+from weft.runtime.warp_bridge import WarpBridge
 from weft.settings import Settings
 from weft.spinup import Mechanism, build_mechanisms
-from weft.warp import WarpBridge
+from weft.store import connection
+from weft.store.eventstore import EventStore
+from weft.store.readmodel import Replica
 
 log = logging.getLogger("weft.service")
 
@@ -50,12 +50,12 @@ async def connect_nats(settings: Settings, url: str, *, connect_timeout_s: float
     delay = 0.2
     while True:
         try:
-            nc = await natsconn.connect(
+            nc = await connection.connect(
                 url,
                 user=settings.nats_user,
                 password=settings.nats_pass,
                 name=f"weft-{settings.replica_name}",
-                **natsconn.RECONNECT_FOREVER,
+                **connection.RECONNECT_FOREVER,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
                 error_cb=on_error,

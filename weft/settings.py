@@ -53,7 +53,7 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
 
 def _project_map(raw: str | None) -> tuple[tuple[str, str], ...]:
     """WEFT_WARP_PROJECT_MAP: `warpProjectId=weftProject,...` (Warp's ids are 16 hex characters)."""
-    from weft.events import is_valid_project_id
+    from projections.events import is_valid_project_id
 
     pairs = []
     for part in (raw or "").split(","):
@@ -116,7 +116,7 @@ class Settings:
         e = os.environ if env is None else env
         tokens = tuple(t.strip() for t in e.get("API_TOKENS", "").split(",") if t.strip())
         project = e.get("LOOMINAL_PROJECT_ID") or e.get("WEFT_PROJECT") or "default"
-        from weft.events import is_valid_project_id
+        from projections.events import is_valid_project_id
 
         if not is_valid_project_id(project):
             raise SettingsError(f"LOOMINAL_PROJECT_ID {project!r} must match [A-Za-z0-9_-]{{1,64}}")

@@ -23,9 +23,9 @@ from tests.integration.test_agent_runner import FakeWeft, work
 from tests.processes import AgentProcess
 from tests.servers import own_nats_server
 from tests.support import Api
-from weft.embedded import EmbeddedNats
-from weft.eventstore import EventStore
 from weft.spinup.local import proc_stat
+from weft.store.embedded import EmbeddedNats
+from weft.store.eventstore import EventStore
 
 T = 15.0
 

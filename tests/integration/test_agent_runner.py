@@ -39,7 +39,7 @@ from weft.agent.runner import (
     work_env,
 )
 from weft.agent.settings import AgentSettings, AgentSettingsError, default_guid
-from weft.embedded import EmbeddedNats, NatsServerConfig, free_port
+from weft.store.embedded import EmbeddedNats, NatsServerConfig, free_port
 
 Body = dict[str, Any]
 Handler = Callable[[Body], Body | Awaitable[Body]]
@@ -346,7 +346,7 @@ def test_work_env_exposes_the_item() -> None:
 
 
 def test_cli_has_the_agent_command() -> None:
-    from weft.cli import build_parser
+    from weft.cli.main import build_parser
 
     args = build_parser().parse_args(["agent", "--capabilities", "python", "--command", "echo hi", "--idle-exit", "5"])
     assert args.command == "agent" and args.agent_command == "echo hi"

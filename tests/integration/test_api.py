@@ -7,8 +7,8 @@ from typing import Any
 
 from tests.support import Api, make_client
 from weft.api.openapi import document
-from weft.eventstore import EventStore
 from weft.service import WeftService
+from weft.store.eventstore import EventStore
 
 WORK = {"capability": "python", "boundary": "personal", "description": "write tests"}
 LOCAL_TARGET = {

@@ -23,11 +23,11 @@ from nats.aio.client import Client as NATS
 from nats.js import api as js_api
 from nats.js.kv import KeyValue
 
+from projections.events import format_ts
 from tests.support import Api, FakeAgent, make_client
-from weft.events import format_ts
-from weft.eventstore import EventStore
+from weft.runtime.warp_bridge import WarpBridge, open_registry
 from weft.service import WeftService
-from weft.warp import WarpBridge, open_registry
+from weft.store.eventstore import EventStore
 
 TIMEOUT = 10.0
 

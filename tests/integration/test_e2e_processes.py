@@ -19,8 +19,8 @@ import pytest
 from tests.processes import AgentProcess, WeftProcess, until
 from tests.servers import own_nats_server
 from tests.support import check_work_invariants
-from weft.embedded import EmbeddedNats
-from weft.eventstore import EventStore
+from weft.store.embedded import EmbeddedNats
+from weft.store.eventstore import EventStore
 
 pytestmark = pytest.mark.slow
 

@@ -16,11 +16,11 @@ from nats.aio.client import Client as NATS
 from nats.js import api
 
 from projections import fold, state_hash
+from projections.events import Event, stream_name
 from tests.servers import own_nats_server
-from weft import natsconn
-from weft.embedded import EmbeddedNats
-from weft.events import Event, stream_name
-from weft.eventstore import Appended, ConcurrencyConflict, EventStore
+from weft.store import connection
+from weft.store.embedded import EmbeddedNats
+from weft.store.eventstore import Appended, ConcurrencyConflict, EventStore
 
 
 @pytest.fixture(scope="module")
@@ -514,7 +514,7 @@ async def test_batches_from_two_writers_interleave_without_mixing(
 ) -> None:
     """Two replicas (two connections) batching into one stream at once: a batch is stored in one
     piece, so each writer's reported sequences are exactly where its events are."""
-    other_nc = await natsconn.connect(nats_server.url)
+    other_nc = await connection.connect(nats_server.url)
     try:
         other = EventStore(other_nc.jetstream(), group_commit_after=1)
         mine = [work_submitted(project, f"a{i}") for i in range(150)]

@@ -22,10 +22,10 @@ from nats.js.client import JetStreamContext
 from projections import fold
 from tests.servers import own_nats_server
 from tests.support import FakeAgent, own_replica, state_reaches
-from weft import natsconn
-from weft.embedded import EmbeddedNats
-from weft.errors import Fenced
-from weft.leader import LEASE_BUCKET
+from weft.core.errors import Fenced
+from weft.store import connection
+from weft.store.embedded import EmbeddedNats
+from weft.store.lease import LEASE_BUCKET
 
 TTL_S = 1.0
 
@@ -38,7 +38,7 @@ async def lease_nats(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
 
 @pytest.fixture
 async def conn(lease_nats: EmbeddedNats) -> AsyncIterator[NATS]:
-    nc = await natsconn.connect(lease_nats.url)
+    nc = await connection.connect(lease_nats.url)
     yield nc
     await nc.close()
 

@@ -17,14 +17,14 @@ from typing import Any
 
 import pytest
 
+from projections.events import Event, parse_ts
 from projections.state import LIVE_ASSIGNMENT
 from tests.processes import AgentProcess
 from tests.servers import own_nats_server
 from tests.support import Api, FakeAgent, check_work_invariants, own_replica, until
-from weft.embedded import EmbeddedNats
-from weft.errors import Unavailable
-from weft.events import Event, parse_ts
+from weft.core.errors import Unavailable
 from weft.spinup.base import Launched, ProbeResult, SpinUpError, SpinUpRequest
+from weft.store.embedded import EmbeddedNats
 
 pytestmark = pytest.mark.slow
 

@@ -16,14 +16,14 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from projections import encode_state, fold, state_hash
+from projections.events import Event, new_id, stream_name
 from tests.integration.test_eventstore import read_all, work_submitted
 from tests.servers import own_nats_server
 from weft.commands import Commands, Ctx
-from weft.embedded import EmbeddedNats
-from weft.errors import Conflict, Unavailable
-from weft.events import Event, new_id, stream_name
-from weft.eventstore import EventStore
-from weft.replica import Replica
+from weft.core.errors import Conflict, Unavailable
+from weft.store.embedded import EmbeddedNats
+from weft.store.eventstore import EventStore
+from weft.store.readmodel import Replica
 
 WAIT = 10.0
 

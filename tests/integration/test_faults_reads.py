@@ -9,8 +9,8 @@ import nats
 import orjson
 from nats.aio.client import Client as NATS
 
+from projections.events import new_id, stream_name
 from tests.support import Api
-from weft.events import new_id, stream_name
 
 WAIT = 10.0
 

@@ -19,19 +19,19 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from nats.aio.client import Client as NATS
 
+from projections.events import Event, idempotent_id, stream_name
 from tests.integration.test_eventstore import work_submitted
 from tests.netproxy import Frame, NetProxy
 from tests.support import Api, own_replica
-from weft import natsconn
 from weft.api import create_app
 from weft.api.common import Services
 from weft.commands import Commands
-from weft.embedded import EmbeddedNats
-from weft.events import Event, idempotent_id, stream_name
-from weft.eventstore import Appended, AppendOutcomeUnknown, EventStore
-from weft.groupcommit import GroupCommit
-from weft.replica import Replica
 from weft.settings import Settings
+from weft.store import connection
+from weft.store.embedded import EmbeddedNats
+from weft.store.eventstore import Appended, AppendOutcomeUnknown, EventStore
+from weft.store.groupcommit import GroupCommit
+from weft.store.readmodel import Replica
 
 WORK = {"capability": "nobody-has-this", "boundary": "nowhere", "description": "fault test"}
 TIMEOUT_S = 0.5  # publish timeout of the stores under test: a lost reply costs this much
@@ -47,7 +47,7 @@ async def proxy(nats_server: EmbeddedNats) -> AsyncIterator[NetProxy]:
 
 @pytest.fixture
 async def proxied_nc(proxy: NetProxy) -> AsyncIterator[NATS]:
-    nc = await natsconn.connect(proxy.url, max_reconnect_attempts=3)
+    nc = await connection.connect(proxy.url, max_reconnect_attempts=3)
     yield nc
     await nc.close()
 

@@ -22,8 +22,8 @@ from aiohttp import web
 
 from tests.servers import Recorded, RecordingServer, own_nats_server, run_sshd
 from tests.support import Api, own_replica, until
-from weft.embedded import EmbeddedNats, die_with_parent
-from weft.eventstore import EventStore
+from weft.store.embedded import EmbeddedNats, die_with_parent
+from weft.store.eventstore import EventStore
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Scheduler leases (weft/leader.py) against a real nats-server.
+"""Scheduler leases (weft/store/lease.py) against a real nats-server.
 
 Each test uses its own bucket (named after its project) so its short TTL cannot clash with another
 test's bucket; transitions are awaited through the elector's condition, never by sleeping.
@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
-from weft.leader import LeaderElector, LeaderLease, LeaseError, open_lease_bucket
+from weft.store.lease import LeaderElector, LeaderLease, LeaseError, open_lease_bucket
 
 TTL = 1.5
 

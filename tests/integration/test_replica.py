@@ -16,13 +16,13 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from projections import ProjectState, decode_state, encode_state, fold, state_hash
+from projections.events import Event, stream_name
 from projections.state import STATE_SCHEMA
 from tests.integration.test_eventstore import read_all, target_registered, target_updated, work_submitted
 from tests.servers import own_nats_server
-from weft.embedded import EmbeddedNats
-from weft.events import Event, stream_name
-from weft.eventstore import SNAPSHOT_BUCKET, ConcurrencyConflict, EventStore
-from weft.replica import ProjectView, Replica
+from weft.store.embedded import EmbeddedNats
+from weft.store.eventstore import SNAPSHOT_BUCKET, ConcurrencyConflict, EventStore
+from weft.store.readmodel import ProjectView, Replica
 
 WAIT = 10.0  # upper bound for a wait that should end long before; never a synchronisation sleep
 

@@ -20,8 +20,8 @@ import pytest
 from projections import fold, state_hash
 from tests.processes import WEFT, WeftProcess
 from tests.servers import own_nats_server
-from weft.embedded import EmbeddedNats
-from weft.eventstore import EventStore
+from weft.store.embedded import EmbeddedNats
+from weft.store.eventstore import EventStore
 
 pytestmark = pytest.mark.slow
 

@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from projections import ProjectState, fold, state_hash
+from projections.events import Event
 from tests.servers import own_nats_server
 from tests.support import Api, FakeAgent, own_replica
-from weft.embedded import EmbeddedNats
-from weft.events import Event
+from weft.store.embedded import EmbeddedNats
 
 WAIT = 15.0  # bound for events that should come long before; never a synchronisation sleep
 

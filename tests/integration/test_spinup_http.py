@@ -26,12 +26,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.servers import Recorded, RecordingServer
-from weft.errors import InvalidInput
+from weft.core.errors import InvalidInput
+from weft.core.targets import validate_new_target
 from weft.spinup.base import SpinUpError, SpinUpRequest
 from weft.spinup.github import GithubActionsMechanism
 from weft.spinup.kubernetes import KubernetesMechanism, job_name, label_value
 from weft.spinup.webhook import WebhookMechanism
-from weft.targetspec import validate_new_target
 
 K8S_TOKEN = "k8s-tok-SECRET-7d1e"
 GH_TOKEN = "ghp-SECRET-c0ffee"
@@ -57,7 +57,7 @@ def no_secrets(*things: Any) -> None:
 
 
 def make_target(mechanism: str, config: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """A stored target as the fleet hands it to a mechanism (validated by weft.targetspec)."""
+    """A stored target as the fleet hands it to a mechanism (validated by weft.core.targets)."""
     body = {
         "name": "fleet-1",
         "agentType": "claude-code",

@@ -20,10 +20,10 @@ import orjson
 import pytest
 
 from tests.servers import AGENT, Reporter, died, ping, until_eof
-from weft.errors import InvalidInput
+from weft.core.errors import InvalidInput
+from weft.core.targets import validate_new_target
 from weft.spinup.base import SpinUpError, SpinUpRequest
 from weft.spinup.local import LocalMechanism, boot_id, proc_stat
-from weft.targetspec import validate_new_target
 
 PY = shlex.quote(sys.executable)
 NATS_URL = "nats://127.0.0.1:4999"

@@ -22,11 +22,11 @@ import asyncssh
 import pytest
 
 from tests.servers import AGENT, Reporter, SshServer, died, ping, run_sshd, until_eof
-from weft.embedded import free_port
-from weft.errors import InvalidInput
+from weft.core.errors import InvalidInput
+from weft.core.targets import validate_new_target
 from weft.spinup.base import SpinUpError, SpinUpRequest
 from weft.spinup.ssh import SshMechanism
-from weft.targetspec import validate_new_target
+from weft.store.embedded import free_port
 
 NATS_URL = "nats://127.0.0.1:4222"
 USER = "agent"
@@ -268,7 +268,7 @@ async def test_a_host_that_never_answers_times_out(sshd: SshServer) -> None:
         await silent.wait_closed()
 
 
-# --- what registration accepts (weft.targetspec) ---------------------------------------------------
+# --- what registration accepts (weft.core.targets) ---------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -21,12 +21,9 @@ from nats.aio.client import Client as NATS
 from nats.js import api
 from nats.js.kv import KeyValue
 
+from projections.events import format_ts
 from tests.support import Api
-from weft.embedded import EmbeddedNats
-from weft.events import format_ts
-from weft.eventstore import EventStore
-from weft.service import WeftService
-from weft.warp import (
+from weft.runtime.warp_bridge import (
     WarpBridge,
     declaration,
     open_registry,
@@ -35,6 +32,9 @@ from weft.warp import (
     workqueue_stream,
     workqueue_subject,
 )
+from weft.service import WeftService
+from weft.store.embedded import EmbeddedNats
+from weft.store.eventstore import EventStore
 
 TIMEOUT = 10.0
 

@@ -14,7 +14,7 @@ import orjson
 from nats.aio.client import Client as NATS
 
 from tests.support import Api, FakeAgent, check_work_invariants
-from weft.eventstore import EventStore
+from weft.store.eventstore import EventStore
 
 WORK = {"capability": "python", "boundary": "personal", "description": "write the parser"}
 

@@ -10,9 +10,9 @@ import pytest
 
 from projections.state import ProjectState, Record
 from tests.unit.test_routing import CLAUDE, COPILOT, NOW, make_agent, make_work
-from weft import targetspec
-from weft.errors import InvalidInput
-from weft.routing import (
+from weft.core import targets
+from weft.core.errors import InvalidInput
+from weft.core.routing import (
     DEFAULT_POLICY,
     WARP_TASK_COUNT_LABEL,
     load_of,
@@ -21,7 +21,7 @@ from weft.routing import (
     reported_agent_type,
     visible_in,
 )
-from weft.warp import declaration, parse_entry
+from weft.runtime.warp_bridge import declaration, parse_entry
 
 
 def state_of(*agents: Record) -> ProjectState:
@@ -132,7 +132,7 @@ def test_entries_keep_their_boundaries_type_and_limits() -> None:
 
 
 def target(mechanism: str, config: Any) -> dict[str, Any]:
-    return targetspec.validate_new_target({"name": "t", "agentType": "x", "mechanism": mechanism,
+    return targets.validate_new_target({"name": "t", "agentType": "x", "mechanism": mechanism,
                                            "capabilities": ["python"], "config": config})
 
 
@@ -144,14 +144,14 @@ def test_registered_config_keeps_the_clients_shape() -> None:
     assert other_block["registeredConfig"] == {"command": "x"}  # what normalisation ignores is not shown
     k8s = target("kubernetes", {"image": "img"})
     assert k8s["config"]["kubernetes"]["namespace"] == "default" and k8s["registeredConfig"] == {"image": "img"}
-    changes = targetspec.validate_update(flat, {"config": {"port": 2222}})
+    changes = targets.validate_update(flat, {"config": {"port": 2222}})
     assert changes["registeredConfig"] == {"host": "h", "user": "u", "command": "weft agent", "port": 2222}
     assert changes["config"]["ssh"]["port"] == 2222
     old = {k: v for k, v in flat.items() if k != "registeredConfig"}  # registered before it was kept
-    assert "registeredConfig" not in targetspec.validate_update(old, {"config": {"port": 2222}})
+    assert "registeredConfig" not in targets.validate_update(old, {"config": {"port": 2222}})
     with pytest.raises(InvalidInput) as err:
-        targetspec.validate_update(flat, {"config": {"ssh": "not an object"}})
+        targets.validate_update(flat, {"config": {"ssh": "not an object"}})
     assert err.value.field == "config.ssh"
     with pytest.raises(InvalidInput) as err:
-        targetspec.validate_update(flat, {"registeredConfig": {}})
+        targets.validate_update(flat, {"registeredConfig": {}})
     assert err.value.field == "registeredConfig"

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from weft.events import (
+from projections.events import (
     CATALOGUE,
     Event,
     UnknownEventType,

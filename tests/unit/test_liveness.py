@@ -8,12 +8,12 @@ from types import SimpleNamespace
 from typing import Any
 
 from projections import ProjectState, apply
+from projections.events import format_ts, parse_ts
 from projections.work import ACCEPT_TIMEOUT
 from tests.unit.test_projections import Stream
 from tests.unit.test_routing import NOW, make_agent, make_state, make_work
-from weft.events import format_ts, parse_ts
-from weft.routing import DEFAULT_POLICY, eligible, is_unresponsive, plan_assignments
-from weft.scheduler import ProjectScheduler
+from weft.core.routing import DEFAULT_POLICY, eligible, is_unresponsive, plan_assignments
+from weft.runtime.scheduler import ProjectScheduler
 
 
 def requeue(s: Stream, work_id: str, guid: str, cause: str | None) -> None:

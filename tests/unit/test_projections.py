@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from projections import ProjectState, apply, decode_state, encode_state, fold, state_hash
+from projections.events import Event
 from projections.state import LIVE_ASSIGNMENT, SETTLED_WORK, STATE_SCHEMA, WORK_STATUSES
 from tests.strategies import PROJECT, event_sequences
-from weft.events import Event
 
 # 75 random histories per property keep `make test` fast; WEFT_PROPERTY_EXAMPLES=2000 for a deep run.
 PROPERTY = settings(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from projections import ProjectState
 from tests.unit.test_projections import Stream
-from weft.retention import Cursor, due_for_purge
+from weft.core.retention import Cursor, due_for_purge
 
 
 def finished_out_of_order() -> ProjectState:

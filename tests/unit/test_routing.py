@@ -1,4 +1,4 @@
-"""Routing policy and assignment planning (weft/routing.py): pure, so no server needed."""
+"""Routing policy and assignment planning (weft/core/routing.py): pure, so no server needed."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from projections.agents import new_agent
+from projections.events import Event, format_ts
 from projections.state import ProjectState, Record, encode_state
 from projections.work import new_work
 from projections.worktable import WorkTable
-from weft.events import Event, format_ts
-from weft.routing import (
+from weft.core.routing import (
     DEFAULT_POLICY,
     BoundaryRule,
     Plan,

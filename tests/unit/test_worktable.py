@@ -8,11 +8,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from projections import ProjectState, apply, decode_state, encode_state, fold, state_hash
+from projections.events import Event
 from projections.state import STATE_SCHEMA
 from projections.worktable import WorkTable
 from tests.strategies import PROJECT, event_sequences
 from tests.unit.test_projections import PROPERTY, Stream
-from weft.events import Event
 
 
 def history() -> Stream:

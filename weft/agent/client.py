@@ -36,9 +36,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from weft import natsconn
-from weft.events import utc_now
-from weft.protocol import heartbeat_subject, inbox_subject, request_subject
+from projections.events import utc_now
+from weft.core.protocol import heartbeat_subject, inbox_subject, request_subject
+from weft.store import connection
 
 log = logging.getLogger("weft.agent.client")
 
@@ -253,12 +253,12 @@ class AgentClient:
         async def on_error(err: Exception) -> None:
             log.warning("nats error: %s", err, extra={"agent_guid": self.guid})
 
-        connecting = natsconn.connect(
+        connecting = connection.connect(
             url,
             user=user,
             password=password,
             name=name or f"weft-agent-{self.guid}",
-            **natsconn.RECONNECT_FOREVER,
+            **connection.RECONNECT_FOREVER,
             disconnected_cb=on_disconnect,
             reconnected_cb=on_reconnect,
             error_cb=on_error,

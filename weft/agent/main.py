@@ -92,7 +92,7 @@ async def run_agent(settings: AgentSettings) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry from `weft agent` (weft/cli.py) with the parsed flags."""
+    """Entry from `weft agent` (weft/cli/main.py) with the parsed flags."""
     try:
         settings = AgentSettings.from_args(args)
     except AgentSettingsError as err:

@@ -6,11 +6,11 @@ import time
 
 from aiohttp import web
 
+from projections.events import utc_now
 from weft.api import agents, channels, dlq, openapi, stats, targets, work
 from weft.api.auth import make_auth_middleware
 from weft.api.common import SERVICES, Services, json_response, services
 from weft.api.errors import error_middleware
-from weft.events import utc_now
 
 
 async def health(request: web.Request) -> web.Response:

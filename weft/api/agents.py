@@ -1,6 +1,6 @@
 """/api/agents: list (across projects unless filtered), get, shutdown, shutdown-batch.
 
-Warp's visibility rules decide what a request sees (`weft.routing.visible_in`): a request for a
+Warp's visibility rules decide what a request sees (`weft.core.routing.visible_in`): a request for a
 project sees that project's project-only agents and every project's public agents; a request that
 names no project sees every project's agents but the private and user-only ones, which no REST
 client can see (a REST request is neither the agent itself nor a user). A Warp agent is shown with
@@ -31,10 +31,10 @@ from weft.api.common import (
 from weft.api.pagination import page
 from weft.api.schemas import Shutdown, ShutdownBatch
 from weft.api.work import batch_body
-from weft.errors import InvalidInput, NotFound
-from weft.replica import ProjectView
-from weft.routing import HIDDEN_VISIBILITIES, visible_in
-from weft.warp import REGISTRY_BUCKET
+from weft.core.errors import InvalidInput, NotFound
+from weft.core.routing import HIDDEN_VISIBILITIES, visible_in
+from weft.runtime.warp_bridge import REGISTRY_BUCKET
+from weft.store.readmodel import ProjectView
 
 log = logging.getLogger("weft.api.agents")
 

@@ -16,7 +16,7 @@ import orjson
 from aiohttp import web
 
 from weft.api.common import json_response, project_of, services
-from weft.errors import InvalidInput, NotFound
+from weft.core.errors import InvalidInput, NotFound
 
 MAX_MESSAGES = 1000
 CHANNEL_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

@@ -10,14 +10,14 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel
 
+from projections.events import is_valid_project_id, new_id
 from weft.commands import Commands, Ctx, RetryPolicy
-from weft.errors import InvalidInput, Unavailable
-from weft.events import is_valid_project_id, new_id
+from weft.core.errors import InvalidInput, Unavailable
+from weft.core.routing import DEFAULT_POLICY, RoutingPolicy
 from weft.logs import correlation_var, project_var
-from weft.replica import ProjectView, Replica
-from weft.routing import DEFAULT_POLICY, RoutingPolicy
 from weft.settings import Settings
 from weft.spinup.base import Mechanism
+from weft.store.readmodel import ProjectView, Replica
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -19,7 +19,15 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from weft.api.common import SERVICES, json_response
-from weft.errors import Conflict, InvalidInput, NotFound, OutcomeUnknown, Unavailable, WeftError, field_of
+from weft.core.errors import (
+    Conflict,
+    InvalidInput,
+    NotFound,
+    OutcomeUnknown,
+    Unavailable,
+    WeftError,
+    field_of,
+)
 
 log = logging.getLogger("weft.api")
 

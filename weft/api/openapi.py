@@ -10,9 +10,9 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from weft import protocol
 from weft.api import schemas
 from weft.api.common import json_response
+from weft.core import protocol
 
 ERROR = {
     "type": "object",

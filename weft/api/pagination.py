@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from weft.errors import InvalidInput
+from weft.core.errors import InvalidInput
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 100

@@ -105,7 +105,7 @@ class SpinUpRequest(Body):
 
 
 class TargetRegister(Body):
-    """Documented shape; validation proper is weft.targetspec (it accepts nested and flat config)."""
+    """Documented shape; validation proper is weft.core.targets (it accepts nested and flat config)."""
 
     model_config = ConfigDict(extra="allow")
     name: str

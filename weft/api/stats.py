@@ -14,11 +14,11 @@ import orjson
 from aiohttp import web
 
 from projections import ProjectState, state_hash
+from projections.events import utc_now
 from projections.state import WORK_STATUSES
 from weft.api.common import all_views, explicit_project, json_response, project_of, read_view
-from weft.events import utc_now
-from weft.replica import ProjectView
-from weft.routing import visible_in
+from weft.core.routing import visible_in
+from weft.store.readmodel import ProjectView
 
 
 def project_stats(view: ProjectView) -> dict[str, Any]:

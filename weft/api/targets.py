@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from projections.events import utc_now
 from projections.state import Record
 from weft.api.common import ctx_of, json_response, parse_body, project_of, read_json, read_view, services
 from weft.api.errors import stored_not_folded
@@ -19,9 +20,8 @@ from weft.api.pagination import page
 from weft.api.schemas import DisableBatch, Reason, SpinUpRequest
 from weft.api.work import batch_body
 from weft.commands import find_target
-from weft.errors import NotFound
-from weft.events import utc_now
-from weft.health import probe_target
+from weft.core.errors import NotFound
+from weft.runtime.probes import probe_target
 
 
 def present(t: Record) -> dict[str, Any]:

@@ -7,8 +7,8 @@ from typing import Any
 
 from aiohttp import web
 
+from projections.events import utc_now
 from projections.state import ProjectState, Record
-from weft import protocol
 from weft.api.common import (
     ctx_of,
     explicit_project,
@@ -22,12 +22,12 @@ from weft.api.errors import stored_not_folded
 from weft.api.pagination import page
 from weft.api.schemas import CancelBatch, Reason, WorkSubmit
 from weft.commands import Ctx
-from weft.elastic import plan_spin_ups
-from weft.errors import InvalidInput, NotFound
-from weft.events import utc_now
-from weft.replica import ProjectView
-from weft.routing import plan_assignments, reason_for_new_item, reported_agent_type
-from weft.scheduler import ProjectScheduler
+from weft.core import protocol
+from weft.core.errors import InvalidInput, NotFound
+from weft.core.fleet_policy import plan_spin_ups
+from weft.core.routing import plan_assignments, reason_for_new_item, reported_agent_type
+from weft.runtime.scheduler import ProjectScheduler
+from weft.store.readmodel import ProjectView
 
 WORK_STATUSES = ("pending", "assigned", "in-progress", "completed", "failed", "cancelled")
 

@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from projections.events import Event, idempotent_id, new_id
 from projections.state import ProjectState
-from weft.errors import Conflict, Fenced, InvalidInput, NotFound, OutcomeUnknown, Unavailable
-from weft.events import Event, idempotent_id, new_id
-from weft.eventstore import AppendOutcomeUnknown, ConcurrencyConflict, EventStore
-from weft.replica import ProjectView, Replica
+from weft.core.errors import Conflict, Fenced, InvalidInput, NotFound, OutcomeUnknown, Unavailable
+from weft.store.eventstore import AppendOutcomeUnknown, ConcurrencyConflict, EventStore
+from weft.store.readmodel import ProjectView, Replica
 
 MAX_ATTEMPTS = 8
 BATCH_CONCURRENCY = 32

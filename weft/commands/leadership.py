@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from projections.events import Event
 from projections.state import ProjectState
 from weft.commands.core import CommandsBase, Ctx, Outcome
-from weft.errors import Fenced
-from weft.events import Event
+from weft.core.errors import Fenced
 
 
 def term_epoch(state: ProjectState, lease_revision: int) -> int:

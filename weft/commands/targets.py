@@ -5,18 +5,18 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from projections.events import Event, new_uuid
 from projections.state import ProjectState, Record
-from weft import targetspec
 from weft.commands.core import BatchOutcome, CommandsBase, Ctx, Outcome
-from weft.elastic import target_load
-from weft.errors import Conflict, NotFound
-from weft.events import Event, new_uuid
-from weft.replica import ProjectView
+from weft.core import targets
+from weft.core.errors import Conflict, NotFound
+from weft.core.fleet_policy import target_load
+from weft.store.readmodel import ProjectView
 
 
 class TargetCommands(CommandsBase):
     async def register_target(self, ctx: Ctx, body: Any) -> Outcome:
-        definition = targetspec.validate_new_target(body)
+        definition = targets.validate_new_target(body)
         # The id derives from the name, so two replicas registering one name contend on one subject
         # and optimistic concurrency lets exactly one win: names stay unique without a lock.
         target_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"weft-target:{ctx.project}:{definition['name']}"))
@@ -44,7 +44,7 @@ class TargetCommands(CommandsBase):
 
         def decide(state: ProjectState) -> Event | None:
             current = _target(state, target_id)
-            changes = targetspec.validate_update(current, updates)
+            changes = targets.validate_update(current, updates)
             if not changes:
                 return None
             return self.event(ctx, "target.updated", target_id, {"changes": changes})

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from projections.events import Event, format_ts, new_uuid
 from projections.state import LIVE_ASSIGNMENT, TERMINAL_WORK, ProjectState, Record
 from projections.work import ACCEPT_TIMEOUT, purgeable
 from weft.commands.core import BatchOutcome, CommandsBase, Ctx, Outcome
-from weft.errors import Conflict, NotFound, Unavailable
-from weft.events import Event, format_ts, new_uuid
+from weft.core.errors import Conflict, NotFound, Unavailable
 
 
 class WorkCommands(CommandsBase):

@@ -47,7 +47,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from weft.events import format_ts
+from projections.events import format_ts
 from weft.spinup.base import Launched, ProbeResult, SpinUpError, SpinUpRequest, Stopwatch, resolve_secret
 
 API_VERSION = "2022-11-28"

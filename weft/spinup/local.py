@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from weft.health import agent_path
+from weft.runtime.probes import agent_path
 from weft.spinup.base import Launched, ProbeResult, SpinUpError, SpinUpRequest, Stopwatch, resolve_secret
 
 log = logging.getLogger(__name__)

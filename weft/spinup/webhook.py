@@ -29,7 +29,7 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 
-from weft.events import utc_now
+from projections.events import utc_now
 from weft.spinup.base import (
     Launched,
     ProbeResult,

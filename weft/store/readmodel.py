@@ -17,11 +17,11 @@ from collections.abc import Callable
 import orjson
 
 from projections import ProjectState, apply, decode_state, encode_state
-from weft import gcpause
-from weft.events import Event, UnsupportedEvent, is_valid_project_id
-from weft.eventstore import EventStore, Tail
+from projections.events import Event, UnsupportedEvent, is_valid_project_id
+from weft.store import gcpause
+from weft.store.eventstore import EventStore, Tail
 
-log = logging.getLogger("weft.replica")
+log = logging.getLogger("weft.store.readmodel")
 
 Listener = Callable[[Event, ProjectState], None]
 REBUILD_GC_PAUSE_LIMIT_S = 300.0

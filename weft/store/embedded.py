@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-log = logging.getLogger("weft.embedded")
+log = logging.getLogger("weft.store.embedded")
 
 
 class NatsServerNotFound(RuntimeError):

@@ -1,6 +1,6 @@
-"""The elastic fleet's hands, on the project's leader: launch, watch, complete, clean up, probe.
+"""The fleet_policy fleet's hands, on the project's leader: launch, watch, complete, clean up, probe.
 
-Decisions come from the pure `weft.elastic`; this module does the I/O and records each outcome as
+Decisions come from the pure `weft.core.fleet_policy`; this module does the I/O and records each outcome as
 an event. A spin-up succeeds only when an agent registers with its id (`spinup.completed`); a
 launch that returns but produces no agent within the target's timeout fails (`spinup.failed`)
 and whatever it started is stopped.
@@ -16,21 +16,21 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from projections.events import Event, parse_ts
 from projections.state import ProjectState
-from weft import elastic
 from weft.commands import Commands, Ctx, Outcome
-from weft.events import Event, parse_ts
-from weft.routing import Plan, RoutingPolicy
+from weft.core import fleet_policy
+from weft.core.routing import Plan, RoutingPolicy
 from weft.spinup.base import Mechanism, SpinUpError, SpinUpRequest
 
-log = logging.getLogger("weft.fleet")
+log = logging.getLogger("weft.runtime.fleet_executor")
 
 
 @dataclass(frozen=True)
 class FleetConfig:
     agent_nats_url: str
     idle_timeout_ms: int = 300_000
-    max_crashes: int = elastic.DEFAULT_MAX_CRASHES
+    max_crashes: int = fleet_policy.DEFAULT_MAX_CRASHES
     health_checks: bool = True
 
 
@@ -170,11 +170,11 @@ class FleetManager:
         """Spin-ups for uncovered demand, failures of overdue spin-ups, idle scale-downs (never of an
         agent that this tick's plan gives work), and due health probes."""
         out: list[Awaitable[Outcome]] = []
-        elastic_plan = elastic.plan_spin_ups(state, plan, self.policy, now, self.config.max_crashes)
+        elastic_plan = fleet_policy.plan_spin_ups(state, plan, self.policy, now, self.config.max_crashes)
         self.blocked = elastic_plan.blocked
         for d in elastic_plan.spin_ups:
             out.append(self._request(d.target_id, d.work_id))
-        for target_id, spin_up_id, op in elastic.overdue_spin_ups(state, now):
+        for target_id, spin_up_id, op in fleet_policy.overdue_spin_ups(state, now):
             if spin_up_id in self._launching:
                 continue  # the launch itself is bounded by the same timeout and will record
             t = state.targets[target_id]
@@ -186,7 +186,7 @@ class FleetManager:
             if op.get("mechanismResult"):
                 launch = {"targetId": target_id, "handle": op["mechanismResult"]}
                 self._spawn(self._clean_up(state, launch, graceful=False))
-        for down in elastic.idle_agents(state, now, self.config.idle_timeout_ms):
+        for down in fleet_policy.idle_agents(state, now, self.config.idle_timeout_ms):
             if down.guid not in getting_work:
                 out.append(self.commands.scale_down_idle(self.ctx, down.guid, self.epoch))
         if self.config.health_checks:
@@ -230,14 +230,14 @@ class FleetManager:
     def next_deadline(self, state: ProjectState, now: datetime) -> float | None:
         """Seconds until the next time-based fleet decision is due."""
         due: list[float] = []
-        idle = elastic.next_idle_deadline(state, now, self.config.idle_timeout_ms)
+        idle = fleet_policy.next_idle_deadline(state, now, self.config.idle_timeout_ms)
         if idle is not None:
             due.append(idle)
         for t in state.targets.values():
             for op in t["activeSpinUps"].values():
                 started = parse_ts(op.get("startedAt") or op["requestedAt"])
                 due.append((started + timedelta(milliseconds=t["spinUpTimeoutMs"]) - now).total_seconds())
-            until = elastic.cooldown_until(t)
+            until = fleet_policy.cooldown_until(t)
             if until is not None and until > now:
                 due.append((until - now).total_seconds())
             hc = t["healthCheck"]

@@ -17,22 +17,22 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from projections.events import Event, format_ts, new_id, parse_ts
 from projections.state import ProjectState, Record
 from projections.work import ACCEPT_TIMEOUT
-from weft import elastic, retention
-from weft.agents import Liveness, Pusher
 from weft.aio import cancel_and_wait, wait_event
 from weft.commands import Commands, Ctx, Outcome
-from weft.errors import Unavailable, WeftError
-from weft.events import Event, format_ts, new_id, parse_ts
-from weft.fleet import FleetConfig, FleetManager
-from weft.leader import TRANSIENT, LeaderElector
+from weft.core import fleet_policy, retention
+from weft.core.errors import Unavailable, WeftError
+from weft.core.routing import Plan, RoutingPolicy, plan_assignments
 from weft.logs import project_var
-from weft.replica import ProjectView, Replica
-from weft.routing import Plan, RoutingPolicy, plan_assignments
+from weft.runtime.fleet_executor import FleetConfig, FleetManager
+from weft.runtime.gateway import Liveness, Pusher
 from weft.spinup.base import Mechanism
+from weft.store.lease import TRANSIENT, LeaderElector
+from weft.store.readmodel import ProjectView, Replica
 
-log = logging.getLogger("weft.scheduler")
+log = logging.getLogger("weft.runtime.scheduler")
 
 # What postpones a take-over's announcement (a store hiccup, a concurrent announcement).
 _RETRYABLE: tuple[type[BaseException], ...] = (WeftError, *TRANSIENT)
@@ -271,7 +271,7 @@ class ProjectScheduler:
         for a in state.agents.values():
             if a["status"] != "offline" and not a["shutdownRequested"] and a["currentTaskCount"] < a["maxConcurrentTasks"]:
                 return True
-        return self.fleet is not None and elastic.any_target_can_launch(state, now, self.fleet.config.max_crashes)
+        return self.fleet is not None and fleet_policy.any_target_can_launch(state, now, self.fleet.config.max_crashes)
 
     def _withdraw(self, item: Record, reason: str, cause: str) -> Awaitable[Outcome]:
         return self.commands.withdraw_assignment(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from nats.aio.client import Client as NatsPyClient
 
-from weft import natsconn
+from weft.store import connection
 
 CASES = [
     b"Nats-Msg-Id: 0195f7a2\r\nNats-Expected-Last-Subject-Sequence: 12\r\n\r\n",
@@ -24,17 +24,17 @@ CASES = [
 
 @pytest.mark.parametrize("raw", CASES)
 def test_header_parser_matches_nats_py(raw: bytes) -> None:
-    assert natsconn.parse_header_lines(raw) == NatsPyClient._parse_header_lines(raw)
-    assert natsconn.parse_header_lines(raw) == natsconn.parse_header_lines(raw)  # cached names too
+    assert connection.parse_header_lines(raw) == NatsPyClient._parse_header_lines(raw)
+    assert connection.parse_header_lines(raw) == connection.parse_header_lines(raw)  # cached names too
 
 
 def test_the_override_is_still_wired_into_nats_py() -> None:
     """nats-py calls `self._parse_header_lines`; a renamed hook would silently undo the speed-up."""
     assert hasattr(NatsPyClient, "_parse_header_lines")
-    assert natsconn.Client._parse_header_lines is natsconn.parse_header_lines
+    assert connection.Client._parse_header_lines is connection.parse_header_lines
 
 
 def test_the_name_cache_is_bounded() -> None:
-    for i in range(natsconn._NAMES_MAX + 50):
-        natsconn.parse_header_lines(f"H{i}: v\r\n\r\n".encode())
-    assert len(natsconn._NAMES) <= natsconn._NAMES_MAX
+    for i in range(connection._NAMES_MAX + 50):
+        connection.parse_header_lines(f"H{i}: v\r\n\r\n".encode())
+    assert len(connection._NAMES) <= connection._NAMES_MAX

@@ -14,7 +14,7 @@ import re
 import shlex
 from typing import Any
 
-from weft.errors import InvalidInput
+from weft.core.errors import InvalidInput
 
 MECHANISMS: dict[str, str] = {
     "local": "local",

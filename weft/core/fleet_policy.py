@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from projections.events import parse_ts
 from projections.state import ProjectState, Record
-from weft.events import parse_ts
-from weft.routing import Plan, RoutingPolicy, effective_priority, spin_up_agent_types
+from weft.core.routing import Plan, RoutingPolicy, effective_priority, spin_up_agent_types
 
 # Plan codes that mean "an agent could take this if one existed or were free".
 NEEDS_AGENT = frozenset({"capability", "boundary-type", "boundary", "required-type", "busy"})

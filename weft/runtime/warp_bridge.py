@@ -18,7 +18,7 @@ What an entry declares is read as the original read it, plus Warp's own fields: 
 boundary (never a wildcard: a literal "*" is dropped), `maxConcurrentTasks` (default 1),
 `currentTaskCount` (kept as a label: routing counts it as load, Warp agents also work for
 themselves), `spindownAfterIdleMs`, and its visibility (`visibility`, else Warp's `scope`, else
-project-only), which `weft.routing.visible_in` applies to listings and routing.
+project-only), which `weft.core.routing.visible_in` applies to listings and routing.
 
 "Changed" is judged against the project's projection, not against memory, so a restarted replica
 re-reading the whole bucket appends nothing for entries weft already reflects. Entries that do not
@@ -50,17 +50,17 @@ from nats.aio.client import Client as NATS
 from nats.js import api
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from projections.events import idempotent_id, is_valid_entity_id, is_valid_project_id
 from projections.state import Record
-from weft.agents import Liveness
 from weft.aio import cancel_and_wait
 from weft.commands import Commands, Ctx
-from weft.errors import NotFound
-from weft.events import idempotent_id, is_valid_entity_id, is_valid_project_id
+from weft.core.errors import NotFound
+from weft.core.routing import ANY_BOUNDARY, WARP_TASK_COUNT_LABEL
 from weft.logs import project_var
-from weft.replica import ProjectView, Replica
-from weft.routing import ANY_BOUNDARY, WARP_TASK_COUNT_LABEL
+from weft.runtime.gateway import Liveness
+from weft.store.readmodel import ProjectView, Replica
 
-log = logging.getLogger("weft.warp")
+log = logging.getLogger("weft.runtime.warp_bridge")
 
 REGISTRY_BUCKET: Final = "agent-registry"
 REGISTRY_MAX_AGE_S: Final = 24 * 3600.0  # Warp's own bucket config

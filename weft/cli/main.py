@@ -15,11 +15,11 @@ from pathlib import Path
 import orjson
 
 from weft import logs, loop
-from weft.embedded import EmbeddedNats, NatsServerConfig, die_with_parent
-from weft.fleetcli import FLEET_COMMANDS, add_fleet_commands, run_fleet
+from weft.cli.rest_commands import FLEET_COMMANDS, add_fleet_commands, run_fleet
 from weft.settings import Settings, SettingsError
+from weft.store.embedded import EmbeddedNats, NatsServerConfig, die_with_parent
 
-log = logging.getLogger("weft.cli")
+log = logging.getLogger("weft.cli.main")
 
 
 DEMO_COMMAND = 'echo "progress: 50 thinking"; echo "demo agent did: $(cat)"'
@@ -92,8 +92,8 @@ async def _serve(settings: Settings, embedded: bool, demo_agent: bool = False) -
 
 async def _replay(settings: Settings, project: str, start: int, end: int | None, raw: bool) -> int:
     from projections import ProjectState, apply, state_hash
-    from weft.eventstore import EventStore
     from weft.service import connect_nats
+    from weft.store.eventstore import EventStore
 
     nc = await connect_nats(settings, settings.nats_url or "nats://127.0.0.1:4222")
     try:

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from projections.events import format_ts
 from projections.state import ProjectState
 from projections.work import purgeable
-from weft.events import format_ts
 
 
 def cutoff(now: datetime, retain_s: float) -> str:

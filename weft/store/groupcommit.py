@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import orjson
 from nats.aio.client import Client as NATS
 
-from weft.events import new_id
+from projections.events import new_id
 
-log = logging.getLogger("weft.groupcommit")
+log = logging.getLogger("weft.store.groupcommit")
 
 BATCH_ID = "Nats-Batch-Id"
 BATCH_SEQUENCE = "Nats-Batch-Sequence"

@@ -45,10 +45,10 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from projections.events import is_valid_project_id, utc_now
 from weft.aio import wait_event
-from weft.events import is_valid_project_id, utc_now
 
-log = logging.getLogger("weft.leader")
+log = logging.getLogger("weft.store.lease")
 
 LEASE_BUCKET = "weft-leases"
 DEFAULT_TTL_S = 6.0

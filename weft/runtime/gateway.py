@@ -20,15 +20,15 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import BaseModel, ValidationError
 
+from projections.events import is_valid_project_id, utc_now
 from projections.state import LIVE_ASSIGNMENT, ProjectState
-from weft import protocol
 from weft.commands import Commands, Ctx, RetryPolicy
-from weft.errors import NotFound, WeftError, field_of
-from weft.events import is_valid_project_id, utc_now
+from weft.core import protocol
+from weft.core.errors import NotFound, WeftError, field_of
 from weft.logs import correlation_var, project_var
-from weft.replica import Replica
+from weft.store.readmodel import Replica
 
-log = logging.getLogger("weft.agents")
+log = logging.getLogger("weft.runtime.gateway")
 
 Handler = Callable[[str, Any], Awaitable[dict[str, Any]]]
 
@@ -245,7 +245,7 @@ class Pusher:
     """Publishes pushes to agent inboxes (at most once; agents recover with `sync`).
 
     Assignments for Warp agents (`source: "warp"`) also go to `warp_offer`, which publishes them
-    in Warp's own work-queue format (weft.warp) so Warp's claim tool receives them.
+    in Warp's own work-queue format (weft.runtime.warp_bridge) so Warp's claim tool receives them.
     """
 
     def __init__(self, nc: NATS, warp_offer: WarpOffer | None = None) -> None:

@@ -3,7 +3,7 @@
 Everything weft knows is in these streams. Appends carry `Nats-Msg-Id` (the event id: the server
 drops a repeat inside its duplicate window) and `Nats-Expected-Last-Subject-Sequence` (the entity's
 last sequence as the writer saw it: a stale writer is rejected, never applied). Under load, appends
-share JetStream atomic batches with the same checks (`weft.groupcommit`).
+share JetStream atomic batches with the same checks (`weft.store.groupcommit`).
 
 An append resolves its own uncertainty before it answers: a publish without a reply is sent again
 with the same Msg-Id and expectation (both make a repeat harmless), a bounded number of times, and
@@ -29,10 +29,10 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from weft.events import Event, decode, stream_name
-from weft.groupcommit import ALONE, Alone, GroupCommit
+from projections.events import Event, decode, stream_name
+from weft.store.groupcommit import ALONE, Alone, GroupCommit
 
-log = logging.getLogger("weft.eventstore")
+log = logging.getLogger("weft.store.eventstore")
 
 WRONG_LAST_SEQUENCE = 10071
 STREAM_NOT_FOUND = 10059
@@ -119,7 +119,7 @@ class EventStore:
                 duplicate_window=self.duplicate_window_s,
                 allow_direct=True,
                 discard=api.DiscardPolicy.NEW,
-                allow_atomic=True,  # group commit (weft.groupcommit); ignored by servers before 2.12
+                allow_atomic=True,  # group commit (weft.store.groupcommit); ignored by servers before 2.12
             )
             try:
                 await self.js.add_stream(config)
@@ -171,7 +171,7 @@ class EventStore:
     async def append(self, ev: Event, expected_seq: int | None) -> Appended:
         """Append one event. `expected_seq` is the entity's last subject sequence (0 = new entity);
         None skips the check (only for events that cannot conflict). Under load the append may
-        share an atomic batch with others (`weft.groupcommit`); its checks are the same."""
+        share an atomic batch with others (`weft.store.groupcommit`); its checks are the same."""
         await self.ensure_stream(ev.project)
         payload, headers = ev.encode(), append_headers(ev, expected_seq)
         group = await self._group(ev.project)

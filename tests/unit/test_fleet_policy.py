@@ -6,9 +6,9 @@ from datetime import timedelta
 from typing import Any
 
 from projections import ProjectState, fold
-from weft import elastic
-from weft.events import Event, format_ts, parse_ts
-from weft.routing import DEFAULT_POLICY, plan_assignments
+from projections.events import Event, format_ts, parse_ts
+from weft.core import fleet_policy
+from weft.core.routing import DEFAULT_POLICY, plan_assignments
 
 T0 = "2026-01-01T00:00:00.000Z"
 NOW = parse_ts("2026-01-01T00:01:00.000Z")
@@ -53,9 +53,9 @@ def state_of(*events: Event) -> ProjectState:
                 project="p")
 
 
-def decide(state: ProjectState) -> elastic.ElasticPlan:
+def decide(state: ProjectState) -> fleet_policy.ElasticPlan:
     plan = plan_assignments(state, DEFAULT_POLICY, NOW)
-    return elastic.plan_spin_ups(state, plan, DEFAULT_POLICY, NOW)
+    return fleet_policy.plan_spin_ups(state, plan, DEFAULT_POLICY, NOW)
 
 
 def test_one_spin_up_per_waiting_item_not_per_event() -> None:
@@ -152,7 +152,7 @@ def test_backoff_grows_with_failures() -> None:
             ev("spinup.failed", "t-laptop", {"spinUpId": f"s{i}", "error": "x", "durationMs": 1.0}),
         ]
     t = state_of(*events).targets["t-laptop"]
-    until = elastic.cooldown_until(t)
+    until = fleet_policy.cooldown_until(t)
     assert until is not None and until - parse_ts(T0) == timedelta(seconds=8)
 
 
@@ -166,10 +166,10 @@ def test_idle_spun_up_agents_are_scaled_down_but_not_own_or_busy_ones() -> None:
         ev("work.assigned", "w1", {"agentGuid": "busy", "attempt": 1, "acceptBy": T0}),
     ]
     state = state_of(*events)
-    downs = {d.guid for d in elastic.idle_agents(state, NOW, default_idle_ms=30_000)}
+    downs = {d.guid for d in fleet_policy.idle_agents(state, NOW, default_idle_ms=30_000)}
     assert downs == {"spun", "declared"}
-    assert elastic.idle_agents(state, NOW, default_idle_ms=120_000) == [
-        elastic.ScaleDown("declared", 60_000.0)
+    assert fleet_policy.idle_agents(state, NOW, default_idle_ms=120_000) == [
+        fleet_policy.ScaleDown("declared", 60_000.0)
     ]
 
 
@@ -178,8 +178,8 @@ def test_overdue_spin_ups_are_reported() -> None:
               ev("spinup.requested", "t-laptop", {"spinUpId": "s", "workId": None, "capability": None,
                                                   "boundary": None, "reason": "manual"})]
     state = state_of(*events)
-    assert [s for _, s, _ in elastic.overdue_spin_ups(state, NOW)] == ["s"]
-    assert elastic.overdue_spin_ups(state, parse_ts(T0)) == []
+    assert [s for _, s, _ in fleet_policy.overdue_spin_ups(state, NOW)] == ["s"]
+    assert fleet_policy.overdue_spin_ups(state, parse_ts(T0)) == []
 
 
 def ts_plus(seconds: int) -> str:

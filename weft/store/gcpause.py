@@ -13,7 +13,7 @@ import asyncio
 import gc
 import logging
 
-log = logging.getLogger("weft.gcpause")
+log = logging.getLogger("weft.store.gcpause")
 
 _active = 0
 _resume_enabled = False
