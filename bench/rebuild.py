@@ -1,4 +1,4 @@
-"""Projection rebuild and restart-to-ready: weft's own read path (EventStore tail -> Replica fold)."""
+"""Projection rebuild and restart-to-ready: weft's own read path (EventStore tail -> ReadModel fold)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from bench.server import connect
 from projections import ProjectState, apply, encode_state
 from projections.events import decode, stream_name
 from weft.store.eventstore import EventStore
-from weft.store.readmodel import ProjectView, Replica
+from weft.store.readmodel import ProjectView, ReadModel
 
 
 def peak_rss_mb() -> float:
@@ -65,7 +65,7 @@ class TimedStore(EventStore):
         self.saved_bytes = len(payload)
 
 
-class TimedReplica(Replica):
+class TimedReadModel(ReadModel):
     def __init__(self, store: EventStore, **kwargs: Any) -> None:
         super().__init__(store, **kwargs)
         self.snapshot_load_s = 0.0  # fetch + decode
@@ -86,7 +86,7 @@ class Ready:
     snapshot_fetch_s: float
     snapshot_bytes: int
     state: ProjectState
-    replica: TimedReplica
+    readmodel: TimedReadModel
     nc: NATS
     store: TimedStore
     profile: str = ""
@@ -108,7 +108,7 @@ async def replica_to_ready(
     nc = await connect(url)
     t_conn = time.perf_counter()
     store = TimedStore(nc.jetstream(), ignore_snapshots=ignore_snapshots)
-    replica = TimedReplica(store, snapshot_every=0)
+    replica = TimedReadModel(store, snapshot_every=0)
     t_attach = t_conn
     try:
         async with asyncio.timeout(timeout_s):  # bounds snapshot loading too, not only the tail
@@ -138,7 +138,7 @@ async def replica_to_ready(
         snapshot_fetch_s=store.snapshot_fetch_s,
         snapshot_bytes=store.snapshot_bytes,
         state=replica.views[project].state,
-        replica=replica,
+        readmodel=replica,
         nc=nc,
         store=store,
         profile=profile_text(prof) if prof else "",
@@ -146,7 +146,7 @@ async def replica_to_ready(
 
 
 async def close_ready(r: Ready) -> None:
-    await r.replica.stop()
+    await r.readmodel.stop()
     await r.nc.close()
 
 
@@ -375,7 +375,7 @@ async def snapshot_and_measure(
             apply(state, ev)
         nc = await connect(url)
         store = TimedStore(nc.jetstream())
-        replica = TimedReplica(store, snapshot_every=0)
+        replica = TimedReadModel(store, snapshot_every=0)
         replica.views[project] = ProjectView(project, state)  # the state a rebuild would have given
         res.encode_decoded_s = time_encode(state)
         try:
@@ -384,8 +384,8 @@ async def snapshot_and_measure(
             await nc.close()
         res.snapshot_bytes, res.snapshot_write_s = store.saved_bytes, store.save_s
     else:
-        res.encode_decoded_s = time_encode(writer.replica.views[project].state)
-        res.snapshot_seq = await writer.replica.snapshot_now(project)
+        res.encode_decoded_s = time_encode(writer.readmodel.views[project].state)
+        res.snapshot_seq = await writer.readmodel.snapshot_now(project)
         res.snapshot_bytes, res.snapshot_write_s = writer.store.saved_bytes, writer.store.save_s
         await close_ready(writer)
         writer.state = ProjectState(project=project)  # let the big state go

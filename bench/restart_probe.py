@@ -16,8 +16,8 @@ T_IMPORTS = time.perf_counter()
 
 import orjson  # noqa: E402
 
-from bench.rebuild import TimedReplica, TimedStore, peak_rss_mb  # noqa: E402
-from weft import loop  # noqa: E402
+from bench.rebuild import TimedReadModel, TimedStore, peak_rss_mb  # noqa: E402
+from weft import aio  # noqa: E402
 from weft.store import connection  # noqa: E402
 
 
@@ -25,7 +25,7 @@ async def main(url: str, project: str) -> None:
     t0 = time.perf_counter()
     nc = await connection.connect(url)  # as weft serve: its client class and event loop
     store = TimedStore(nc.jetstream())
-    replica = TimedReplica(store, snapshot_every=0)
+    replica = TimedReadModel(store, snapshot_every=0)
     t_connected = time.perf_counter()
     await replica.start()
     await replica.wait_ready(timeout=600)
@@ -60,4 +60,4 @@ if __name__ == "__main__":
     if os.environ.get("WEFT_BENCH_PROBE_PROFILE"):
         PROFILE.append(cProfile.Profile())
         PROFILE[0].enable()
-    loop.run(main(sys.argv[1], sys.argv[2]))
+    aio.run(main(sys.argv[1], sys.argv[2]))

@@ -109,7 +109,7 @@ class Bench:
         rate, ratio = statistics.median(res.rates), statistics.median(res.ratios)
         same_raw = statistics.median([r.rate for r in res.raw_replays])
         rounds = ", ".join(f"{x:.2f}" for x in res.ratios)
-        self.row(Row("rebuild", f"projection rebuild, new Replica to ready ({res.events:,} events, median of "
+        self.row(Row("rebuild", f"projection rebuild, new ReadModel to ready ({res.events:,} events, median of "
                      f"{len(res.ratios)})", rate, "events/s",
                      ratio=f"x{ratio:.2f} of raw replay of the same stream (>= {REBUILD_TARGET:.2f}; rounds {rounds})",
                      verdict=verdict(ratio >= REBUILD_TARGET),

@@ -188,8 +188,8 @@ async def state_reaches(view: Any, predicate: Any, timeout: float = 20.0) -> Non
 async def until(api: Api, check: Any, timeout: float = 60.0) -> Any:
     """Await a condition on the projection of the api's project, waking on each folded event (no
     sleeps); returns the condition's first truthy value."""
-    assert api.service is not None and api.service.replica is not None
-    view = await api.service.replica.view(api.project, create=True)
+    assert api.service is not None and api.service.readmodel is not None
+    view = await api.service.readmodel.view(api.project, create=True)
     assert view is not None
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

@@ -1,10 +1,15 @@
-"""Small asyncio helpers shared across modules."""
+"""Small asyncio helpers shared across modules: owned background tasks, bounded waits, and the
+loop weft's programs run on (uvloop when available: about twice the request rate of the default
+asyncio loop for aiohttp and nats-py in make bench; WEFT_UVLOOP=0 keeps plain asyncio)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
@@ -28,3 +33,44 @@ async def wait_event(event: asyncio.Event, timeout: float) -> bool:
         return True
     except TimeoutError:
         return False
+
+
+class TaskSet:
+    """Background tasks an object owns. asyncio keeps only a weak reference to a task, so each is
+    held here until it finishes; `wait` and `cancel` end them together on shutdown."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __iter__(self) -> Iterator[asyncio.Task[Any]]:
+        return iter(list(self._tasks))
+
+    async def wait(self) -> None:
+        """Until every task spawned so far has finished, whatever it raised."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def cancel(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await self.wait()
+
+
+def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)

@@ -23,7 +23,7 @@ from weft.settings import Settings
 from weft.spinup import Mechanism, build_mechanisms
 from weft.store import connection
 from weft.store.eventstore import EventStore
-from weft.store.readmodel import Replica
+from weft.store.readmodel import ReadModel
 
 log = logging.getLogger("weft.service")
 
@@ -74,7 +74,7 @@ class WeftService:
     def __init__(self, settings: Settings, mechanisms: dict[str, Mechanism] | None = None) -> None:
         self.settings = settings
         self.nc: NATS | None = None
-        self.replica: Replica | None = None
+        self.readmodel: ReadModel | None = None
         self.commands: Commands | None = None
         self.app: web.Application | None = None
         self._runner: web.AppRunner | None = None
@@ -93,14 +93,14 @@ class WeftService:
             replicas=self.settings.stream_replicas,
             group_commit_after=self.settings.group_commit_after,
         )
-        self.replica = Replica(store, snapshot_every=self.settings.snapshot_every)
-        await self.replica.start()
-        self.commands = Commands(self.replica, store)
+        self.readmodel = ReadModel(store, snapshot_every=self.settings.snapshot_every)
+        await self.readmodel.start()
+        self.commands = Commands(self.readmodel, store)
         self.liveness = Liveness(self.nc)
         await self.liveness.start()
         retry = RetryPolicy(base_ms=self.settings.retry_base_ms)
         self.gateway = AgentGateway(
-            self.nc, self.commands, self.replica, self.liveness, heartbeat_ms=self.settings.heartbeat_ms, retry=retry
+            self.nc, self.commands, self.readmodel, self.liveness, heartbeat_ms=self.settings.heartbeat_ms, retry=retry
         )
         await self.gateway.start()
         config = SchedulerConfig(
@@ -112,7 +112,7 @@ class WeftService:
             self.warp = WarpBridge(
                 self.nc,
                 self.commands,
-                self.replica,
+                self.readmodel,
                 self.liveness,
                 default_project=self.settings.default_project,
                 project_map=dict(self.settings.warp_project_map),
@@ -120,7 +120,7 @@ class WeftService:
                 replicas=self.settings.stream_replicas,
             )
         self.scheduler = SchedulerHost(
-            self.replica,
+            self.readmodel,
             self.commands,
             self.policy,
             self.liveness,
@@ -142,7 +142,7 @@ class WeftService:
         self.app = create_app(
             Services(
                 self.settings,
-                self.replica,
+                self.readmodel,
                 self.commands,
                 self.policy,
                 retry,
@@ -158,8 +158,8 @@ class WeftService:
             sockets = getattr(site._server, "sockets", None) or []
             self.port = sockets[0].getsockname()[1] if sockets else self.settings.api_port
             log.info("weft serving", extra={"host": self.settings.api_host, "port": self.port})
-        await self.replica.wait_ready(timeout=None)
-        log.info("projections caught up", extra={"projects": len(self.replica.views)})
+        await self.readmodel.wait_ready(timeout=None)
+        log.info("projections caught up", extra={"projects": len(self.readmodel.views)})
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -172,8 +172,8 @@ class WeftService:
             await self.gateway.stop()
         if self.liveness is not None:
             await self.liveness.stop()
-        if self.replica is not None:
-            await self.replica.stop()
+        if self.readmodel is not None:
+            await self.readmodel.stop()
         if self.nc is not None:
             try:
                 await asyncio.wait_for(self.nc.drain(), 5)

@@ -175,8 +175,8 @@ async def test_lists_of_settled_items_decode_only_the_page(api: Api) -> None:
         seq = (await api.ok("POST", f"/api/work/{wid}/cancel", {}))["seq"]
     await api.ok("GET", f"/api/work?min_seq={seq}")
     assert api.service is not None
-    await api.service.replica.snapshot_now(api.project)
-    work = api.service.replica.views[api.project].state.work
+    await api.service.readmodel.snapshot_now(api.project)
+    work = api.service.readmodel.views[api.project].state.work
     assert work.encoded_count() == 5
     page = await api.ok("GET", "/api/work?status=cancelled&limit=2")
     assert [w["id"] for w in page["workItems"]] == [ids[1], ids[3]] and page["total"] == 5
@@ -340,7 +340,7 @@ async def test_auth_rejects_missing_and_wrong_tokens_but_health_is_open(weft_ser
         assert bad.status == 401
         good = await client.post("/api/work", json=WORK, headers={"Authorization": "Bearer tok-2", "X-Weft-Project": project})
         assert good.status == 201
-        item = weft_service.replica.views[project].state.work[(await good.json())["id"]]  # type: ignore[union-attr]
+        item = weft_service.readmodel.views[project].state.work[(await good.json())["id"]]  # type: ignore[union-attr]
         assert item["offeredBy"].startswith("token:") and "tok-2" not in item["offeredBy"]
     finally:
         await client.close()

@@ -18,6 +18,7 @@ from nats.js import api
 from projections import fold, state_hash
 from projections.events import Event, stream_name
 from tests.servers import own_nats_server
+from weft.stamps import stamp
 from weft.store import connection
 from weft.store.embedded import EmbeddedNats
 from weft.store.eventstore import Appended, ConcurrencyConflict, EventStore
@@ -33,19 +34,19 @@ async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
 
 def target_registered(project: str, target_id: str = "t1", **kw: Any) -> Event:
     target = {"name": target_id, "agentType": "developer", "mechanism": "local", "capabilities": ["code"]}
-    return Event(
+    return stamp(Event(
         type="target.registered", entity_id=target_id, data={"target": target}, project=project, **kw
-    )
+    ))
 
 
 def target_updated(project: str, description: str, target_id: str = "t1", **kw: Any) -> Event:
-    return Event(
+    return stamp(Event(
         type="target.updated",
         entity_id=target_id,
         data={"changes": {"description": description}},
         project=project,
         **kw,
-    )
+    ))
 
 
 def work_submitted(project: str, work_id: str, **kw: Any) -> Event:
@@ -61,7 +62,7 @@ def work_submitted(project: str, work_id: str, **kw: Any) -> Event:
         "contextData": None,
         "maxAttempts": 3,
     }
-    return Event(type="work.submitted", entity_id=work_id, data=data, project=project, **kw)
+    return stamp(Event(type="work.submitted", entity_id=work_id, data=data, project=project, **kw))
 
 
 async def read_all(store: EventStore, project: str, start: int = 1, end: int | None = None) -> list[Event]:

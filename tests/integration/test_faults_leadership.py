@@ -59,8 +59,8 @@ async def test_recreating_the_lease_bucket_keeps_epochs_monotonic_and_work_flowi
     for i in range(5):
         await kv.put(f"other-{i}", b"x")
     async with own_replica(lease_nats.url, project, heartbeat_ms=500, lease_ttl_s=TTL_S) as api:
-        assert api.service is not None and api.service.replica is not None
-        view = api.service.replica.views.get(project) or await api.service.replica.attach(project)
+        assert api.service is not None and api.service.readmodel is not None
+        view = api.service.readmodel.views.get(project) or await api.service.readmodel.attach(project)
         agent = FakeAgent(conn, project, "a1", auto=True)
         await agent.start()
         try:
@@ -90,14 +90,14 @@ async def test_a_new_leader_announces_its_term_before_its_first_decision(
 ) -> None:
     """Fault 5: on an idle project the new term is in the stream at once, not with its first decision."""
     async with own_replica(lease_nats.url, project, lease_ttl_s=TTL_S) as api:
-        assert api.service is not None and api.service.replica is not None and api.service.scheduler
+        assert api.service is not None and api.service.readmodel is not None and api.service.scheduler
         await api.ok("POST", "/api/work", {**submit_body("nobody takes this"), "capability": "rust"}, status=201)
-        view = api.service.replica.views[project]
+        view = api.service.readmodel.views[project]
         await state_reaches(view, lambda s: s.leader is not None)
         assert view.state.leader is not None
         assert view.state.leader["holder"] == api.service.scheduler.elector.holder
         assert api.service.scheduler.leading()[project] == view.state.epoch
-        events = [e.type async for e in api.service.replica.store.read_range(project)]
+        events = [e.type async for e in api.service.readmodel.store.read_range(project)]
         assert sorted(events) == ["leader.elected", "work.submitted"], "announced, though nothing was decided"
 
 
@@ -119,12 +119,12 @@ async def test_a_deposed_leaders_decisions_never_take_effect_after_the_new_annou
         assert a.service and b.service and a.service.scheduler and b.service.scheduler
         await a.ok("POST", "/api/work", {**submit_body("creates the project"), "capability": "rust"}, status=201)
         host_a, host_b = a.service.scheduler, b.service.scheduler
-        view_a = a.service.replica.views[project]  # type: ignore[union-attr]
+        view_a = a.service.readmodel.views[project]  # type: ignore[union-attr]
         await state_reaches(view_a, lambda s: s.leader is not None)
         assert view_a.state.leader is not None
         if view_a.state.leader["holder"] == host_b.elector.holder:
             host_a, host_b = host_b, host_a
-            view_a = b.service.replica.views[project]  # type: ignore[union-attr]
+            view_a = b.service.readmodel.views[project]  # type: ignore[union-attr]
         await asyncio.wait_for(asyncio.shield(host_a._takeovers[project]), 10)
         old_epoch = host_a.leading()[project]
         sched_a = host_a.schedulers[project]
@@ -145,7 +145,7 @@ async def test_a_deposed_leaders_decisions_never_take_effect_after_the_new_annou
         await agent.start()
         try:
             item = await a.ok("POST", "/api/work", submit_body("contended"), status=201)
-            view_b = host_b.replica.views[project]
+            view_b = host_b.readmodel.views[project]
             await state_reaches(view_b, lambda s: s.work[item["id"]]["status"] == "assigned")
             await state_reaches(view_a, lambda s: s.seq >= view_b.state.seq)
             # A's loop runs on and decides nothing; a late decision of its own epoch is fenced.
@@ -155,7 +155,7 @@ async def test_a_deposed_leaders_decisions_never_take_effect_after_the_new_annou
         finally:
             await agent.close()
 
-        events = [e async for e in host_b.replica.store.read_range(project)]
+        events = [e async for e in host_b.readmodel.store.read_range(project)]
         announced = next(e.seq for e in events if e.type == "leader.elected" and e.epoch == new_epoch)
         late = [e for e in events if e.seq > announced and e.epoch is not None and e.epoch < new_epoch]
         state = fold(events, project=project)
@@ -182,12 +182,12 @@ async def test_a_deleted_lease_bucket_is_recreated_and_work_flows_again(
     js = conn.jetstream()
     await _recreate_bucket(js)
     async with own_replica(lease_nats.url, project, heartbeat_ms=500, lease_ttl_s=TTL_S) as api:
-        assert api.service is not None and api.service.replica is not None
+        assert api.service is not None and api.service.readmodel is not None
         agent = FakeAgent(conn, project, "a1", auto=True)
         await agent.start()
         try:
             first = await api.ok("POST", "/api/work", submit_body("before"), status=201)
-            view = api.service.replica.views[project]
+            view = api.service.readmodel.views[project]
             await state_reaches(view, lambda s: s.work[first["id"]]["status"] == "completed")
             leader_seq = view.state.leader["seq"] if view.state.leader else 0
             await js.delete_key_value(LEASE_BUCKET)

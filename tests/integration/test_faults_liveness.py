@@ -41,8 +41,8 @@ async def liveness_nats(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterat
 
 
 async def history(api: Api) -> list[Event]:
-    assert api.service is not None and api.service.replica is not None
-    return [e async for e in api.service.replica.store.read_range(api.project)]
+    assert api.service is not None and api.service.readmodel is not None
+    return [e async for e in api.service.readmodel.store.read_range(api.project)]
 
 
 async def leading(api: Api) -> None:

@@ -16,18 +16,19 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from projections import encode_state, fold, state_hash
-from projections.events import Event, new_id, stream_name
+from projections.events import Event, stream_name
 from tests.integration.test_eventstore import read_all, work_submitted
 from tests.servers import own_nats_server
 from weft.commands import Commands, Ctx
 from weft.core.errors import Conflict, Unavailable
+from weft.stamps import new_id
 from weft.store.embedded import EmbeddedNats
 from weft.store.eventstore import EventStore
-from weft.store.readmodel import Replica
+from weft.store.readmodel import ReadModel
 
 WAIT = 10.0
 
-ReplicaFactory = Callable[..., Awaitable[Replica]]
+ReplicaFactory = Callable[..., Awaitable[ReadModel]]
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +41,11 @@ async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
 
 @pytest.fixture
 async def replicas(nats_server: EmbeddedNats) -> AsyncIterator[ReplicaFactory]:
-    made: list[tuple[Replica, NATS]] = []
+    made: list[tuple[ReadModel, NATS]] = []
 
-    async def make() -> Replica:
+    async def make() -> ReadModel:
         conn = await nats.connect(nats_server.url)
-        replica = Replica(EventStore(conn.jetstream()), snapshot_every=0)
+        replica = ReadModel(EventStore(conn.jetstream()), snapshot_every=0)
         made.append((replica, conn))
         return replica
 
@@ -161,7 +162,7 @@ async def test_a_corrupt_message_is_skipped_alike_everywhere(
 async def test_a_no_op_answer_is_checked_against_the_latest_state(
     store: EventStore, project: str, replicas: ReplicaFactory
 ) -> None:
-    """Replica R's view lags (events held back until someone catches up). The item it shows in
+    """ReadModel R's view lags (events held back until someone catches up). The item it shows in
     progress with agent a1 was meanwhile given back and reassigned to a2: a1's repeated accept is
     a 409 from the stream's latest state, not a stale 'already accepted'."""
     replica = await replicas()

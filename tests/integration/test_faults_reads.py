@@ -9,8 +9,9 @@ import nats
 import orjson
 from nats.aio.client import Client as NATS
 
-from projections.events import new_id, stream_name
+from projections.events import stream_name
 from tests.support import Api
+from weft.stamps import new_id
 
 WAIT = 10.0
 
@@ -25,14 +26,14 @@ def foreign_event(project: str, type_: str, v: int = 1) -> bytes:
 
 async def test_health_names_a_halted_project(api: Api, nc: NATS) -> None:
     svc = api.service
-    assert svc is not None and svc.replica is not None
+    assert svc is not None and svc.readmodel is not None
     await api.ok("POST", "/api/targets", {"name": "t", "agentType": "developer", "mechanism": "local",
                                           "capabilities": ["code"], "config": {"command": "true"}}, status=201)
     ack = await nc.jetstream().publish(
         f"weft.{api.project}.ev.work.w9", foreign_event(api.project, "work.teleported"),
         stream=stream_name(api.project), headers={"Nats-Msg-Id": new_id()},
     )
-    view = svc.replica.views[api.project]
+    view = svc.readmodel.views[api.project]
     try:
         assert not await view.wait_for(ack.seq, WAIT)
         resp = await api.call("GET", "/health")
@@ -77,8 +78,8 @@ async def test_reads_of_an_unknown_project_create_nothing(api: Api, nc: NATS) ->
         resp = await api.call(method, path, json={"filter": {}}, headers=headers)
         assert resp.status == 200, (method, path, resp.status, await resp.text())
     assert not await stream_exists(nc, ghost)
-    assert api.service is not None and api.service.replica is not None
-    assert ghost not in api.service.replica.views
+    assert api.service is not None and api.service.readmodel is not None
+    assert ghost not in api.service.readmodel.views
     assert api.service.scheduler is not None and ghost not in api.service.scheduler.elector._leases
 
 

@@ -31,7 +31,7 @@ from weft.store import connection
 from weft.store.embedded import EmbeddedNats
 from weft.store.eventstore import Appended, AppendOutcomeUnknown, EventStore
 from weft.store.groupcommit import GroupCommit
-from weft.store.readmodel import Replica
+from weft.store.readmodel import ReadModel
 
 WORK = {"capability": "nobody-has-this", "boundary": "nowhere", "description": "fault test"}
 TIMEOUT_S = 0.5  # publish timeout of the stores under test: a lost reply costs this much
@@ -321,9 +321,9 @@ async def bare_app(nc: NATS, project: str) -> AsyncIterator[Api]:
     """The REST app over a replica on `nc` alone (no scheduler, gateway or advisories), so a test
     may break or close that connection; JetStream requests time out after TIMEOUT_S."""
     store = EventStore(nc.jetstream(timeout=TIMEOUT_S), publish_timeout_s=TIMEOUT_S)
-    replica = Replica(store, snapshot_every=0)
+    replica = ReadModel(store, snapshot_every=0)
     settings = replace(Settings.from_env({}), snapshot_every=0)
-    app = create_app(Services(settings=settings, replica=replica, commands=Commands(replica, store)))
+    app = create_app(Services(settings=settings, readmodel=replica, commands=Commands(replica, store)))
     client: TestClient[web.Request, web.Application] = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()
     try:

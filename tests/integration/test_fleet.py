@@ -96,7 +96,7 @@ async def test_local_spin_up_runs_the_work_then_idle_scale_down_stops_the_proces
     done = await until(fleet_api, lambda s: s.work[item["id"]]["status"] == "completed" and s.work[item["id"]])
     assert done["result"]["summary"] == "built: build it"
     agent_guid = done["assignedTo"]
-    state = fleet_api.service.replica.views[fleet_api.project].state  # type: ignore[union-attr]
+    state = fleet_api.service.readmodel.views[fleet_api.project].state  # type: ignore[union-attr]
     await until(fleet_api, lambda s: s.agents[agent_guid]["launch"])  # spinup.completed may trail the work
     agent = state.agents[agent_guid]
     assert agent["spinUpId"] and agent["targetId"] == state.targets[agent["targetId"]]["id"]
@@ -216,7 +216,7 @@ async def test_ssh_spin_up_runs_the_agent_remotely_and_a_wrong_key_fails_clearly
         bad = await fleet_api.ok("POST", "/api/targets/badkey/test")
         assert bad["healthy"] is False and "permission denied" in bad["error"]
         await fleet_api.ok("POST", "/api/targets/badkey/spin-up")
-        state = fleet_api.service.replica.views[fleet_api.project].state  # type: ignore[union-attr]
+        state = fleet_api.service.readmodel.views[fleet_api.project].state  # type: ignore[union-attr]
         await until(fleet_api, lambda s: (t := next(t for t in s.targets.values() if t["name"] == "badkey"))
                     ["lastSpinUp"] is not None and t)
         last = next(t for t in state.targets.values() if t["name"] == "badkey")["lastSpinUp"]
@@ -297,7 +297,7 @@ async def test_a_spun_up_agent_that_dies_holding_work_is_replaced_and_the_work_c
     done = await until(fleet_api, lambda s: s.work[item["id"]]["status"] == "completed" and s.work[item["id"]])
     assert done["result"]["summary"] == "finished on attempt 2"
     assert done["assignedTo"] != first["guid"]
-    state = fleet_api.service.replica.views[fleet_api.project].state  # type: ignore[union-attr]
+    state = fleet_api.service.readmodel.views[fleet_api.project].state  # type: ignore[union-attr]
     assert state.agents[first["guid"]]["offlineReason"] == "lost"
     flaky = next(iter(state.targets.values()))
     assert flaky["crashes"] == 0  # reset once a replacement completed work

@@ -22,11 +22,11 @@ from tests.integration.test_eventstore import read_all, target_registered, targe
 from tests.servers import own_nats_server
 from weft.store.embedded import EmbeddedNats
 from weft.store.eventstore import SNAPSHOT_BUCKET, ConcurrencyConflict, EventStore
-from weft.store.readmodel import ProjectView, Replica
+from weft.store.readmodel import ProjectView, ReadModel
 
 WAIT = 10.0  # upper bound for a wait that should end long before; never a synchronisation sleep
 
-ReplicaFactory = Callable[..., Awaitable[Replica]]
+ReplicaFactory = Callable[..., Awaitable[ReadModel]]
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +39,11 @@ async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
 @pytest.fixture
 async def replicas(nats_server: EmbeddedNats) -> AsyncIterator[ReplicaFactory]:
     """Makes replicas, each on its own connection (as separate processes would be); stops them all."""
-    made: list[tuple[Replica, NATS]] = []
+    made: list[tuple[ReadModel, NATS]] = []
 
-    async def make(*, snapshot_every: int = 0, start: bool = False) -> Replica:
+    async def make(*, snapshot_every: int = 0, start: bool = False) -> ReadModel:
         conn = await nats.connect(nats_server.url)
-        replica = Replica(EventStore(conn.jetstream()), snapshot_every=snapshot_every)
+        replica = ReadModel(EventStore(conn.jetstream()), snapshot_every=snapshot_every)
         made.append((replica, conn))
         if start:
             await replica.start()
@@ -62,8 +62,8 @@ async def append_work(store: EventStore, project: str, n: int, prefix: str = "w"
     return seq
 
 
-async def attached(replica: Replica, project: str, seq: int) -> ProjectView:
-    view = await replica.attach(project)
+async def attached(readmodel: ReadModel, project: str, seq: int) -> ProjectView:
+    view = await readmodel.attach(project)
     assert await view.wait_for(seq, WAIT)
     return view
 
@@ -360,17 +360,17 @@ async def test_two_replicas_converge_after_concurrent_appends_from_both(
     views = [await a.attach(project), await b.attach(project)]
     await a.store.append(target_registered(project), 0)
 
-    async def writer(replica: Replica, view: ProjectView, name: str) -> None:
+    async def writer(readmodel: ReadModel, view: ProjectView, name: str) -> None:
         for i in range(10):
-            await replica.store.append(work_submitted(project, f"{name}{i}"), 0)
+            await readmodel.store.append(work_submitted(project, f"{name}{i}"), 0)
             # Contended entity: OCC against the writer's own view, catch up and retry on conflict.
             while True:
                 expected = view.state.entity_seq.get("target.t1", 0)
                 try:
-                    await replica.store.append(target_updated(project, f"{name}{i}"), expected)
+                    await readmodel.store.append(target_updated(project, f"{name}{i}"), expected)
                     break
                 except ConcurrencyConflict:
-                    assert await replica.catch_up(project, WAIT)
+                    assert await readmodel.catch_up(project, WAIT)
 
     await asyncio.gather(writer(a, views[0], "a"), writer(b, views[1], "b"))
     last = await a.store.last_seq(project)

@@ -34,7 +34,7 @@ async def short_retention(retention_nats: EmbeddedNats, project: str) -> AsyncIt
 
 async def test_finished_items_are_purged_and_live_ones_stay(short_retention: Api) -> None:
     api = short_retention
-    assert api.service is not None and api.service.nc is not None and api.service.replica is not None
+    assert api.service is not None and api.service.nc is not None and api.service.readmodel is not None
     agent = FakeAgent(api.service.nc, api.project, "worker", auto=True)
     await agent.start()
     try:
@@ -43,7 +43,7 @@ async def test_finished_items_are_purged_and_live_ones_stay(short_retention: Api
         waiting = {"capability": "nobody-has-this", "boundary": "personal", "description": "wait"}
         cancelled = await api.ok("POST", "/api/work", waiting, status=201)
         pending = await api.ok("POST", "/api/work", waiting, status=201)
-        view = api.service.replica.views[api.project]
+        view = api.service.readmodel.views[api.project]
         purged: set[str] = set()
         both = asyncio.Event()
 
@@ -68,7 +68,7 @@ async def test_finished_items_are_purged_and_live_ones_stay(short_retention: Api
 
         # The events stay in the stream: a replay shows the purged item's whole life, and a fresh
         # fold of the stream reaches the replica's state exactly.
-        history = [e async for e in api.service.replica.store.read_range(api.project)]
+        history = [e async for e in api.service.readmodel.store.read_range(api.project)]
         assert [e.type for e in history if e.entity_id == done["id"]][-2:] == ["work.completed", "work.purged"]
         assert state_hash(fold(history, project=api.project)) == state_hash(view.state)
     finally:

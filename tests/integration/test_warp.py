@@ -202,8 +202,8 @@ async def test_entry_without_valid_project_goes_to_default_project(
     bridge = bridge_of(weft_service)
     entry = warp_entry("not a weft id!")
     await put(registry, bridge, entry["guid"], entry)
-    assert weft_service.replica is not None
-    view = weft_service.replica.views[weft_service.settings.default_project]
+    assert weft_service.readmodel is not None
+    view = weft_service.readmodel.views[weft_service.settings.default_project]
     assert view.state.agents[entry["guid"]]["labels"]["warpProjectId"] == "not a weft id!"
 
 
@@ -259,10 +259,10 @@ async def own_bridge(
     nats_server: EmbeddedNats, weft_service: WeftService
 ) -> AsyncIterator[tuple[WarpBridge, NATS, str]]:
     nc = await nats.connect(nats_server.url)
-    assert weft_service.commands and weft_service.replica and weft_service.liveness
+    assert weft_service.commands and weft_service.readmodel and weft_service.liveness
     bucket = f"warp-test-{uuid.uuid4().hex[:10]}"
     bridge = WarpBridge(
-        nc, weft_service.commands, weft_service.replica, weft_service.liveness,
+        nc, weft_service.commands, weft_service.readmodel, weft_service.liveness,
         default_project=weft_service.settings.default_project, bucket=bucket, check_interval_s=0.2,
     )
     yield bridge, nc, bucket
@@ -282,7 +282,7 @@ async def test_empty_bucket_does_not_hang_startup(own_bridge: tuple[WarpBridge, 
     kv = await open_registry(nc.jetstream(), bucket)
     entry = warp_entry(project)
     await put(kv, bridge, entry["guid"], entry)
-    assert entry["guid"] in bridge.replica.views[project].state.agents
+    assert entry["guid"] in bridge.readmodel.views[project].state.agents
 
 
 async def test_warp_created_bucket_with_unlimited_history_is_read(
@@ -301,7 +301,7 @@ async def test_warp_created_bucket_with_unlimited_history_is_read(
     rev = await kv.put(entry["guid"], orjson.dumps(entry))
     await bridge.start()
     assert await bridge.wait_ready(5) and await bridge.wait_processed(rev, TIMEOUT)
-    assert bridge.replica.views[project].state.agents[entry["guid"]]["source"] == "warp"
+    assert bridge.readmodel.views[project].state.agents[entry["guid"]]["source"] == "warp"
 
 
 async def test_watcher_is_recreated_when_it_stops_or_loses_its_consumer(
@@ -324,7 +324,7 @@ async def test_watcher_is_recreated_when_it_stops_or_loses_its_consumer(
     second = warp_entry(project)
     await put(kv, bridge, second["guid"], second)
     assert bridge.watchers_started > started
-    agents = bridge.replica.views[project].state.agents
+    agents = bridge.readmodel.views[project].state.agents
     assert agents[first["guid"]]["status"] == agents[second["guid"]]["status"] == "online"
 
 
@@ -338,7 +338,7 @@ async def test_two_bridges_on_one_bucket_register_each_entry_once(
     last = 0
     for e in entries:
         last = await kv.put(e["guid"], orjson.dumps(e))
-    twin = WarpBridge(nc, bridge.commands, bridge.replica, bridge.liveness,
+    twin = WarpBridge(nc, bridge.commands, bridge.readmodel, bridge.liveness,
                       default_project=bridge.default_project, bucket=bucket)
     try:
         await asyncio.gather(bridge.start(), twin.start())
@@ -396,8 +396,8 @@ async def test_work_goes_to_warp_agent_via_warp_queue_and_completes_over_rest(
     assert held["status"] == "assigned" and held["assignedTo"] == entry["guid"]
 
     # A re-push of the same attempt (new leader, say) does not put a second copy on the queue.
-    assert weft_service.replica is not None
-    view = weft_service.replica.views[api.project]
+    assert weft_service.readmodel is not None
+    view = weft_service.readmodel.views[api.project]
     await bridge.offer(api.project, view.state.agents[entry["guid"]], view.state.work[item["id"]])
     info = await nc.jetstream().stream_info(workqueue_stream(capability))
     assert info.state.messages == 0

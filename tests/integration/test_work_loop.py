@@ -21,8 +21,8 @@ WORK = {"capability": "python", "boundary": "personal", "description": "write th
 
 async def wait_status(api: Api, work_id: str, status: str, timeout: float = 15.0) -> dict[str, Any]:
     """Await a status by waiting on the projection's own sequence, not by sleeping."""
-    assert api.service is not None and api.service.replica is not None
-    project_view = api.service.replica.views[api.project]
+    assert api.service is not None and api.service.readmodel is not None
+    project_view = api.service.readmodel.views[api.project]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:

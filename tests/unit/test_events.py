@@ -19,13 +19,11 @@ from projections.events import (
     idempotent_id,
     is_valid_entity_id,
     is_valid_project_id,
-    new_id,
-    new_uuid,
     parse_ts,
     stream_name,
     subject_for,
-    utc_now,
 )
+from weft.stamps import new_id, new_uuid, stamp, utc_now
 
 
 def full_event() -> Event:
@@ -98,12 +96,19 @@ def test_unknown_type_is_a_value_error() -> None:
     assert issubclass(UnknownEventType, ValueError)
 
 
-def test_defaults_come_from_the_catalogue_and_the_clock() -> None:
+def test_the_catalogue_sets_the_version_and_the_edge_stamps_id_and_time() -> None:
+    """An event is pure data: the version comes from the catalogue, the id and time only from
+    `weft.stamps` (the store stamps what its maker left empty), so a fold never sees a clock."""
     ev = Event(type="agent.lost", entity_id="a1", data={"lastHeartbeat": None})
     assert ev.v == CATALOGUE["agent.lost"].version
     assert ev.entity == "agent"
+    assert ev.id == "" and ev.ts == ""
+    stamp(ev)
     assert parse_ts(ev.ts).tzinfo is not None
-    assert len(ev.id) == 32 and ev.id != Event(type="agent.lost", entity_id="a1", data={}).id
+    other = stamp(Event(type="agent.lost", entity_id="a1", data={}))
+    assert len(ev.id) == 32 and ev.id != other.id
+    kept = stamp(Event(type="agent.lost", entity_id="a1", data={}, id="given", ts="2026-01-01T00:00:00.000Z"))
+    assert (kept.id, kept.ts) == ("given", "2026-01-01T00:00:00.000Z")
 
 
 def test_every_catalogued_type_is_past_tense_and_names_its_entity() -> None:

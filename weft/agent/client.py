@@ -36,8 +36,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from projections.events import utc_now
 from weft.core.protocol import heartbeat_subject, inbox_subject, request_subject
+from weft.stamps import utc_now
 from weft.store import connection
 
 log = logging.getLogger("weft.agent.client")

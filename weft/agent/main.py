@@ -15,7 +15,7 @@ import logging
 import signal
 import sys
 
-from weft import logs, loop
+from weft import aio, logs
 from weft.agent.settings import DEFAULT_RECOVERABLE_EXIT_CODES, AgentSettings, AgentSettingsError
 
 log = logging.getLogger("weft.agent")
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"weft agent: configuration error: {err}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format)
-    return loop.run(run_agent(settings), use_uvloop=settings.uvloop)
+    return aio.run(run_agent(settings), use_uvloop=settings.uvloop)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,7 @@ from weft.agent.client import (
 )
 from weft.agent.lifeline import EXITED, SWEPT
 from weft.agent.settings import AgentSettings
+from weft.aio import TaskSet
 from weft.logs import correlation_var, project_var
 
 log = logging.getLogger("weft.agent")
@@ -338,7 +339,7 @@ class AgentRunner:
         self._idle = asyncio.Event()
         self._busy = asyncio.Event()
         self._sync_wanted = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet()
         self._loops: list[asyncio.Task[None]] = []
         self._register_lock = asyncio.Lock()
         self._update_load()
@@ -413,8 +414,7 @@ class AgentRunner:
             await asyncio.gather(*self._loops, return_exceptions=True)
             for run in list(self.running.values()):
                 await self._terminate(run)
-            if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._tasks.wait()
         return EX_OK
 
     async def _register(self) -> RegisterReply:
@@ -579,7 +579,7 @@ class AgentRunner:
         """Stop an item for good (cancel push, Conflict): kill its command, report nothing more."""
         if run.stopped is not None:
             return
-        self._spawn(self._terminate(run, reason))
+        self._tasks.spawn(self._terminate(run, reason))
 
     async def _terminate(self, run: ItemRun, reason: str = "agent stopping") -> None:
         if run.stopped is None:
@@ -607,11 +607,6 @@ class AgentRunner:
         self.finished[key] = None
         while len(self.finished) > FINISHED_MEMORY:
             self.finished.popitem(last=False)
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def _update_load(self) -> None:
         if self.running or self.queued:

@@ -6,19 +6,19 @@ import time
 
 from aiohttp import web
 
-from projections.events import utc_now
 from weft.api import agents, channels, dlq, openapi, stats, targets, work
 from weft.api.auth import make_auth_middleware
 from weft.api.common import SERVICES, Services, json_response, services
 from weft.api.errors import error_middleware
+from weft.stamps import utc_now
 
 
 async def health(request: web.Request) -> web.Response:
     svc = services(request)
-    nc = svc.replica.store.js._nc
+    nc = svc.readmodel.store.js._nc
     connected = bool(nc.is_connected)
-    ready = svc.replica.ready
-    halted = svc.replica.halted()
+    ready = svc.readmodel.ready
+    halted = svc.readmodel.halted()
     body = {
         "status": "ok" if connected and ready else ("starting" if connected else "degraded"),
         "timestamp": utc_now(),
@@ -29,9 +29,9 @@ async def health(request: web.Request) -> web.Response:
         **({"halted": halted} if halted else {}),
         "nats": {"connected": connected},
         "replica": svc.settings.replica_name,
-        "projects": len(svc.replica.views),
+        "projects": len(svc.readmodel.views),
         "leading": svc.leading(),
-        "uptimeSeconds": round(time.monotonic() - svc.replica.started_at, 3),
+        "uptimeSeconds": round(time.monotonic() - svc.readmodel.started_at, 3),
     }
     return json_response(body, 200 if connected and ready else 503)
 

@@ -59,7 +59,7 @@ async def visible_agents(request: web.Request, *, foreign_public: bool = True) -
                 out.append((own, a))
                 seen.add(a["guid"])
     if foreign_public:
-        for project, view in sorted(services(request).replica.views.items()):
+        for project, view in sorted(services(request).readmodel.views.items()):
             if project == named:
                 continue
             for a in view.state.agents.values():
@@ -85,7 +85,7 @@ async def _warp_heartbeat(js: Any, guid: str) -> str | None:
 
 async def present_agents(request: web.Request, agents: list[Record]) -> list[dict[str, Any]]:
     """Agents as answered: Warp agents with their registry entry's own `lastHeartbeat`."""
-    js = services(request).replica.store.js
+    js = services(request).readmodel.store.js
     connected = bool(getattr(getattr(js, "_nc", None), "is_connected", False))
     # Without NATS the projection still answers, promptly: Warp agents then lack only the heartbeat.
     warp = [a for a in agents if a.get("source") == "warp"] if connected else []

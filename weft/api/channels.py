@@ -28,7 +28,7 @@ def stream_for(project: str, channel: str) -> str:
 
 async def list_channels(request: web.Request) -> web.Response:
     project = project_of(request)
-    js = services(request).replica.store.js
+    js = services(request).readmodel.store.js
     prefix = f"{project}_"
     channels = []
     for info in await js.streams_info():
@@ -56,7 +56,7 @@ async def messages(request: web.Request) -> web.Response:
         raise InvalidInput("limit must be an integer", field="limit") from None
     if not 1 <= limit <= MAX_MESSAGES:
         raise InvalidInput(f"limit must be between 1 and {MAX_MESSAGES}", field="limit")
-    js = services(request).replica.store.js
+    js = services(request).readmodel.store.js
     stream = stream_for(project, channel)
     try:
         info = await js.stream_info(stream)

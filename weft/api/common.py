@@ -10,14 +10,15 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel
 
-from projections.events import is_valid_project_id, new_id
+from projections.events import is_valid_project_id
 from weft.commands import Commands, Ctx, RetryPolicy
 from weft.core.errors import InvalidInput, Unavailable
 from weft.core.routing import DEFAULT_POLICY, RoutingPolicy
 from weft.logs import correlation_var, project_var
 from weft.settings import Settings
 from weft.spinup.base import Mechanism
-from weft.store.readmodel import ProjectView, Replica
+from weft.stamps import new_id
+from weft.store.readmodel import ProjectView, ReadModel
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -25,7 +26,7 @@ M = TypeVar("M", bound=BaseModel)
 @dataclass
 class Services:
     settings: Settings
-    replica: Replica
+    readmodel: ReadModel
     commands: Commands
     policy: RoutingPolicy = field(default_factory=lambda: DEFAULT_POLICY)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -106,11 +107,11 @@ async def read_view(request: web.Request, project: str) -> ProjectView | None:
     """The project's view for a read, after waiting (bounded) for `min_seq` if the client gave one."""
     svc = services(request)
     wanted = min_seq_of(request)
-    view = await svc.replica.view(project)  # a read never creates a project
+    view = await svc.readmodel.view(project)  # a read never creates a project
     if not wanted or (view is not None and view.state.seq >= wanted):
         return view
     # A sequence the stream has not reached may never come: wait only for one it holds.
-    last = await svc.replica.store.last_seq(project) if view is not None else 0
+    last = await svc.readmodel.store.last_seq(project) if view is not None else 0
     if wanted > last:
         raise InvalidInput(
             f"min_seq {wanted} is beyond the last sequence of project {project}'s stream ({last})",
@@ -127,5 +128,5 @@ async def read_view(request: web.Request, project: str) -> ProjectView | None:
 
 
 async def all_views(request: web.Request) -> list[ProjectView]:
-    replica = services(request).replica
+    replica = services(request).readmodel
     return [replica.views[p] for p in sorted(replica.views)]

@@ -14,10 +14,10 @@ import orjson
 from aiohttp import web
 
 from projections import ProjectState, state_hash
-from projections.events import utc_now
 from projections.state import WORK_STATUSES
 from weft.api.common import all_views, explicit_project, json_response, project_of, read_view
 from weft.core.routing import visible_in
+from weft.stamps import utc_now
 from weft.store.readmodel import ProjectView
 
 

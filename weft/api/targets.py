@@ -12,7 +12,6 @@ from typing import Any
 
 from aiohttp import web
 
-from projections.events import utc_now
 from projections.state import Record
 from weft.api.common import ctx_of, json_response, parse_body, project_of, read_json, read_view, services
 from weft.api.errors import stored_not_folded
@@ -22,6 +21,7 @@ from weft.api.work import batch_body
 from weft.commands import find_target
 from weft.core.errors import NotFound
 from weft.runtime.probes import probe_target
+from weft.stamps import utc_now
 
 
 def present(t: Record) -> dict[str, Any]:
@@ -50,7 +50,7 @@ async def register(request: web.Request) -> web.Response:
     outcome = await services(request).commands.register_target(ctx, body)
     if not outcome.folded:
         return stored_not_folded(project, "target", outcome.entity_id, outcome.seq, replayed=not outcome.created)
-    t = services(request).replica.views[project].state.targets[outcome.entity_id]
+    t = services(request).readmodel.views[project].state.targets[outcome.entity_id]
     return json_response(present(t), 201 if outcome.created else 200, outcome.seq)
 
 
@@ -94,7 +94,7 @@ async def update(request: web.Request) -> web.Response:
     outcome = await services(request).commands.update_target(ctx_of(request, project), t["id"], body)
     if not outcome.folded:
         return stored_not_folded(project, "target", t["id"], outcome.seq)
-    fresh = services(request).replica.views[project].state.targets[t["id"]]
+    fresh = services(request).readmodel.views[project].state.targets[t["id"]]
     return json_response(present(fresh), seq=outcome.seq)
 
 

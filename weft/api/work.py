@@ -7,7 +7,6 @@ from typing import Any
 
 from aiohttp import web
 
-from projections.events import utc_now
 from projections.state import ProjectState, Record
 from weft.api.common import (
     ctx_of,
@@ -27,6 +26,7 @@ from weft.core.errors import InvalidInput, NotFound
 from weft.core.fleet_policy import plan_spin_ups
 from weft.core.routing import plan_assignments, reason_for_new_item, reported_agent_type
 from weft.runtime.scheduler import ProjectScheduler
+from weft.stamps import utc_now
 from weft.store.readmodel import ProjectView
 
 WORK_STATUSES = ("pending", "assigned", "in-progress", "completed", "failed", "cancelled")
@@ -79,7 +79,7 @@ async def submit(request: web.Request) -> web.Response:
     outcome = await services(request).commands.submit_work(ctx, data)
     if not outcome.folded:
         return stored_not_folded(project, "work", outcome.entity_id, outcome.seq, replayed=not outcome.created)
-    view = services(request).replica.views[project]
+    view = services(request).readmodel.views[project]
     item = view.state.work[outcome.entity_id]
     reason = reason_for_new_item(view.state, item, policy, datetime.now(UTC)) if item["status"] == "pending" else None
     body = {
@@ -146,7 +146,7 @@ async def find_item(request: web.Request, work_id: str) -> tuple[ProjectView, Re
     else:
         default_view = await read_view(request, project_of(request))
         candidates = [default_view] if default_view else []
-        candidates += [v for p, v in sorted(services(request).replica.views.items()) if v is not default_view]
+        candidates += [v for p, v in sorted(services(request).readmodel.views.items()) if v is not default_view]
         for view in candidates:
             if work_id in view.state.work:
                 return view, view.state.work[work_id]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import orjson
 
-from weft import logs, loop
+from weft import aio, logs
 from weft.cli.rest_commands import FLEET_COMMANDS, add_fleet_commands, run_fleet
 from weft.settings import Settings, SettingsError
 from weft.store.embedded import EmbeddedNats, NatsServerConfig, die_with_parent
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.configure(settings.log_level, settings.log_format)
     if args.command == "serve":
-        return loop.run(_serve(settings, args.embedded, args.demo_agent), use_uvloop=settings.uvloop)
+        return aio.run(_serve(settings, args.embedded, args.demo_agent), use_uvloop=settings.uvloop)
     if args.command == "replay":
         return asyncio.run(_replay(settings, args.project, args.from_seq, args.to_seq, args.events))
     return 2

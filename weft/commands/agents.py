@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from projections.events import Event, new_id, parse_ts
+from projections.events import Event, parse_ts
 from projections.state import ProjectState, Record
 from weft.commands.core import BatchOutcome, CommandsBase, Ctx, Outcome
 from weft.core.errors import Conflict, NotFound
+from weft.stamps import new_id
 
 
 class AgentCommands(CommandsBase):

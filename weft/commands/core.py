@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from projections.events import Event, idempotent_id, new_id
+from projections.events import Event, idempotent_id
 from projections.state import ProjectState
 from weft.core.errors import Conflict, Fenced, InvalidInput, NotFound, OutcomeUnknown, Unavailable
+from weft.stamps import new_id, utc_now
 from weft.store.eventstore import AppendOutcomeUnknown, ConcurrencyConflict, EventStore
-from weft.store.readmodel import ProjectView, Replica
+from weft.store.readmodel import ProjectView, ReadModel
 
 MAX_ATTEMPTS = 8
 BATCH_CONCURRENCY = 32
@@ -63,8 +64,8 @@ Decide = Callable[[ProjectState], Event | None]
 class CommandsBase:
     """The generic command loop every resource mixin builds on."""
 
-    def __init__(self, replica: Replica, store: EventStore, *, wait_s: float = 10.0) -> None:
-        self.replica = replica
+    def __init__(self, readmodel: ReadModel, store: EventStore, *, wait_s: float = 10.0) -> None:
+        self.readmodel = readmodel
         self.store = store
         self.wait_s = wait_s
 
@@ -74,11 +75,11 @@ class CommandsBase:
         """The project's view. Only commands that create an entity (`create`) create a project:
         anything else on an unknown project sees an empty, unattached state (and so answers
         404 or does nothing) instead of leaving a stream, a lease and a scheduler behind."""
-        view = await self.replica.view(project, create=create)
+        view = await self.readmodel.view(project, create=create)
         return view if view is not None else ProjectView(project)
 
     def _attached(self, view: ProjectView) -> bool:
-        return self.replica.views.get(view.project) is view
+        return self.readmodel.views.get(view.project) is view
 
     @staticmethod
     def keyed_create(ctx: Ctx, view: ProjectView, entity: str) -> tuple[str | None, str, Outcome | None]:
@@ -95,6 +96,7 @@ class CommandsBase:
         return key, idempotent_id(ctx.project, key), earlier
 
     def event(self, ctx: Ctx, type_: str, entity_id: str, data: dict[str, Any], **kw: Any) -> Event:
+        kw.setdefault("id", new_id())
         return Event(
             type=type_,
             entity_id=entity_id,
@@ -102,6 +104,7 @@ class CommandsBase:
             project=ctx.project,
             actor=ctx.actor,
             correlation_id=ctx.correlation_id,
+            ts=utc_now(),
             **kw,
         )
 
@@ -143,7 +146,7 @@ class CommandsBase:
         raise Conflict(f"{entity_key} is changing too fast; retry")
 
     async def _catch_up(self, project: str) -> bool:
-        if not await self.replica.catch_up(project, self.wait_s):
+        if not await self.readmodel.catch_up(project, self.wait_s):
             raise Unavailable(f"projection of {project} could not catch up with the stream; retry")
         return True
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from projections.events import Event, new_uuid
+from projections.events import Event
 from projections.state import ProjectState, Record
 from weft.commands.core import BatchOutcome, CommandsBase, Ctx, Outcome
 from weft.core import targets
 from weft.core.errors import Conflict, NotFound
 from weft.core.fleet_policy import target_load
+from weft.stamps import new_uuid
 from weft.store.readmodel import ProjectView
 
 

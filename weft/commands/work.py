@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from projections.events import Event, format_ts, new_uuid
+from projections.events import Event, format_ts
 from projections.state import LIVE_ASSIGNMENT, TERMINAL_WORK, ProjectState, Record
 from projections.work import ACCEPT_TIMEOUT, purgeable
 from weft.commands.core import BatchOutcome, CommandsBase, Ctx, Outcome
 from weft.core.errors import Conflict, NotFound, Unavailable
+from weft.stamps import new_uuid
 
 
 class WorkCommands(CommandsBase):

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from projections.events import Event, parse_ts
 from projections.state import ProjectState
+from weft.aio import TaskSet
 from weft.commands import Commands, Ctx, Outcome
 from weft.core import fleet_policy
 from weft.core.routing import Plan, RoutingPolicy
@@ -57,7 +58,7 @@ class FleetManager:
         self._probing: set[str] = set()
         # When each target was last probed by this leader: probes are frequent, only changes are events.
         self._probed_at: dict[str, datetime] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet()
         self.blocked: dict[str, str] = {}
 
     # --- reacting to folded events -------------------------------------------------------------
@@ -78,12 +79,7 @@ class FleetManager:
         elif ev.type in ("agent.deregistered", "agent.lost"):
             agent = state.agents.get(ev.entity_id)
             if agent and agent.get("launch"):
-                self._spawn(self._clean_up(state, agent["launch"], graceful=ev.type == "agent.deregistered"))
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+                self._tasks.spawn(self._clean_up(state, agent["launch"], graceful=ev.type == "agent.deregistered"))
 
     def _launch(self, state: ProjectState, target_id: str, spin_up_id: str) -> None:
         if spin_up_id in self._launching:
@@ -94,10 +90,7 @@ class FleetManager:
         op = t["activeSpinUps"][spin_up_id]
         work = state.work.get(op["workId"]) if op.get("workId") else None
         req = SpinUpRequest(spin_up_id, self.project, dict(t), dict(work) if work else None, self.config.agent_nats_url)
-        task = asyncio.create_task(self._run_launch(req, op["requestedAt"]))
-        self._launching[spin_up_id] = task
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._launching[spin_up_id] = self._tasks.spawn(self._run_launch(req, op["requestedAt"]))
 
     async def _run_launch(self, req: SpinUpRequest, requested_at: str) -> None:
         """Launch, and record `spinup.started` or `spinup.failed`. However it ends (a mechanism's
@@ -137,7 +130,7 @@ class FleetManager:
             if op is not None:
                 took = (parse_ts(ev.ts) - parse_ts(op["requestedAt"])).total_seconds() * 1000
                 data = {"agentGuid": ev.entity_id, "durationMs": round(took, 3)}
-                self._spawn(self._record_completion(t["id"], spin_up_id, data))
+                self._tasks.spawn(self._record_completion(t["id"], spin_up_id, data))
                 return
 
     async def _record_completion(self, target_id: str, spin_up_id: str, data: dict[str, Any]) -> None:
@@ -185,7 +178,7 @@ class FleetManager:
                 self.epoch))
             if op.get("mechanismResult"):
                 launch = {"targetId": target_id, "handle": op["mechanismResult"]}
-                self._spawn(self._clean_up(state, launch, graceful=False))
+                self._tasks.spawn(self._clean_up(state, launch, graceful=False))
         for down in fleet_policy.idle_agents(state, now, self.config.idle_timeout_ms):
             if down.guid not in getting_work:
                 out.append(self.commands.scale_down_idle(self.ctx, down.guid, self.epoch))
@@ -210,7 +203,7 @@ class FleetManager:
                 continue
             self._probing.add(t["id"])
             self._probed_at[t["id"]] = now
-            self._spawn(self._probe(mechanism, dict(t)))
+            self._tasks.spawn(self._probe(mechanism, dict(t)))
 
     async def _probe(self, mechanism: Mechanism, t: dict[str, Any]) -> None:
         try:
@@ -247,7 +240,4 @@ class FleetManager:
         return min(due) if due else None
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel()

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats.errors
@@ -20,13 +20,15 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import BaseModel, ValidationError
 
-from projections.events import is_valid_project_id, utc_now
+from projections.events import is_valid_project_id
 from projections.state import LIVE_ASSIGNMENT, ProjectState
+from weft.aio import TaskSet
 from weft.commands import Commands, Ctx, RetryPolicy
 from weft.core import protocol
 from weft.core.errors import NotFound, WeftError, field_of
 from weft.logs import correlation_var, project_var
-from weft.store.readmodel import Replica
+from weft.stamps import utc_now
+from weft.store.readmodel import ReadModel
 
 log = logging.getLogger("weft.runtime.gateway")
 
@@ -109,7 +111,7 @@ class AgentGateway:
         self,
         nc: NATS,
         commands: Commands,
-        replica: Replica,
+        readmodel: ReadModel,
         liveness: Liveness,
         *,
         heartbeat_ms: int = protocol.DEFAULT_HEARTBEAT_MS,
@@ -117,12 +119,12 @@ class AgentGateway:
     ) -> None:
         self.nc = nc
         self.commands = commands
-        self.replica = replica
+        self.readmodel = readmodel
         self.liveness = liveness
         self.heartbeat_ms = heartbeat_ms
         self.retry = retry or RetryPolicy()
         self._subs: list[Subscription] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self._handlers: dict[str, tuple[type[BaseModel], Handler]] = {
             "agent.register": (protocol.Register, self._register),
             "agent.sync": (protocol.AgentRef, self._sync),
@@ -142,14 +144,11 @@ class AgentGateway:
         for sub in self._subs:
             with contextlib.suppress(nats.errors.Error):  # a closed connection has no interest left
                 await sub.unsubscribe()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.wait()
 
     async def _dispatch(self, msg: Msg) -> None:
         # nats-py runs a subscription's callbacks one at a time: hand each request to its own task.
-        task = asyncio.create_task(self._handle(msg))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._handle(msg))
 
     async def _handle(self, msg: Msg) -> None:
         parts = msg.subject.split(".")
@@ -185,7 +184,7 @@ class AgentGateway:
         # scheduler, which must not find this agent silent since the replica started.
         self.liveness.beat(project, body.guid)
         outcome = await self.commands.register_agent(self._ctx(project, body.guid), decl)
-        state = self.replica.views[project].state
+        state = self.readmodel.views[project].state
         return {
             "guid": body.guid,
             "seq": outcome.seq,
@@ -196,7 +195,7 @@ class AgentGateway:
         }
 
     async def _sync(self, project: str, body: Any) -> dict[str, Any]:
-        view = await self.replica.view(project)
+        view = await self.readmodel.view(project)
         agent = view.state.agents.get(body.guid) if view else None
         if view is None or agent is None or agent["status"] == "offline":
             # Unknown, deregistered or declared lost: the agent must register again (same guid).
@@ -233,7 +232,7 @@ class AgentGateway:
         outcome = await self.commands.fail_work(
             ctx, body.workId, body.guid, body.message, body.code, body.recoverable, self.retry, attempt=body.attempt
         )
-        item = self.replica.views[project].state.work[body.workId]
+        item = self.readmodel.views[project].state.work[body.workId]
         retry = item["status"] == "pending"
         return {"seq": outcome.seq, "outcome": "retry" if retry else "dead-letter", "retryAt": item["retryAt"]}
 
@@ -251,12 +250,12 @@ class Pusher:
     def __init__(self, nc: NATS, warp_offer: WarpOffer | None = None) -> None:
         self.nc = nc
         self.warp_offer = warp_offer
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
 
     def push_assignment(self, project: str, agent: dict[str, Any], item: dict[str, Any]) -> None:
         self.push(project, agent["guid"], {"type": "assignment", "work": item})
         if agent.get("source") == "warp" and self.warp_offer is not None:
-            self._spawn(self._offer(project, agent, item))
+            self._tasks.spawn(self._offer(project, agent, item))
 
     async def _offer(self, project: str, agent: dict[str, Any], item: dict[str, Any]) -> None:
         assert self.warp_offer is not None
@@ -265,13 +264,8 @@ class Pusher:
         except Exception:
             log.exception("warp offer failed", extra={"project": project, "work_id": item["id"]})
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     def push(self, project: str, guid: str, body: dict[str, Any]) -> None:
-        self._spawn(self._publish(protocol.inbox_subject(project, guid), orjson.dumps(body)))
+        self._tasks.spawn(self._publish(protocol.inbox_subject(project, guid), orjson.dumps(body)))
 
     async def _publish(self, subject: str, payload: bytes) -> None:
         try:

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from projections.events import Event, format_ts, new_id, parse_ts
+from projections.events import Event, format_ts, parse_ts
 from projections.state import ProjectState, Record
 from projections.work import ACCEPT_TIMEOUT
 from weft.aio import cancel_and_wait, wait_event
@@ -29,8 +29,9 @@ from weft.logs import project_var
 from weft.runtime.fleet_executor import FleetConfig, FleetManager
 from weft.runtime.gateway import Liveness, Pusher
 from weft.spinup.base import Mechanism
+from weft.stamps import new_id
 from weft.store.lease import TRANSIENT, LeaderElector
-from weft.store.readmodel import ProjectView, Replica
+from weft.store.readmodel import ProjectView, ReadModel
 
 log = logging.getLogger("weft.runtime.scheduler")
 
@@ -310,7 +311,7 @@ class SchedulerHost:
 
     def __init__(
         self,
-        replica: Replica,
+        readmodel: ReadModel,
         commands: Commands,
         policy: RoutingPolicy,
         liveness: Liveness,
@@ -324,7 +325,7 @@ class SchedulerHost:
     ) -> None:
         self.mechanisms = mechanisms or {}
         self.fleet_config = fleet_config
-        self.replica = replica
+        self.readmodel = readmodel
         self.commands = commands
         self.policy = policy
         self.liveness = liveness
@@ -334,7 +335,7 @@ class SchedulerHost:
         self._takeovers: dict[str, asyncio.Task[None]] = {}
         self._releasing = False
         self.elector = LeaderElector(
-            replica.store.js,
+            readmodel.store.js,
             holder,
             ttl_s=lease_ttl_s,
             on_elected=self._elected,
@@ -343,9 +344,9 @@ class SchedulerHost:
         )
 
     async def start(self) -> None:
-        for project in self.replica.views:
+        for project in self.readmodel.views:
             self.elector.add_project(project)
-        self.replica.on_attach.append(lambda view: self.elector.add_project(view.project))
+        self.readmodel.on_attach.append(lambda view: self.elector.add_project(view.project))
         await self.elector.start()
 
     async def _elected(self, project: str, revision: int) -> None:
@@ -366,14 +367,14 @@ class SchedulerHost:
         def valid() -> bool:
             return self.elector.epoch(project) == revision
 
-        view = self.replica.views[project]
+        view = self.readmodel.views[project]
         ctx = Ctx(project=project, actor="scheduler", correlation_id=new_id())
         delay = 0.2
         while valid():
             try:
                 if view.halted is not None:
                     raise Unavailable(view.halted[1])
-                await self.replica.catch_up(project, self.config.idle_tick_s)
+                await self.readmodel.catch_up(project, self.config.idle_tick_s)
                 _, epoch = await self.commands.announce_leader(ctx, self.elector.holder, revision, valid)
                 break
             except _RETRYABLE as err:

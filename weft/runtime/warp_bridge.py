@@ -58,7 +58,7 @@ from weft.core.errors import NotFound
 from weft.core.routing import ANY_BOUNDARY, WARP_TASK_COUNT_LABEL
 from weft.logs import project_var
 from weft.runtime.gateway import Liveness
-from weft.store.readmodel import ProjectView, Replica
+from weft.store.readmodel import ProjectView, ReadModel
 
 log = logging.getLogger("weft.runtime.warp_bridge")
 
@@ -305,7 +305,7 @@ class WarpBridge:
         self,
         nc: NATS,
         commands: Commands,
-        replica: Replica,
+        readmodel: ReadModel,
         liveness: Liveness,
         *,
         default_project: str,
@@ -320,7 +320,7 @@ class WarpBridge:
         self.nc = nc
         self.js = nc.jetstream()
         self.commands = commands
-        self.replica = replica
+        self.readmodel = readmodel
         self.liveness = liveness
         self.default_project = default_project
         self.project_map = dict(project_map or {})
@@ -517,7 +517,7 @@ class WarpBridge:
         if not is_valid_entity_id(key):
             return
         project = self._projects.pop(key, None)
-        projects = [project] if project else [p for p, v in self.replica.views.items() if key in v.state.agents]
+        projects = [project] if project else [p for p, v in self.readmodel.views.items() if key in v.state.agents]
         for p in projects:
             await self._deregister(p, key, "warp: registry entry deleted")
 
@@ -534,7 +534,7 @@ class WarpBridge:
             pass
 
     async def _view(self, project: str, *, create: bool) -> ProjectView | None:
-        view = await self.replica.view(project, create=create)
+        view = await self.readmodel.view(project, create=create)
         if view is not None and not view.caught_up.is_set():
             # Judge "changed" against the whole history, not a half-folded projection.
             try:

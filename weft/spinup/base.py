@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from projections.events import utc_now
+from weft.stamps import utc_now
 
 
 class SpinUpError(Exception):

@@ -36,8 +36,8 @@ from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from projections.events import utc_now
 from weft.spinup.base import Launched, ProbeResult, SpinUpError, SpinUpRequest, Stopwatch, resolve_secret
+from weft.stamps import utc_now
 
 T = TypeVar("T")
 

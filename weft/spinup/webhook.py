@@ -29,7 +29,6 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 
-from projections.events import utc_now
 from weft.spinup.base import (
     Launched,
     ProbeResult,
@@ -39,6 +38,7 @@ from weft.spinup.base import (
     Stopwatch,
     resolve_secret,
 )
+from weft.stamps import utc_now
 
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z]+)\s*\}\}")
 DEFAULT_SUCCESS = (200, 201, 202)

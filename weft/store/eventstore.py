@@ -30,6 +30,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from projections.events import Event, decode, stream_name
+from weft.stamps import stamp
 from weft.store.groupcommit import ALONE, Alone, GroupCommit
 
 log = logging.getLogger("weft.store.eventstore")
@@ -173,6 +174,7 @@ class EventStore:
         None skips the check (only for events that cannot conflict). Under load the append may
         share an atomic batch with others (`weft.store.groupcommit`); its checks are the same."""
         await self.ensure_stream(ev.project)
+        stamp(ev)
         payload, headers = ev.encode(), append_headers(ev, expected_seq)
         group = await self._group(ev.project)
         if group is None:

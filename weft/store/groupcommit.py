@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import orjson
 from nats.aio.client import Client as NATS
 
-from projections.events import new_id
+from weft.stamps import new_id
 
 log = logging.getLogger("weft.store.groupcommit")
 

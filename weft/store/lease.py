@@ -45,8 +45,9 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from projections.events import is_valid_project_id, utc_now
+from projections.events import is_valid_project_id
 from weft.aio import wait_event
+from weft.stamps import utc_now
 
 log = logging.getLogger("weft.store.lease")
 

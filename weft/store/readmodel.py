@@ -18,6 +18,7 @@ import orjson
 
 from projections import ProjectState, apply, decode_state, encode_state
 from projections.events import Event, UnsupportedEvent, is_valid_project_id
+from weft.aio import TaskSet
 from weft.store import gcpause
 from weft.store.eventstore import EventStore, Tail
 
@@ -131,13 +132,13 @@ class ProjectView:
             return False
 
 
-class Replica:
+class ReadModel:
     def __init__(self, store: EventStore, *, snapshot_every: int = 50_000) -> None:
         self.store = store
         self.snapshot_every = snapshot_every
         self.views: dict[str, ProjectView] = {}
         self._attach_lock = asyncio.Lock()
-        self._snapshot_tasks: set[asyncio.Task[object]] = set()
+        self._tasks = TaskSet()  # attaches of new projects and snapshot writes
         self._advisory_sub: object | None = None
         self.on_attach: list[Callable[[ProjectView], None]] = []
         self.started_at = time.monotonic()
@@ -157,9 +158,7 @@ class Replica:
         if stream.startswith("WEFT_"):
             project = stream[len("WEFT_") :]
             if is_valid_project_id(project):
-                task = asyncio.create_task(self.attach(project))
-                self._snapshot_tasks.add(task)  # keep a reference until done
-                task.add_done_callback(self._snapshot_tasks.discard)
+                self._tasks.spawn(self.attach(project))
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until every project known at start has been folded up to its last sequence then."""
@@ -252,9 +251,7 @@ class Replica:
         # Encode now, on the loop, so the snapshot is exactly the state at this sequence.
         state = view.state
         payload = encode_state(state, settle=True)
-        task = asyncio.create_task(self._write_snapshot(state.project, payload, state.seq))
-        self._snapshot_tasks.add(task)
-        task.add_done_callback(self._snapshot_tasks.discard)
+        self._tasks.spawn(self._write_snapshot(state.project, payload, state.seq))
 
     async def _write_snapshot(self, project: str, payload: bytearray, seq: int) -> None:
         try:
@@ -281,12 +278,10 @@ class Replica:
             except Exception:
                 pass
         # Attaches still in flight finish first, so their tails are stopped too.
-        if self._snapshot_tasks:
-            await asyncio.gather(*self._snapshot_tasks, return_exceptions=True)
+        await self._tasks.wait()
         for view in self.views.values():
             if view.tail is not None:
                 await view.tail.stop()
             if view.gc_pause is not None:
                 view.gc_pause.end()
-        if self._snapshot_tasks:
-            await asyncio.gather(*self._snapshot_tasks, return_exceptions=True)
+        await self._tasks.wait()
