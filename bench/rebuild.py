@@ -24,6 +24,7 @@ from projections import ProjectState, apply, encode_state
 from projections.events import decode, stream_name
 from weft.store.eventstore import EventStore
 from weft.store.readmodel import ProjectView, ReadModel
+from weft.store.snapshots import SnapshotStore
 
 
 def peak_rss_mb() -> float:
@@ -36,8 +37,8 @@ def peak_rss_mb() -> float:
     return 0.0
 
 
-class TimedStore(EventStore):
-    """EventStore that records snapshot sizes and fetch times (and can pretend there is none)."""
+class TimedSnapshots(SnapshotStore):
+    """SnapshotStore that records snapshot sizes and fetch times (and can pretend there is none)."""
 
     def __init__(self, *args: Any, ignore_snapshots: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -88,7 +89,7 @@ class Ready:
     state: ProjectState
     readmodel: TimedReadModel
     nc: NATS
-    store: TimedStore
+    snapshots: TimedSnapshots
     profile: str = ""
 
 
@@ -107,8 +108,8 @@ async def replica_to_ready(
     t0 = time.perf_counter()
     nc = await connect(url)
     t_conn = time.perf_counter()
-    store = TimedStore(nc.jetstream(), ignore_snapshots=ignore_snapshots)
-    replica = TimedReadModel(store, snapshot_every=0)
+    snapshots = TimedSnapshots(nc.jetstream(), ignore_snapshots=ignore_snapshots)
+    replica = TimedReadModel(EventStore(snapshots.resources), snapshots=snapshots, snapshot_every=0)
     t_attach = t_conn
     try:
         async with asyncio.timeout(timeout_s):  # bounds snapshot loading too, not only the tail
@@ -135,12 +136,12 @@ async def replica_to_ready(
         connect_s=t_conn - t0,
         attach_s=t_attach - t0,
         snapshot_load_s=replica.snapshot_load_s,
-        snapshot_fetch_s=store.snapshot_fetch_s,
-        snapshot_bytes=store.snapshot_bytes,
+        snapshot_fetch_s=snapshots.snapshot_fetch_s,
+        snapshot_bytes=snapshots.snapshot_bytes,
         state=replica.views[project].state,
         readmodel=replica,
         nc=nc,
-        store=store,
+        snapshots=snapshots,
         profile=profile_text(prof) if prof else "",
     )
 
@@ -374,19 +375,19 @@ async def snapshot_and_measure(
             ev.seq = seq
             apply(state, ev)
         nc = await connect(url)
-        store = TimedStore(nc.jetstream())
-        replica = TimedReadModel(store, snapshot_every=0)
+        snapshots = TimedSnapshots(nc.jetstream())
+        replica = TimedReadModel(EventStore(snapshots.resources), snapshots=snapshots, snapshot_every=0)
         replica.views[project] = ProjectView(project, state)  # the state a rebuild would have given
         res.encode_decoded_s = time_encode(state)
         try:
             res.snapshot_seq = await replica.snapshot_now(project)
         finally:
             await nc.close()
-        res.snapshot_bytes, res.snapshot_write_s = store.saved_bytes, store.save_s
+        res.snapshot_bytes, res.snapshot_write_s = snapshots.saved_bytes, snapshots.save_s
     else:
         res.encode_decoded_s = time_encode(writer.readmodel.views[project].state)
         res.snapshot_seq = await writer.readmodel.snapshot_now(project)
-        res.snapshot_bytes, res.snapshot_write_s = writer.store.saved_bytes, writer.store.save_s
+        res.snapshot_bytes, res.snapshot_write_s = writer.snapshots.saved_bytes, writer.snapshots.save_s
         await close_ready(writer)
         writer.state = ProjectState(project=project)  # let the big state go
     del state

@@ -16,16 +16,17 @@ T_IMPORTS = time.perf_counter()
 
 import orjson  # noqa: E402
 
-from bench.rebuild import TimedReadModel, TimedStore, peak_rss_mb  # noqa: E402
+from bench.rebuild import TimedReadModel, TimedSnapshots, peak_rss_mb  # noqa: E402
 from weft import aio  # noqa: E402
 from weft.store import connection  # noqa: E402
+from weft.store.eventstore import EventStore  # noqa: E402
 
 
 async def main(url: str, project: str) -> None:
     t0 = time.perf_counter()
     nc = await connection.connect(url)  # as weft serve: its client class and event loop
-    store = TimedStore(nc.jetstream())
-    replica = TimedReadModel(store, snapshot_every=0)
+    snapshots = TimedSnapshots(nc.jetstream())
+    replica = TimedReadModel(EventStore(snapshots.resources), snapshots=snapshots, snapshot_every=0)
     t_connected = time.perf_counter()
     await replica.start()
     await replica.wait_ready(timeout=600)
@@ -35,13 +36,13 @@ async def main(url: str, project: str) -> None:
         "imports_s": t0 - T_IMPORTS,
         "connect_s": t_connected - t0,
         "ready_s": t_ready - t_connected,
-        "snapshot_fetch_s": store.snapshot_fetch_s,
-        "snapshot_decode_s": replica.snapshot_load_s - store.snapshot_fetch_s,
+        "snapshot_fetch_s": snapshots.snapshot_fetch_s,
+        "snapshot_decode_s": replica.snapshot_load_s - snapshots.snapshot_fetch_s,
         "seq": view.state.seq,
         "work_items": len(view.state.work),
         "events_applied": view.state.events_applied,
         "max_rss_mb": peak_rss_mb(),
-        "max_rss_after_fetch_mb": store.peak_rss_after_fetch_mb,
+        "max_rss_after_fetch_mb": snapshots.peak_rss_after_fetch_mb,
     }
     if os.environ.get("WEFT_BENCH_PROBE_PROFILE"):
         import pstats

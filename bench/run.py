@@ -280,7 +280,7 @@ class Bench:
                             "events": res.events, "tail_events": res.tail_events,
                             "snapshot_seq": res.snapshot_seq}))
         decode_s = ws.snapshot_load_s - ws.snapshot_fetch_s
-        self.row(Row("restart_snapshot_fetch", "  snapshot fetch (EventStore.load_snapshot: pull consumer into one buffer)",
+        self.row(Row("restart_snapshot_fetch", "  snapshot fetch (SnapshotStore.load_snapshot: pull consumer into one buffer)",
                      ws.snapshot_fetch_s, "s"))
         self.row(Row("restart_snapshot_decode", "  snapshot decode (orjson -> ProjectState, cyclic GC paused)", decode_s, "s"))
         tail_s = ws.seconds - ws.attach_s

@@ -7,11 +7,14 @@ The module is pure (no I/O) so projections, the store, the replay tool and tests
 
 from __future__ import annotations
 
+import functools
 import re
+import types
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, Literal, NotRequired, TypedDict
+from typing import Any, Final, Literal, NotRequired, TypedDict, Union, get_args, get_origin, get_type_hints
 
 import orjson
 
@@ -77,13 +80,14 @@ class WorkRequeued(TypedDict):
     retryAt: str | None
     # Why it was withdrawn, when the scheduler did it: "accept-timeout" marks `agentGuid` (the
     # holder) unresponsive until it shows life; "agent-offline" says its agent was lost or left.
-    cause: NotRequired[str]
+    # A withdrawal names both keys, `cause` null when none was given; an operator's requeue neither.
+    cause: NotRequired[str | None]
     agentGuid: NotRequired[str]
 
 
 class WorkDeadLettered(TypedDict):
     reason: str
-    cause: NotRequired[str]  # as in WorkRequeued, when a withdrawal used up the item's attempts
+    cause: NotRequired[str | None]  # as in WorkRequeued, when a withdrawal used up the item's attempts
     agentGuid: NotRequired[str]
 
 
@@ -237,6 +241,96 @@ CATALOGUE: Final[dict[str, EventSpec]] = dict(
 
 # Hot-path lookup (every fold and subject): the entity of each event type.
 ENTITY_OF: Final[dict[str, Entity]] = {name: spec.entity for name, spec in CATALOGUE.items()}
+
+
+# --- payload validation: the shapes above, checked -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """One key of an event's data: its type (NotRequired taken off) and whether it must be present."""
+
+    name: str
+    type: Any
+    required: bool
+
+
+@functools.cache
+def fields_of(data: type) -> dict[str, FieldSpec]:
+    """The keys a data shape (a TypedDict of this module) declares, in declaration order.
+
+    Read from the annotations, not `__required_keys__`: with postponed annotations Python 3.11
+    counts a `NotRequired[...]` key as required there."""
+    out: dict[str, FieldSpec] = {}
+    for name, hint in get_type_hints(data, include_extras=True).items():
+        required = get_origin(hint) is not NotRequired
+        out[name] = FieldSpec(name, hint if required else get_args(hint)[0], required)
+    return out
+
+
+def payload_errors(type_: str, data: object) -> list[str]:
+    """What is wrong with `data` as the payload of a `type_` event (empty when it fits): a required
+    key missing, a key the type does not declare, a value of another JSON type than declared
+    (nested lists and dicts included; `bool` is not an `int`, an `int` is a `float`)."""
+    spec = CATALOGUE.get(type_)
+    if spec is None:
+        return [f"unknown event type {type_!r}"]
+    if not isinstance(data, Mapping):
+        return [f"data: expected an object, got {_kind(data)}"]
+    fields = fields_of(spec.data)
+    errors = [f"{name}: missing" for name, f in fields.items() if f.required and name not in data]
+    for name, value in data.items():
+        f = fields.get(name)
+        if f is None:
+            errors.append(f"{name}: not a field of {type_} ({spec.data.__name__})")
+        else:
+            errors += _type_errors(str(name), f.type, value)
+    return errors
+
+
+# The JSON scalars a declared type accepts (JSON has one number type: an int is a float).
+_SCALARS: Final[dict[Any, tuple[type, ...]]] = {
+    str: (str,), int: (int,), float: (int, float), bool: (bool,), type(None): (type(None),)
+}
+
+
+def _type_errors(path: str, tp: Any, value: object) -> list[str]:
+    if tp is Any:
+        return []
+    origin = get_origin(tp)
+    if origin is Union or origin is types.UnionType:
+        if any(not _type_errors(path, option, value) for option in get_args(tp)):
+            return []
+        return [f"{path}: expected {_type_name(tp)}, got {_kind(value)}"]
+    if origin is Literal:
+        if any(type(value) is type(a) and value == a for a in get_args(tp)):
+            return []
+        return [f"{path}: expected one of {', '.join(map(repr, get_args(tp)))}, got {value!r}"]
+    if origin is list:
+        if not isinstance(value, list):
+            return [f"{path}: expected {_type_name(tp)}, got {_kind(value)}"]
+        (item,) = get_args(tp)
+        return [e for i, v in enumerate(value) for e in _type_errors(f"{path}[{i}]", item, v)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            return [f"{path}: expected {_type_name(tp)}, got {_kind(value)}"]
+        _key, item = get_args(tp)  # always str: JSON object keys
+        out = [f"{path}: key {k!r} is not a string" for k in value if not isinstance(k, str)]
+        return out + [e for k, v in value.items() for e in _type_errors(f"{path}.{k}", item, v)]
+    accepted = _SCALARS.get(tp)
+    if accepted is None:
+        raise TypeError(f"{path}: the catalogue declares {tp!r}, which payload_errors cannot check")
+    if isinstance(value, accepted) and (tp is bool or not isinstance(value, bool)):
+        return []
+    return [f"{path}: expected {_type_name(tp)}, got {_kind(value)}"]
+
+
+def _type_name(tp: Any) -> str:
+    return "None" if tp is type(None) else getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r}"[:80]
 
 
 class UnsupportedEvent(ValueError):

@@ -22,6 +22,7 @@ from projections.worktable import Record as Record  # re-exported: the one recor
 STATE_SCHEMA = 5
 
 WORK_STATUSES = ("pending", "assigned", "in-progress", "completed", "failed", "cancelled")
+AGENT_STATUSES = ("online", "busy", "offline")
 TERMINAL_WORK = frozenset({"completed", "failed", "cancelled"})
 LIVE_ASSIGNMENT = frozenset({"assigned", "in-progress"})
 # Statuses no event moves an item out of, nor changes it in (only a purge removes it).

@@ -1,23 +1,92 @@
 """Shared fixtures: one real nats-server (the bundled binary) per test session on 127.0.0.1.
 
 Tests isolate themselves by project id (one stream per project), so they share the server safely.
+Every event any test appends through `EventStore.append` is checked against its catalogue shape
+(`projections.events.payload_errors`); see `catalogue_checked_appends`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.aio.client import Client as NATS
 
-from tests.servers import Reporter, own_nats_server
+from projections.events import Event, payload_errors
+from tests.servers import DockerNats, Reporter, session_nats_server
 from weft.store import connection
 from weft.store.embedded import EmbeddedNats
 from weft.store.eventstore import EventStore
+
+# --- every appended event matches its catalogue shape --------------------------------------------
+
+# Events appended that do not match the catalogue, not yet reported: one line each.
+_MISFITS: list[str] = []
+# > 0 while a test appends malformed events on purpose (marker `malformed_events` or the
+# `allow_malformed_events` context manager). A plain counter, not a context variable: the appends of
+# a test also come from the session replica's long-lived tasks, which no context reaches.
+_ALLOWED = 0
+
+
+@pytest.fixture(scope="session", autouse=True)
+def catalogue_checked_appends() -> Iterator[None]:
+    """Wrap `EventStore.append` (the one path to the stream: group commits go through it) so that
+    each event is checked before it is appended. A misfit is still appended (the code under test
+    sees no difference) and fails the test that was running, at its teardown, naming the type, the
+    errors and who wrote it."""
+    original = EventStore.append
+
+    async def append(self: EventStore, ev: Event, expected_seq: int | None) -> Any:
+        errors = payload_errors(ev.type, ev.data)
+        if errors and not _ALLOWED:
+            _MISFITS.append(f"{ev.type} (entity {ev.entity_id}, actor {ev.actor}): {'; '.join(errors)}")
+        return await original(self, ev, expected_seq)
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(EventStore, "append", append)
+    yield
+    patch.undo()
+    if _MISFITS:
+        pytest.fail("events appended after the last test that do not match the catalogue:\n" + "\n".join(_MISFITS))
+
+
+@pytest.fixture(autouse=True)
+def appended_events_match_the_catalogue(request: pytest.FixtureRequest) -> Iterator[None]:
+    global _ALLOWED
+    marked = request.node.get_closest_marker("malformed_events") is not None
+    _ALLOWED += marked
+    try:
+        yield
+    finally:
+        _ALLOWED -= marked
+    if _MISFITS:
+        found = list(_MISFITS)
+        _MISFITS.clear()
+        pytest.fail("events appended that do not match their catalogue shape (projections.events); "
+                    "mark a test that appends them on purpose with @pytest.mark.malformed_events:\n"
+                    + "\n".join(found), pytrace=False)
+
+
+@pytest.fixture
+def allow_malformed_events() -> Callable[[], contextlib.AbstractContextManager[None]]:
+    """`with allow_malformed_events(): ...` appends malformed events on purpose, unchecked."""
+
+    @contextlib.contextmanager
+    def allowed() -> Iterator[None]:
+        global _ALLOWED
+        _ALLOWED += 1
+        try:
+            yield
+        finally:
+            _ALLOWED -= 1
+
+    return allowed
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -37,13 +106,15 @@ async def no_stuck_tasks() -> AsyncIterator[None]:
 
 
 @pytest.fixture(scope="session")
-async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedNats]:
-    async with own_nats_server(tmp_path_factory, "test") as server:
+async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedNats | DockerNats]:
+    """The bundled nats-server; a container with WEFT_TEST_DOCKER=1 and Docker (tests.servers).
+    Tests use its `url` only, which both have."""
+    async with session_nats_server(tmp_path_factory, "test") as server:
         yield server
 
 
 @pytest.fixture
-async def nc(nats_server: EmbeddedNats) -> AsyncIterator[NATS]:
+async def nc(nats_server: EmbeddedNats | DockerNats) -> AsyncIterator[NATS]:
     # weft's own client class, as the service uses it: store and replica tests run through it.
     client = await connection.connect(nats_server.url, max_reconnect_attempts=3)
     yield client
@@ -98,7 +169,7 @@ from weft.settings import Settings  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-async def weft_service(nats_server: EmbeddedNats) -> AsyncIterator[WeftService]:
+async def weft_service(nats_server: EmbeddedNats | DockerNats) -> AsyncIterator[WeftService]:
     """One replica for the session; tests isolate by project id."""
     settings = replace(
         Settings.from_env({}),

@@ -5,19 +5,21 @@ state accepts (so items really get assigned, progress, fail, retry, land in the 
 fifth is blind and often invalid for the state (assign before submit, complete after cancel, an
 offline agent, an unknown spin-up), which the fold must ignore. Decision events sometimes carry a
 scheduler epoch, lower ones included. Ids come from small pools so entities collide. Every event
-is well-formed (the shape its type declares); only its fit to the state is random.
+is well-formed (the shape its type declares in the catalogue, from which `payload` derives it); only
+its fit to the state is random.
 """
 
 from __future__ import annotations
 
 import functools
+import types
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin
 
 from hypothesis import strategies as st
 
 from projections import ProjectState, apply
-from projections.events import Event, format_ts
+from projections.events import CATALOGUE, Event, FieldSpec, fields_of, format_ts
 from projections.state import LIVE_ASSIGNMENT, TERMINAL_WORK
 from projections.work import purgeable
 
@@ -61,93 +63,63 @@ TARGET_TYPES = (
     "spinup.failed",
 )
 
-maybe_agent = st.one_of(st.none(), st.sampled_from(AGENT_IDS))
 short_text = st.sampled_from(["", "abc", "x y"])
-reason = st.one_of(st.none(), short_text)
 iso = st.integers(0, 10_000).map(lambda ms: format_ts(BASE_TIME + timedelta(milliseconds=ms)))
+small_json = st.one_of(st.none(), st.integers(-9, 9), st.lists(st.integers(-9, 9), max_size=2))
 
 
-def _work_data(t: str) -> st.SearchStrategy[dict[str, Any]]:
-    if t == "work.submitted":
-        return st.fixed_dictionaries(
-            {
-                "taskId": short_text,
-                "capability": st.sampled_from(["code", "test"]),
-                "boundary": st.sampled_from(["default", "corporate"]),
-                "description": short_text,
-                "priority": st.integers(1, 10),
-                "preferredAgentType": st.none(),
-                "requiredAgentType": st.none(),
-                "deadline": st.none(),
-                "contextData": st.one_of(st.none(), st.fixed_dictionaries({"repo": short_text})),
-                "maxAttempts": st.integers(1, 3),
-            }
-        )
-    if t == "work.assigned":
-        return st.fixed_dictionaries(
-            {"agentGuid": st.sampled_from(AGENT_IDS), "attempt": st.integers(1, 4), "acceptBy": iso}
-        )
-    if t == "work.started":
-        return st.fixed_dictionaries({"agentGuid": maybe_agent})
-    if t == "work.progressed":
-        return st.fixed_dictionaries(
-            {"agentGuid": maybe_agent, "progress": st.integers(-20, 150), "message": reason}
-        )
-    if t == "work.completed":
-        return st.fixed_dictionaries(
-            {
-                "agentGuid": maybe_agent,
-                "summary": reason,
-                "output": st.one_of(st.none(), st.integers(-9, 9), st.lists(st.integers(-9, 9), max_size=2)),
-                "artifacts": st.none(),
-            }
-        )
-    if t == "work.failed":
-        return st.fixed_dictionaries(
-            {
-                "agentGuid": maybe_agent,
-                "message": short_text,
-                "code": st.none(),
-                "recoverable": st.booleans(),
-                "outcome": st.sampled_from(["retry", "dead-letter"]),
-                "retryAt": st.one_of(st.none(), iso),
-            }
-        )
-    if t == "work.requeued":
-        return st.fixed_dictionaries({"reason": short_text, "retryAt": st.one_of(st.none(), iso)})
-    if t == "work.dead_lettered":
-        return st.fixed_dictionaries({"reason": short_text})
-    return st.fixed_dictionaries({"reason": reason})  # cancelled, retried, discarded, purged
+# --- payloads, derived from the catalogue's TypedDicts (projections.events) ----------------------
+# Each key of a type's data gets, in this order: the type's own override (`TYPE_VALUES`), the
+# domain values of its name (`FIELD_VALUES`, made nullable where the key is), or a strategy for its
+# declared type (`for_type`). A key added to a TypedDict is generated without a change here.
 
 
-def _agent_data(t: str, guid: str) -> st.SearchStrategy[dict[str, Any]]:
-    if t == "agent.registered":
-        return st.fixed_dictionaries(
-            {
-                "guid": st.just(guid),
-                "handle": st.none(),
-                "agentType": st.sampled_from(["developer", "reviewer"]),
-                "capabilities": st.lists(st.sampled_from(["code", "test"]), max_size=2, unique=True),
-                "boundaries": st.just(["default"]),
-                "maxConcurrentTasks": st.just(AGENT_CAPACITY[guid]),
-                "hostname": st.none(),
-                "username": st.none(),
-                "visibility": st.just("project-only"),
-                "labels": st.dictionaries(st.sampled_from(["gpu", "os"]), short_text, max_size=2),
-                "source": st.sampled_from(["weft", "warp"]),
-                "spinUpId": st.one_of(st.none(), st.sampled_from(SPINUP_IDS)),
-                "targetId": st.none(),
-                "spindownAfterIdleMs": st.none(),
-            }
-        )
-    if t == "agent.shutdown_requested":
-        return st.fixed_dictionaries(
-            {"graceful": st.booleans(), "reason": short_text, "gracePeriodMs": st.none()}
-        )
-    if t == "agent.deregistered":
-        return st.fixed_dictionaries({"reason": reason})
-    return st.fixed_dictionaries({"lastHeartbeat": st.one_of(st.none(), iso)})
+def for_type(tp: Any) -> st.SearchStrategy[Any]:
+    """Values of a catalogue annotation: small, JSON-able, of exactly the declared type."""
+    if tp is Any:
+        return small_json
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Union or origin is types.UnionType:
+        return st.one_of(*(for_type(a) for a in args))
+    if origin is Literal:
+        return st.sampled_from(args)
+    if origin is list:
+        return st.lists(for_type(args[0]), max_size=2)
+    if origin is dict:
+        return st.dictionaries(st.sampled_from(["a", "b"]), for_type(args[1]), max_size=2)
+    scalars: dict[Any, st.SearchStrategy[Any]] = {
+        str: short_text,
+        int: st.integers(0, 10),
+        float: st.floats(0, 1e4, allow_nan=False),
+        bool: st.booleans(),
+        type(None): st.none(),
+    }
+    return scalars[tp]
 
+
+# Domain values by key name, for every type with such a key: ids from the pools, so entities meet.
+FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
+    "agentGuid": st.sampled_from(AGENT_IDS),
+    "workId": st.sampled_from(WORK_IDS),
+    "spinUpId": st.sampled_from(SPINUP_IDS),
+    "capability": st.sampled_from(["code", "test"]),
+    "boundary": st.sampled_from(["default", "corporate"]),
+    "capabilities": st.lists(st.sampled_from(["code", "test"]), max_size=2, unique=True),
+    "boundaries": st.just(["default"]),
+    "agentType": st.sampled_from(["developer", "reviewer"]),
+    "acceptBy": iso,
+    "retryAt": iso,
+    "lastHeartbeat": iso,
+    "cause": st.sampled_from(["accept-timeout", "agent-offline"]),
+    "priority": st.integers(1, 10),
+    "maxAttempts": st.integers(1, 3),
+    "attempt": st.integers(1, 4),
+    "progress": st.integers(-20, 150),  # out of range too: the fold clamps
+    "contextData": st.fixed_dictionaries({"repo": short_text}),
+    "labels": st.dictionaries(st.sampled_from(["gpu", "os"]), short_text, max_size=2),
+    "visibility": st.just("project-only"),
+    "latencyMs": st.floats(0, 1000, allow_nan=False),
+}
 
 # A target.updated may (wrongly) name fields weft maintains itself: the fold must ignore those.
 _target_changes = st.fixed_dictionaries(
@@ -162,64 +134,76 @@ _target_changes = st.fixed_dictionaries(
     },
 )
 
+# Per type, taken as they are: what a key holds there (nulls where the routing is not under test).
+TYPE_VALUES: dict[str, dict[str, st.SearchStrategy[Any]]] = {
+    "work.submitted": {"preferredAgentType": st.none(), "requiredAgentType": st.none(), "deadline": st.none()},
+    "work.completed": {"artifacts": st.none()},
+    "work.failed": {"code": st.none()},
+    "agent.registered": {
+        "handle": st.none(),
+        "hostname": st.none(),
+        "username": st.none(),
+        "targetId": st.none(),
+        "spindownAfterIdleMs": st.none(),
+        "spinUpId": st.one_of(st.none(), st.sampled_from(SPINUP_IDS)),
+    },
+    "agent.shutdown_requested": {"gracePeriodMs": st.none()},
+    "target.registered": {
+        "target": st.fixed_dictionaries(
+            {
+                "name": short_text,
+                "agentType": st.just("developer"),
+                "mechanism": st.just("local"),
+                "capabilities": st.just(["code"]),
+                "status": st.sampled_from(["available", "disabled"]),
+                "config": st.fixed_dictionaries({"local": st.fixed_dictionaries({"command": short_text})}),
+            },
+            optional={"circuitBreakerThreshold": st.integers(1, 4)},
+        )
+    },
+    "target.updated": {"changes": _target_changes},
+    "spinup.requested": {"capability": st.none(), "boundary": st.none()},
+    "spinup.started": {"mechanismResult": st.none()},
+}
 
-def _target_data(t: str) -> st.SearchStrategy[dict[str, Any]]:
-    spin = st.sampled_from(SPINUP_IDS)
-    if t == "target.registered":
-        return st.fixed_dictionaries(
-            {
-                "target": st.fixed_dictionaries(
-                    {
-                        "name": short_text,
-                        "agentType": st.just("developer"),
-                        "mechanism": st.just("local"),
-                        "capabilities": st.just(["code"]),
-                        "status": st.sampled_from(["available", "disabled"]),
-                        "config": st.fixed_dictionaries(
-                            {"local": st.fixed_dictionaries({"command": short_text})}
-                        ),
-                    },
-                    optional={"circuitBreakerThreshold": st.integers(1, 4)},
-                )
-            }
-        )
-    if t == "target.updated":
-        return st.fixed_dictionaries({"changes": _target_changes})
-    if t in ("target.enabled", "target.disabled", "target.removed"):
-        return st.fixed_dictionaries({"reason": reason})
-    if t == "target.health_changed":
-        return st.fixed_dictionaries(
-            {
-                "healthStatus": st.sampled_from(["healthy", "unhealthy", "unknown"]),
-                "latencyMs": st.one_of(st.none(), st.floats(0, 1000, allow_nan=False)),
-                "error": reason,
-            }
-        )
-    if t == "spinup.requested":
-        return st.fixed_dictionaries(
-            {
-                "spinUpId": spin,
-                "workId": st.one_of(st.none(), st.sampled_from(WORK_IDS)),
-                "capability": st.none(),
-                "boundary": st.none(),
-                "reason": short_text,
-            }
-        )
-    if t == "spinup.started":
-        return st.fixed_dictionaries({"spinUpId": spin, "mechanismResult": st.none()})
-    if t == "spinup.completed":
-        return st.fixed_dictionaries(
-            {"spinUpId": spin, "agentGuid": st.sampled_from(AGENT_IDS), "durationMs": st.floats(0, 1e4)}
-        )
-    return st.fixed_dictionaries({"spinUpId": spin, "error": short_text, "durationMs": st.floats(0, 1e4)})
+
+def _nullable(tp: Any) -> bool:
+    origin = get_origin(tp)
+    return (origin is Union or origin is types.UnionType) and type(None) in get_args(tp)
+
+
+def _key_values(f: FieldSpec, fixed: dict[str, st.SearchStrategy[Any]]) -> st.SearchStrategy[Any]:
+    if f.name in fixed:
+        return fixed[f.name]
+    by_name = FIELD_VALUES.get(f.name)
+    if by_name is None:
+        return for_type(f.type)
+    return st.one_of(st.none(), by_name) if _nullable(f.type) else by_name
+
+
+def payload(type_: str, **fixed: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]]:
+    """Data of a `type_` event as its catalogue TypedDict declares it: every required key, each
+    NotRequired key now and then. `fixed` overrides keys for this call (an agent's own guid...)."""
+    fields = fields_of(CATALOGUE[type_].data)
+    values = {**TYPE_VALUES.get(type_, {}), **fixed}
+    return st.fixed_dictionaries(
+        {n: _key_values(f, values) for n, f in fields.items() if f.required},
+        optional={n: _key_values(f, values) for n, f in fields.items() if not f.required},
+    )
 
 
 Payload = tuple[str, str, dict[str, Any], str | None]
 
 # Strategies are built once: building them per draw dominates generation time otherwise.
-WORK_DATA = {t: _work_data(t) for t in WORK_TYPES}
-AGENT_DATA = {(t, g): _agent_data(t, g) for t in AGENT_TYPES for g in AGENT_IDS}
-TARGET_DATA = {t: _target_data(t) for t in TARGET_TYPES}
+WORK_DATA = {t: payload(t) for t in WORK_TYPES}
+# Each agent always declares its own guid and capacity (see AGENT_CAPACITY).
+AGENT_DATA = {
+    (t, g): payload(t, guid=st.just(g), maxConcurrentTasks=st.just(AGENT_CAPACITY[g])) if t == "agent.registered"
+    else payload(t)
+    for t in AGENT_TYPES
+    for g in AGENT_IDS
+}
+TARGET_DATA = {t: payload(t) for t in TARGET_TYPES}
 MAYBE_KEY = st.one_of(st.none(), st.sampled_from(IDEMPOTENCY_KEYS))
 MAYBE_EPOCH = st.one_of(st.none(), st.integers(1, 3))
 ONE_IN_FIVE = st.integers(0, 4)

@@ -24,6 +24,8 @@ from weft.spinup import Mechanism, build_mechanisms
 from weft.store import connection
 from weft.store.eventstore import EventStore
 from weft.store.readmodel import ReadModel
+from weft.store.resources import JetStreamResources
+from weft.store.snapshots import SnapshotStore
 
 log = logging.getLogger("weft.service")
 
@@ -74,6 +76,7 @@ class WeftService:
     def __init__(self, settings: Settings, mechanisms: dict[str, Mechanism] | None = None) -> None:
         self.settings = settings
         self.nc: NATS | None = None
+        self.resources: JetStreamResources | None = None  # what its store and snapshots declare on the server
         self.readmodel: ReadModel | None = None
         self.commands: Commands | None = None
         self.app: web.Application | None = None
@@ -88,12 +91,14 @@ class WeftService:
 
     async def start(self, nats_url: str, *, serve_http: bool = True) -> None:
         self.nc = await connect_nats(self.settings, nats_url)
+        self.resources = JetStreamResources(self.nc.jetstream())
         store = EventStore(
-            self.nc.jetstream(),
+            self.resources,
             replicas=self.settings.stream_replicas,
             group_commit_after=self.settings.group_commit_after,
         )
-        self.readmodel = ReadModel(store, snapshot_every=self.settings.snapshot_every)
+        snapshots = SnapshotStore(self.resources, replicas=self.settings.stream_replicas)
+        self.readmodel = ReadModel(store, snapshots=snapshots, snapshot_every=self.settings.snapshot_every)
         await self.readmodel.start()
         self.commands = Commands(self.readmodel, store)
         self.liveness = Liveness(self.nc)

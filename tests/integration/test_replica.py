@@ -21,8 +21,9 @@ from projections.state import STATE_SCHEMA
 from tests.integration.test_eventstore import read_all, target_registered, target_updated, work_submitted
 from tests.servers import own_nats_server
 from weft.store.embedded import EmbeddedNats
-from weft.store.eventstore import SNAPSHOT_BUCKET, ConcurrencyConflict, EventStore
+from weft.store.eventstore import ConcurrencyConflict, EventStore
 from weft.store.readmodel import ProjectView, ReadModel
+from weft.store.snapshots import SNAPSHOT_BUCKET, SnapshotStore
 
 WAIT = 10.0  # upper bound for a wait that should end long before; never a synchronisation sleep
 
@@ -53,6 +54,11 @@ async def replicas(nats_server: EmbeddedNats) -> AsyncIterator[ReplicaFactory]:
     for replica, conn in made:
         await replica.stop()
         await conn.close()
+
+
+@pytest.fixture
+def snapshots(store: EventStore) -> SnapshotStore:
+    return SnapshotStore(store.resources)
 
 
 async def append_work(store: EventStore, project: str, n: int, prefix: str = "w") -> int:
@@ -161,6 +167,7 @@ async def test_the_view_survives_an_event_it_cannot_decode(
     assert "t1" in view.state.targets
 
 
+@pytest.mark.malformed_events
 async def test_the_view_survives_an_event_it_cannot_fold(
     store: EventStore, project: str, replicas: ReplicaFactory
 ) -> None:
@@ -208,7 +215,7 @@ async def test_a_writer_using_its_views_entity_seq_wins_and_a_stale_one_loses(
 
 
 async def test_attach_from_snapshot_plus_tail_equals_a_full_replay(
-    store: EventStore, project: str, replicas: ReplicaFactory
+    store: EventStore, snapshots: SnapshotStore, project: str, replicas: ReplicaFactory
 ) -> None:
     first = await replicas()
     seq = await append_work(store, project, 5)
@@ -221,11 +228,11 @@ async def test_attach_from_snapshot_plus_tail_equals_a_full_replay(
     assert view.tail is not None and view.tail.from_seq == 6, "resumed after the snapshot"
     assert await view.wait_for(seq, WAIT)
     assert state_hash(view.state) == state_hash(await full_replay(store, project))
-    await store.delete_snapshot(project)
+    await snapshots.delete_snapshot(project)
 
 
 async def test_deleting_all_snapshots_yields_the_same_state_hash(
-    store: EventStore, project: str, replicas: ReplicaFactory
+    store: EventStore, snapshots: SnapshotStore, project: str, replicas: ReplicaFactory
 ) -> None:
     writer = await replicas(snapshot_every=4)
     view = await writer.attach(project)
@@ -234,10 +241,10 @@ async def test_deleting_all_snapshots_yields_the_same_state_hash(
     seq = (await store.append(target_updated(project, "x"), seq + 1)).seq
     assert await view.wait_for(seq, WAIT)
     await writer.stop()  # waits for the snapshot writes it started
-    assert await store.load_snapshot(project) is not None
+    assert await snapshots.load_snapshot(project) is not None
 
     with_snapshot = await attached(await replicas(), project, seq)
-    await store.delete_snapshot(project)
+    await snapshots.delete_snapshot(project)
     without = await attached(await replicas(), project, seq)
     assert with_snapshot.tail is not None and with_snapshot.tail.from_seq > 1
     assert without.tail is not None and without.tail.from_seq == 1
@@ -245,7 +252,7 @@ async def test_deleting_all_snapshots_yields_the_same_state_hash(
 
 
 async def test_snapshots_settle_finished_items_and_a_restart_from_one_matches_a_replay(
-    store: EventStore, project: str, replicas: ReplicaFactory
+    store: EventStore, snapshots: SnapshotStore, project: str, replicas: ReplicaFactory
 ) -> None:
     """A replica's snapshot turns its cancelled items back into slices of the bytes it wrote; later
     events (a purge of a settled item, new work) fold as in a full replay, and a new replica that
@@ -273,41 +280,41 @@ async def test_snapshots_settle_finished_items_and_a_restart_from_one_matches_a_
     assert restarted.state.work.encoded_count() == 5, "w0, w2-w5 untouched since the snapshot"
     assert state_hash(restarted.state) == state_hash(await full_replay(store, project))
     assert list(restarted.state.work_by_status["cancelled"]) == ["w0", "w2", "w3"]
-    await store.delete_snapshot(project)
+    await snapshots.delete_snapshot(project)
 
 
 async def test_snapshots_are_written_every_n_events(
-    store: EventStore, project: str, replicas: ReplicaFactory
+    store: EventStore, snapshots: SnapshotStore, project: str, replicas: ReplicaFactory
 ) -> None:
     replica = await replicas(snapshot_every=3)
     view = await replica.attach(project)
     seq = await append_work(store, project, 7)
     assert await view.wait_for(seq, WAIT)
     await replica.stop()
-    raw = await store.load_snapshot(project)
+    raw = await snapshots.load_snapshot(project)
     assert raw is not None
     assert decode_state(raw).seq in (3, 6), "a snapshot exactly at a multiple of N"
-    await store.delete_snapshot(project)
+    await snapshots.delete_snapshot(project)
 
 
 async def test_an_unreadable_snapshot_means_a_full_replay(
-    store: EventStore, project: str, replicas: ReplicaFactory
+    store: EventStore, snapshots: SnapshotStore, project: str, replicas: ReplicaFactory
 ) -> None:
     seq = await append_work(store, project, 3)
-    await store.save_snapshot(project, b"garbage")
+    await snapshots.save_snapshot(project, b"garbage")
     view = await attached(await replicas(), project, seq)
     assert state_hash(view.state) == state_hash(await full_replay(store, project))
     old_schema = ProjectState(project=project, seq=seq).to_dict()
     old_schema.update(schema=STATE_SCHEMA - 1)  # a complete, current-looking state of another schema
-    await store.save_snapshot(project, orjson.dumps(old_schema))
+    await snapshots.save_snapshot(project, orjson.dumps(old_schema))
     view = await attached(await replicas(), project, seq)
     assert view.tail is not None and view.tail.from_seq == 1
     assert state_hash(view.state) == state_hash(await full_replay(store, project))
-    await store.delete_snapshot(project)
+    await snapshots.delete_snapshot(project)
 
 
 async def test_a_snapshot_whose_chunks_do_not_match_its_record_is_ignored(
-    store: EventStore, project: str, replicas: ReplicaFactory, nc: NATS
+    store: EventStore, snapshots: SnapshotStore, project: str, replicas: ReplicaFactory, nc: NATS
 ) -> None:
     """The object's size and SHA-256 guard the snapshot: an extra chunk (more bytes than recorded)
     or a chunk rewritten in place (same size, other bytes) means a full replay, never a wrong state."""
@@ -315,7 +322,7 @@ async def test_a_snapshot_whose_chunks_do_not_match_its_record_is_ignored(
     truth = await full_replay(store, project)
     js = nc.jetstream()
     for tamper in ("extra", "rewrite"):
-        await store.save_snapshot(project, encode_state(truth))
+        await snapshots.save_snapshot(project, encode_state(truth))
         info = await (await js.object_store(SNAPSHOT_BUCKET)).get_info(project)
         chunks = f"$O.{SNAPSHOT_BUCKET}.C.{info.nuid}"
         stream = f"OBJ_{SNAPSHOT_BUCKET}"
@@ -326,15 +333,15 @@ async def test_a_snapshot_whose_chunks_do_not_match_its_record_is_ignored(
             assert original.data is not None
             await js.purge_stream(stream, subject=chunks)
             await js.publish(chunks, original.data.replace(b"w0", b"w9"), stream=stream)
-        assert await store.load_snapshot(project) is None, tamper
+        assert await snapshots.load_snapshot(project) is None, tamper
         view = await attached(await replicas(), project, seq)
         assert view.tail is not None and view.tail.from_seq == 1, tamper
         assert state_hash(view.state) == state_hash(truth)
-    await store.delete_snapshot(project)
+    await snapshots.delete_snapshot(project)
 
 
 async def test_a_snapshot_ahead_of_the_stream_is_ignored(
-    store: EventStore, project: str, replicas: ReplicaFactory
+    store: EventStore, snapshots: SnapshotStore, project: str, replicas: ReplicaFactory
 ) -> None:
     """A snapshot of an older stream of the same name (deleted, then re-created) must not hide
     the new stream's events."""
@@ -342,12 +349,12 @@ async def test_a_snapshot_ahead_of_the_stream_is_ignored(
     ghost.seq = 100
     old = fold([ghost], project=project)
     assert decode_state(encode_state(old)).seq == 100, "a snapshot that loads, but is ahead"
-    await store.save_snapshot(project, encode_state(old))
+    await snapshots.save_snapshot(project, encode_state(old))
     seq = await append_work(store, project, 2)
     view = await attached(await replicas(), project, seq)
     assert sorted(view.state.work) == ["w0", "w1"]
     assert state_hash(view.state) == state_hash(await full_replay(store, project))
-    await store.delete_snapshot(project)
+    await snapshots.delete_snapshot(project)
 
 
 # --- several replicas ---------------------------------------------------------------------

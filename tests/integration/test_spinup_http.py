@@ -28,6 +28,7 @@ from cryptography.x509.oid import NameOID
 from tests.servers import Recorded, RecordingServer
 from weft.core.errors import InvalidInput
 from weft.core.targets import validate_new_target
+from weft.spinup import SCHEMAS
 from weft.spinup.base import SpinUpError, SpinUpRequest
 from weft.spinup.github import GithubActionsMechanism
 from weft.spinup.kubernetes import KubernetesMechanism, job_name, label_value
@@ -67,7 +68,7 @@ def make_target(mechanism: str, config: dict[str, Any], **extra: Any) -> dict[st
         "config": config,
         **extra,
     }
-    return {**validate_new_target(body), "id": str(uuid.uuid4())}
+    return {**validate_new_target(body, SCHEMAS), "id": str(uuid.uuid4())}
 
 
 WORK = {

@@ -22,6 +22,7 @@ import pytest
 from tests.servers import AGENT, Reporter, died, ping, until_eof
 from weft.core.errors import InvalidInput
 from weft.core.targets import validate_new_target
+from weft.spinup import SCHEMAS
 from weft.spinup.base import SpinUpError, SpinUpRequest
 from weft.spinup.local import LocalMechanism, boot_id, proc_stat
 
@@ -48,7 +49,7 @@ def target(command: str, **local: Any) -> dict[str, Any]:
         "name": "laptop", "agentType": "claude-code", "mechanism": "local",
         "capabilities": ["python", "review"], "boundaries": ["personal"],
         "config": {"local": {"command": command, **local}},
-    })
+    }, SCHEMAS)
     t["id"] = "tgt-1"
     return t
 

@@ -24,6 +24,7 @@ import pytest
 from tests.servers import AGENT, Reporter, SshServer, died, ping, run_sshd, until_eof
 from weft.core.errors import InvalidInput
 from weft.core.targets import validate_new_target
+from weft.spinup import SCHEMAS
 from weft.spinup.base import SpinUpError, SpinUpRequest
 from weft.spinup.ssh import SshMechanism
 from weft.store.embedded import free_port
@@ -52,7 +53,7 @@ def target(server: SshServer, command: str = "python -c pass", **ssh: Any) -> di
            "privateKeyPath": str(server.client_key_path), "knownHosts": str(server.known_hosts),
            "connectionTimeoutMs": 10000, **ssh}
     t = validate_new_target({"name": "box", "agentType": "copilot-cli", "mechanism": "ssh",
-                             "capabilities": ["python"], "boundaries": ["open-source"], "config": {"ssh": cfg}})
+                             "capabilities": ["python"], "boundaries": ["open-source"], "config": {"ssh": cfg}}, SCHEMAS)
     t["id"] = "tgt-ssh"
     return t
 
@@ -289,7 +290,7 @@ def test_registration_rejects_bad_ssh_fields(ssh: dict[str, Any], field: str) ->
     body = {"name": "box", "agentType": "x", "mechanism": "ssh", "capabilities": ["python"],
             "config": {"ssh": {"host": "h", "user": "u", "command": "weft agent", **ssh}}}
     with pytest.raises(InvalidInput) as err:
-        validate_new_target(body)
+        validate_new_target(body, SCHEMAS)
     assert err.value.field == field
     assert "hunter2" not in str(err.value) and "BEGIN" not in str(err.value)
 
@@ -300,5 +301,5 @@ def test_registration_accepts_the_supported_ssh_fields() -> None:
            "connectionTimeoutMs": 5000, "workingDirectory": "/srv", "logDir": "/var/tmp/agents",
            "stopGraceMs": 0, "env": {"A": "1", "B": 2, "C": True, "TOKEN": "file:/run/secrets/t"}}
     t = validate_new_target({"name": "box", "agentType": "x", "mechanism": "ssh", "capabilities": ["python"],
-                             "config": {"ssh": cfg}})
+                             "config": {"ssh": cfg}}, SCHEMAS)
     assert t["config"] == {"mechanism": "ssh", "ssh": cfg}

@@ -22,6 +22,7 @@ from weft.core.routing import (
     visible_in,
 )
 from weft.runtime.warp_bridge import declaration, parse_entry
+from weft.spinup import SCHEMAS
 
 
 def state_of(*agents: Record) -> ProjectState:
@@ -133,7 +134,7 @@ def test_entries_keep_their_boundaries_type_and_limits() -> None:
 
 def target(mechanism: str, config: Any) -> dict[str, Any]:
     return targets.validate_new_target({"name": "t", "agentType": "x", "mechanism": mechanism,
-                                           "capabilities": ["python"], "config": config})
+                                           "capabilities": ["python"], "config": config}, SCHEMAS)
 
 
 def test_registered_config_keeps_the_clients_shape() -> None:
@@ -144,14 +145,14 @@ def test_registered_config_keeps_the_clients_shape() -> None:
     assert other_block["registeredConfig"] == {"command": "x"}  # what normalisation ignores is not shown
     k8s = target("kubernetes", {"image": "img"})
     assert k8s["config"]["kubernetes"]["namespace"] == "default" and k8s["registeredConfig"] == {"image": "img"}
-    changes = targets.validate_update(flat, {"config": {"port": 2222}})
+    changes = targets.validate_update(flat, {"config": {"port": 2222}}, SCHEMAS)
     assert changes["registeredConfig"] == {"host": "h", "user": "u", "command": "weft agent", "port": 2222}
     assert changes["config"]["ssh"]["port"] == 2222
     old = {k: v for k, v in flat.items() if k != "registeredConfig"}  # registered before it was kept
-    assert "registeredConfig" not in targets.validate_update(old, {"config": {"port": 2222}})
+    assert "registeredConfig" not in targets.validate_update(old, {"config": {"port": 2222}}, SCHEMAS)
     with pytest.raises(InvalidInput) as err:
-        targets.validate_update(flat, {"config": {"ssh": "not an object"}})
+        targets.validate_update(flat, {"config": {"ssh": "not an object"}}, SCHEMAS)
     assert err.value.field == "config.ssh"
     with pytest.raises(InvalidInput) as err:
-        targets.validate_update(flat, {"registeredConfig": {}})
+        targets.validate_update(flat, {"registeredConfig": {}}, SCHEMAS)
     assert err.value.field == "registeredConfig"

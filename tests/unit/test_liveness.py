@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from types import SimpleNamespace
 from typing import Any
 
 from projections import ProjectState, apply
@@ -12,8 +11,8 @@ from projections.events import format_ts, parse_ts
 from projections.work import ACCEPT_TIMEOUT
 from tests.unit.test_projections import Stream
 from tests.unit.test_routing import NOW, make_agent, make_state, make_work
+from weft.core import plan
 from weft.core.routing import DEFAULT_POLICY, eligible, is_unresponsive, plan_assignments
-from weft.runtime.scheduler import ProjectScheduler
 
 
 def requeue(s: Stream, work_id: str, guid: str, cause: str | None) -> None:
@@ -152,18 +151,8 @@ def test_an_agent_timing_out_in_this_very_pass_gets_nothing_in_it() -> None:
 # --- the scheduler's measure of silence ------------------------------------------------------------
 
 
-class Heard:
-    def __init__(self, silent_s: float, wall: str | None = None) -> None:
-        self.silent_s = silent_s
-        self.wall = {("p", "a1"): wall} if wall else {}
-
-    def silent_for(self, project: str, guid: str) -> float:
-        return self.silent_s
-
-
 def silent_for(agent_record: dict[str, Any], heard_s: float, now: datetime) -> float:
-    fake = SimpleNamespace(project="p", liveness=Heard(heard_s))
-    return ProjectScheduler._silent_for(fake, agent_record, now)  # type: ignore[arg-type]
+    return plan.silence(agent_record, heard_s, now)
 
 
 def test_silence_ignores_what_weft_did_to_the_agent() -> None:
@@ -184,7 +173,7 @@ def test_silence_of_a_record_from_before_last_seen_counts_from_its_registration(
 
 
 def test_heard_since_compares_the_last_heartbeat_with_the_mark() -> None:
-    fake = SimpleNamespace(project="p", liveness=Heard(0.0, wall="2026-01-01T00:00:05.000Z"))
-    assert ProjectScheduler._heard_since(fake, "a1", "2026-01-01T00:00:04.000Z")  # type: ignore[arg-type]
-    assert not ProjectScheduler._heard_since(fake, "a1", "2026-01-01T00:00:06.000Z")  # type: ignore[arg-type]
-    assert not ProjectScheduler._heard_since(fake, "nobody", "2026-01-01T00:00:00.000Z")  # type: ignore[arg-type]
+    heard = "2026-01-01T00:00:05.000Z"
+    assert plan.heard_since(heard, "2026-01-01T00:00:04.000Z")
+    assert not plan.heard_since(heard, "2026-01-01T00:00:06.000Z")
+    assert not plan.heard_since(None, "2026-01-01T00:00:00.000Z")  # never heard

@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 from nats.js.kv import KeyValue
 
-from projections.state import Record
+from projections.state import AGENT_STATUSES, Record
 from weft.api.common import (
     all_views,
     ctx_of,
@@ -38,7 +38,6 @@ from weft.store.readmodel import ProjectView
 
 log = logging.getLogger("weft.api.agents")
 
-AGENT_STATUSES = ("online", "busy", "offline")
 HEARTBEAT_READ_TIMEOUT_S = 2.0
 
 
@@ -48,7 +47,7 @@ async def visible_agents(request: web.Request, *, foreign_public: bool = True) -
     named = explicit_project(request)
     out: list[tuple[ProjectView, Record]] = []
     if named is None:
-        for view in await all_views(request):
+        for view in all_views(request):
             out += [(view, a) for a in view.state.agents.values() if a.get("visibility") not in HIDDEN_VISIBILITIES]
         return out
     own = await read_view(request, named)
@@ -59,8 +58,8 @@ async def visible_agents(request: web.Request, *, foreign_public: bool = True) -
                 out.append((own, a))
                 seen.add(a["guid"])
     if foreign_public:
-        for project, view in sorted(services(request).readmodel.views.items()):
-            if project == named:
+        for view in all_views(request):
+            if view.project == named:
                 continue
             for a in view.state.agents.values():
                 if a["guid"] not in seen and a.get("visibility") == "public":

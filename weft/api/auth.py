@@ -10,7 +10,7 @@ from aiohttp import web
 from weft.api.common import ACTOR
 from weft.api.errors import Handler, json_error
 
-OPEN_PATHS = frozenset({"/health", "/api/openapi.json", "/api/docs", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/api/openapi.json", "/api/docs"})
 
 
 def actor_for(token: str) -> str:

@@ -127,6 +127,17 @@ async def read_view(request: web.Request, project: str) -> ProjectView | None:
     return view
 
 
-async def all_views(request: web.Request) -> list[ProjectView]:
+def all_views(request: web.Request) -> list[ProjectView]:
+    """Every project's view on this replica, by project id."""
     replica = services(request).readmodel
     return [replica.views[p] for p in sorted(replica.views)]
+
+
+async def views_of(request: web.Request) -> list[ProjectView]:
+    """The views a read covers: the named project's alone (after its `min_seq`; none when it does
+    not exist), else every project's."""
+    named = explicit_project(request)
+    if named is None:
+        return all_views(request)
+    view = await read_view(request, named)
+    return [view] if view else []

@@ -26,7 +26,8 @@ from weft.core.errors import (
     OutcomeUnknown,
     Unavailable,
     WeftError,
-    field_of,
+    invalid_field,
+    validation_errors,
 )
 
 log = logging.getLogger("weft.api")
@@ -77,16 +78,9 @@ def stored_not_folded(project: str, entity: str, entity_id: str, seq: int, *, re
 
 
 def validation_response(err: ValidationError) -> web.Response:
-    errors = []
-    for e in err.errors(include_url=False):
-        name = "body" if e["type"] == "json_invalid" else field_of(tuple(e["loc"]))
-        errors.append({"field": name, "message": e["msg"], "code": e["type"]})
-    first = errors[0] if errors else {"field": "body", "message": "invalid"}
+    name, message = invalid_field(err)
     return json_error(
-        400,
-        "ValidationError",
-        f"{first['field']}: {first['message']}",
-        {"field": first["field"], "validationErrors": errors},
+        400, "ValidationError", f"{name}: {message}", {"field": name, "validationErrors": validation_errors(err)}
     )
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-CAPABILITY = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$"
+from weft.core.protocol import CAPABILITY
 
 
 class Body(BaseModel):

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from projections import ProjectState, state_hash
 from projections.state import WORK_STATUSES
-from weft.api.common import all_views, explicit_project, json_response, project_of, read_view
+from weft.api.common import json_response, project_of, read_view, views_of
 from weft.core.routing import visible_in
 from weft.stamps import utc_now
 from weft.store.readmodel import ProjectView
@@ -42,14 +42,6 @@ def project_stats(view: ProjectView) -> dict[str, Any]:
     }
 
 
-async def _views(request: web.Request) -> list[ProjectView]:
-    named = explicit_project(request)
-    if named is None:
-        return await all_views(request)
-    view = await read_view(request, named)
-    return [view] if view else []
-
-
 def _cached(request: web.Request, body: dict[str, Any]) -> web.Response:
     # The ETag covers content, not the timestamp, so an unchanged fleet answers 304.
     content = {k: v for k, v in body.items() if k != "timestamp"}
@@ -62,7 +54,7 @@ def _cached(request: web.Request, body: dict[str, Any]) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    by_project = {v.project: project_stats(v) for v in await _views(request)}
+    by_project = {v.project: project_stats(v) for v in await views_of(request)}
     keys = ("agents", "pendingWork", "activeWork", "completedWork", "failedWork", "targets")
     totals = {k: sum(p[k] for p in by_project.values()) for k in keys}
     for extra in ("cancelledWork", "deadLetteredWork", "purgedWork"):  # fields the original lacks
@@ -88,7 +80,7 @@ async def flat_stats(request: web.Request) -> dict[str, Any]:
 
 
 async def projects(request: web.Request) -> web.Response:
-    views = await _views(request)
+    views = await views_of(request)
     body = {
         "timestamp": utc_now(),
         "projects": [v.project for v in views],

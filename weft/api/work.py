@@ -7,8 +7,9 @@ from typing import Any
 
 from aiohttp import web
 
-from projections.state import ProjectState, Record
+from projections.state import WORK_STATUSES, ProjectState, Record
 from weft.api.common import (
+    all_views,
     ctx_of,
     explicit_project,
     json_response,
@@ -23,13 +24,10 @@ from weft.api.schemas import CancelBatch, Reason, WorkSubmit
 from weft.commands import Ctx
 from weft.core import protocol
 from weft.core.errors import InvalidInput, NotFound
-from weft.core.fleet_policy import plan_spin_ups
+from weft.core.fleet_policy import plan_spin_ups, spinning_up
 from weft.core.routing import plan_assignments, reason_for_new_item, reported_agent_type
-from weft.runtime.scheduler import ProjectScheduler
 from weft.stamps import utc_now
 from weft.store.readmodel import ProjectView
-
-WORK_STATUSES = ("pending", "assigned", "in-progress", "completed", "failed", "cancelled")
 
 
 def agent_summary(state: ProjectState, guid: str | None) -> dict[str, Any] | None:
@@ -56,7 +54,7 @@ def waiting_reasons(request: web.Request, view: ProjectView | None) -> dict[str,
     hit = svc.plan_cache.get(view.project)
     if hit is not None and hit[0] == key:
         return hit[1]
-    plan = plan_assignments(view.state, svc.policy, now, ProjectScheduler.spinning_up(view.state))
+    plan = plan_assignments(view.state, svc.policy, now, spinning_up(view.state))
     reasons = dict(plan.waiting)
     for work_id, why_not in plan_spin_ups(view.state, plan, svc.policy, now).blocked.items():
         reasons[work_id] = f"{reasons[work_id]}; no spin-up: {why_not}"
@@ -146,7 +144,7 @@ async def find_item(request: web.Request, work_id: str) -> tuple[ProjectView, Re
     else:
         default_view = await read_view(request, project_of(request))
         candidates = [default_view] if default_view else []
-        candidates += [v for p, v in sorted(services(request).readmodel.views.items()) if v is not default_view]
+        candidates += [v for v in all_views(request) if v is not default_view]
         for view in candidates:
             if work_id in view.state.work:
                 return view, view.state.work[work_id]

@@ -43,7 +43,8 @@ async def _serve(settings: Settings, embedded: bool, demo_agent: bool = False) -
         url = "nats://127.0.0.1:4222"
     if embedded and settings.nats_url is None:
         server = EmbeddedNats(
-            NatsServerConfig(store_dir=(settings.data_dir / "nats").resolve(), port=settings.embedded_nats_port)
+            NatsServerConfig(store_dir=(settings.data_dir / "nats").resolve(), port=settings.embedded_nats_port),
+            binary=settings.nats_server_bin,
         )
         await server.start()
         url = server.url

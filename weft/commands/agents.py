@@ -1,14 +1,17 @@
-"""Agent commands: register, deregister, mark lost, and shutdown requests (single, batch, idle scale-down)."""
+"""Agent commands: register, deregister, mark lost, and shutdown requests (single, batch, idle scale-down).
+
+The decisions are `weft.core.decisions.agents`.
+"""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
 
-from projections.events import Event, parse_ts
-from projections.state import ProjectState, Record
+from projections.events import Event
+from projections.state import ProjectState
 from weft.commands.core import BatchOutcome, CommandsBase, Ctx, Outcome
-from weft.core.errors import Conflict, NotFound
+from weft.core.decisions import agents as decisions
 from weft.stamps import new_id
 
 
@@ -16,60 +19,28 @@ class AgentCommands(CommandsBase):
     async def register_agent(self, ctx: Ctx, decl: dict[str, Any], event_id: str | None = None) -> Outcome:
         """`event_id` makes a registration idempotent across replicas (e.g. the Warp bridge derives it
         from the KV revision, so every replica that sees the entry appends the same event once)."""
-        guid = decl["guid"]
-        data = {
-            "guid": guid,
-            "handle": decl.get("handle"),
-            "agentType": decl["agentType"],
-            "capabilities": list(decl["capabilities"]),
-            "boundaries": list(decl["boundaries"]),
-            "maxConcurrentTasks": decl.get("maxConcurrentTasks", 1),
-            "hostname": decl.get("hostname"),
-            "username": decl.get("username"),
-            "visibility": decl.get("visibility", "project-only"),
-            "labels": dict(decl.get("labels") or {}),
-            "source": decl.get("source", "weft"),
-            "spinUpId": decl.get("spinUpId"),
-            "targetId": decl.get("targetId"),
-            "spindownAfterIdleMs": decl.get("spindownAfterIdleMs"),
-        }
+        draft = decisions.register_agent(decl)
         ev_id = event_id or new_id()
         await self.view(ctx.project, create=True)  # an agent joining is what creates a project
-        return await self.execute(
-            ctx, f"agent.{guid}", lambda s: self.event(ctx, "agent.registered", guid, data, id=ev_id)
-        )
+        return await self.execute(ctx, f"agent.{draft.entity_id}", lambda s: self.emit(ctx, draft, ev_id))
 
     async def deregister_agent(self, ctx: Ctx, guid: str, reason: str | None) -> Outcome:
         def decide(state: ProjectState) -> Event | None:
-            agent = state.agents.get(guid)
-            if agent is None:
-                raise NotFound(f"agent {guid} not found", field="guid")
-            if agent["status"] == "offline":
-                return None
-            return self.event(ctx, "agent.deregistered", guid, {"reason": reason})
+            return self.emit(ctx, decisions.deregister_agent(state, guid, reason))
 
         return await self.execute(ctx, f"agent.{guid}", decide)
 
     async def mark_agent_lost(self, ctx: Ctx, guid: str, last_heartbeat: str | None, epoch: int) -> Outcome:
         def decide(state: ProjectState) -> Event | None:
-            agent = state.agents.get(guid)
-            if agent is None or agent["status"] == "offline":
-                return None
-            return self.event(ctx, "agent.lost", guid, {"lastHeartbeat": last_heartbeat}, epoch=epoch)
+            return self.emit(ctx, decisions.mark_agent_lost(state, guid, last_heartbeat, epoch))
 
         return await self.execute(ctx, f"agent.{guid}", decide)
 
     async def request_shutdown(
         self, ctx: Ctx, guid: str, graceful: bool, reason: str, grace_period_ms: int | None
     ) -> Outcome:
-        def decide(state: ProjectState) -> Event:
-            agent = state.agents.get(guid)
-            if agent is None:
-                raise NotFound(f"agent {guid} not found", field="guid")
-            if agent["status"] == "offline":
-                raise Conflict(f"agent {guid} is offline", field="guid")
-            data = {"graceful": graceful, "reason": reason, "gracePeriodMs": grace_period_ms}
-            return self.event(ctx, "agent.shutdown_requested", guid, data)
+        def decide(state: ProjectState) -> Event | None:
+            return self.emit(ctx, decisions.request_shutdown(state, guid, graceful, reason, grace_period_ms))
 
         return await self.execute(ctx, f"agent.{guid}", decide)
 
@@ -85,8 +56,7 @@ class AgentCommands(CommandsBase):
     ) -> BatchOutcome:
         view = await self.view(ctx.project)
         if guids is None:
-            at = now or datetime.now(UTC)
-            guids = [a["guid"] for a in view.state.agents.values() if _matches_agent_filter(a, flt or {}, at)]
+            guids = decisions.select_agents(view.state, flt or {}, now or datetime.now(UTC))
         return await self._batch(
             guids, lambda g: self.request_shutdown(ctx, g, graceful, reason, grace_period_ms), BatchOutcome()
         )
@@ -95,31 +65,6 @@ class AgentCommands(CommandsBase):
         """Ask an idle agent to stop, re-checking on the newest state that it still holds nothing."""
 
         def decide(state: ProjectState) -> Event | None:
-            agent = state.agents.get(guid)
-            if agent is None or agent["status"] == "offline" or agent["currentTaskCount"] or agent["shutdownRequested"]:
-                return None
-            data = {"graceful": True, "reason": "idle-timeout", "gracePeriodMs": None}
-            return self.event(ctx, "agent.shutdown_requested", guid, data, epoch=epoch)
+            return self.emit(ctx, decisions.scale_down_idle(state, guid, epoch))
 
         return await self.execute(ctx, f"agent.{guid}", decide)
-
-
-# --- pure helpers ---------------------------------------------------------------------------------
-
-def _matches_agent_filter(a: Record, flt: dict[str, Any], now: datetime) -> bool:
-    if flt.get("status") and a["status"] != flt["status"]:
-        return False
-    if flt.get("agentType") and a["agentType"] != flt["agentType"]:
-        return False
-    if flt.get("capability") and flt["capability"] not in a["capabilities"]:
-        return False
-    if flt.get("boundary") and flt["boundary"] not in a["boundaries"]:
-        return False
-    idle = flt.get("idleTimeMs")
-    if idle is not None:
-        if a["currentTaskCount"] > 0:
-            return False
-        idle_for = (now - parse_ts(a["lastActivity"])).total_seconds() * 1000
-        if idle_for < idle:
-            return False
-    return True

@@ -1,6 +1,7 @@
 """Command handlers: validate against the projection, decide events, append with OCC, retry on conflict.
 
-Every handler follows one loop (`execute`): run a pure `decide(state)` against the current view,
+Every handler follows one loop (`execute`): run a pure `decide(state)` against the current view
+(a decision of `weft.core.decisions`, its draft wrapped in the caller's envelope by `emit`),
 append its event with the entity's last sequence as the expectation, and on a conflict catch up
 and decide again. A command answers once the local projection folded its event, so the caller
 reads its own write on this replica and gets `seq` to read it on any other. A stored event is a
@@ -17,6 +18,7 @@ from typing import Any
 
 from projections.events import Event, idempotent_id
 from projections.state import ProjectState
+from weft.core.decisions import Draft
 from weft.core.errors import Conflict, Fenced, InvalidInput, NotFound, OutcomeUnknown, Unavailable
 from weft.stamps import new_id, utc_now
 from weft.store.eventstore import AppendOutcomeUnknown, ConcurrencyConflict, EventStore
@@ -95,17 +97,24 @@ class CommandsBase:
             earlier = Outcome(seq=view.state.entity_seq.get(f"{entity}.{existing}", 0), entity_id=existing, created=False)
         return key, idempotent_id(ctx.project, key), earlier
 
-    def event(self, ctx: Ctx, type_: str, entity_id: str, data: dict[str, Any], **kw: Any) -> Event:
-        kw.setdefault("id", new_id())
+    @staticmethod
+    def emit(ctx: Ctx, draft: Draft | None, event_id: str | None = None) -> Event | None:
+        """A pure decision's draft in `ctx`'s envelope, stamped now (`None` stays a no-op). The id
+        is fresh unless the command fixes it (an Idempotency-Key's, a bridge's), so the server
+        dedupes a repeat of that one."""
+        if draft is None:
+            return None
         return Event(
-            type=type_,
-            entity_id=entity_id,
-            data=data,
+            type=draft.type,
+            entity_id=draft.entity_id,
+            data=draft.data,
             project=ctx.project,
+            id=event_id or new_id(),
+            ts=utc_now(),
             actor=ctx.actor,
             correlation_id=ctx.correlation_id,
-            ts=utc_now(),
-            **kw,
+            epoch=draft.epoch,
+            idempotency_key=draft.idempotency_key,
         )
 
     async def execute(self, ctx: Ctx, entity_key: str, decide: Decide) -> Outcome:

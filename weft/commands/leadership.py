@@ -1,4 +1,7 @@
-"""Leadership command: a scheduler that won a project's lease announces its term in the stream."""
+"""Leadership command: a scheduler that won a project's lease announces its term in the stream.
+
+The decision is `weft.core.decisions.leadership`; whether the lease is still held is asked here.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +10,11 @@ from collections.abc import Callable
 from projections.events import Event
 from projections.state import ProjectState
 from weft.commands.core import CommandsBase, Ctx, Outcome
+from weft.core.decisions import leadership as decisions
+from weft.core.decisions.leadership import term_epoch
 from weft.core.errors import Fenced
 
-
-def term_epoch(state: ProjectState, lease_revision: int) -> int:
-    """A new term's epoch: above every epoch the stream has seen, so it stays monotonic per project
-    even when the lease bucket is recreated and its revisions start again at 1."""
-    return max(lease_revision, state.epoch + 1)
+__all__ = ["LeadershipCommands", "term_epoch"]
 
 
 class LeadershipCommands(CommandsBase):
@@ -25,13 +26,13 @@ class LeadershipCommands(CommandsBase):
         The caller must have caught up with the stream first (every epoch in it seen)."""
         chosen: list[int] = []
 
-        def decide(state: ProjectState) -> Event:
+        def decide(state: ProjectState) -> Event | None:
             if not still_leader():  # a lapsed lease must not fence the holder that took it over
                 raise Fenced(f"lease of {ctx.project} lapsed before the term was announced")
-            epoch = term_epoch(state, lease_revision)
-            chosen.append(epoch)
-            data = {"holder": holder, "leaseRevision": lease_revision}
-            return self.event(ctx, "leader.elected", ctx.project, data, epoch=epoch)
+            draft = decisions.announce_leader(state, ctx.project, holder, lease_revision)
+            assert draft.epoch is not None
+            chosen.append(draft.epoch)
+            return self.emit(ctx, draft)
 
         outcome = await self.execute(ctx, f"project.{ctx.project}", decide)
         return outcome, chosen[-1]

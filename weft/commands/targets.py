@@ -1,42 +1,39 @@
-"""Target commands: register, update, remove, enable/disable, health, and the spin-ups a target runs."""
+"""Target commands: register, update, remove, enable/disable, health, and the spin-ups a target runs.
+
+The decisions are `weft.core.decisions.targets`; a definition or an update is validated here
+(`weft.core.targets`) before its decision sees it.
+"""
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from projections.events import Event
-from projections.state import ProjectState, Record
+from projections.state import ProjectState
 from weft.commands.core import BatchOutcome, CommandsBase, Ctx, Outcome
 from weft.core import targets
-from weft.core.errors import Conflict, NotFound
-from weft.core.fleet_policy import target_load
+from weft.core.decisions import targets as decisions
+from weft.core.decisions.targets import find_target
+from weft.spinup import SCHEMAS
 from weft.stamps import new_uuid
 from weft.store.readmodel import ProjectView
+
+__all__ = ["TargetCommands", "find_target"]
 
 
 class TargetCommands(CommandsBase):
     async def register_target(self, ctx: Ctx, body: Any) -> Outcome:
-        definition = targets.validate_new_target(body)
+        definition = targets.validate_new_target(body, SCHEMAS)
         # The id derives from the name, so two replicas registering one name contend on one subject
         # and optimistic concurrency lets exactly one win: names stay unique without a lock.
-        target_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"weft-target:{ctx.project}:{definition['name']}"))
+        target_id = decisions.target_id_for(ctx.project, definition["name"])
         view = await self.view(ctx.project, create=True)
         key, event_id, earlier = self.keyed_create(ctx, view, "target")
         if earlier is not None:
             return earlier
 
-        def decide(state: ProjectState) -> Event:
-            if find_target(state, definition["name"]) is not None:
-                raise Conflict(f"a target named {definition['name']!r} already exists", field="name")
-            return self.event(
-                ctx,
-                "target.registered",
-                target_id,
-                {"target": definition},
-                id=event_id,
-                idempotency_key=key,
-            )
+        def decide(state: ProjectState) -> Event | None:
+            return self.emit(ctx, decisions.register_target(state, target_id, definition, key), event_id)
 
         return await self.execute(ctx, f"target.{target_id}", decide)
 
@@ -44,20 +41,17 @@ class TargetCommands(CommandsBase):
         target_id = self._target_id(await self.view(ctx.project), id_or_name)
 
         def decide(state: ProjectState) -> Event | None:
-            current = _target(state, target_id)
-            changes = targets.validate_update(current, updates)
-            if not changes:
-                return None
-            return self.event(ctx, "target.updated", target_id, {"changes": changes})
+            current = decisions.target_of(state, target_id)
+            changes = targets.validate_update(current, updates, SCHEMAS)
+            return self.emit(ctx, decisions.update_target(state, target_id, changes))
 
         return await self.execute(ctx, f"target.{target_id}", decide)
 
     async def remove_target(self, ctx: Ctx, id_or_name: str, reason: str | None = None) -> Outcome:
         target_id = self._target_id(await self.view(ctx.project), id_or_name)
 
-        def decide(state: ProjectState) -> Event:
-            _target(state, target_id)
-            return self.event(ctx, "target.removed", target_id, {"reason": reason})
+        def decide(state: ProjectState) -> Event | None:
+            return self.emit(ctx, decisions.remove_target(state, target_id, reason))
 
         return await self.execute(ctx, f"target.{target_id}", decide)
 
@@ -65,12 +59,7 @@ class TargetCommands(CommandsBase):
         target_id = self._target_id(await self.view(ctx.project), id_or_name)
 
         def decide(state: ProjectState) -> Event | None:
-            t = _target(state, target_id)
-            if enabled and t["status"] == "available":
-                return None
-            if not enabled and t["status"] == "disabled":
-                return None
-            return self.event(ctx, "target.enabled" if enabled else "target.disabled", target_id, {"reason": reason})
+            return self.emit(ctx, decisions.set_target_enabled(state, target_id, enabled, reason))
 
         return await self.execute(ctx, f"target.{target_id}", decide)
 
@@ -79,26 +68,19 @@ class TargetCommands(CommandsBase):
     ) -> BatchOutcome:
         view = await self.view(ctx.project)
         if ids is None:
-            ids = [t["id"] for t in view.state.targets.values() if _matches_target_filter(t, flt or {})]
+            ids = decisions.select_targets(view.state, flt or {})
         return await self._batch(ids, lambda i: self.set_target_enabled(ctx, i, False, reason), BatchOutcome())
 
     async def record_health(
         self, ctx: Ctx, target_id: str, status: str, latency_ms: float | None, error: str | None
     ) -> Outcome:
         def decide(state: ProjectState) -> Event | None:
-            t = _target(state, target_id)
-            if t["healthStatus"] == status and (status == "healthy" or t.get("lastError") == error):
-                return None
-            data = {"healthStatus": status, "latencyMs": latency_ms, "error": error}
-            return self.event(ctx, "target.health_changed", target_id, data)
+            return self.emit(ctx, decisions.record_health(state, target_id, status, latency_ms, error))
 
         return await self.execute(ctx, f"target.{target_id}", decide)
 
     def _target_id(self, view: ProjectView, id_or_name: str) -> str:
-        t = find_target(view.state, id_or_name)
-        if t is None:
-            raise NotFound(f"target {id_or_name} not found", field="idOrName")
-        return str(t["id"])
+        return decisions.resolve_target_id(view.state, id_or_name)
 
     # --- spin-ups -------------------------------------------------------------------------------
 
@@ -108,24 +90,9 @@ class TargetCommands(CommandsBase):
         target_id = self._target_id(await self.view(ctx.project), id_or_name)
         spin_up_id = new_uuid()
 
-        def decide(state: ProjectState) -> Event:
-            t = _target(state, target_id)
-            if t["status"] != "available":
-                raise Conflict(f"target {t['name']} is {t['status']}", field="id")
-            if reason == "manual":
-                load = target_load(state, t)
-                if load >= t["maxConcurrentAgents"]:
-                    raise Conflict(f"target {t['name']} is at its limit of {t['maxConcurrentAgents']} agents "
-                                   f"({load} running or starting); retry when one has finished", field="id")
-            item = state.work.get(work_id) if work_id else None
-            data = {
-                "spinUpId": spin_up_id,
-                "workId": work_id,
-                "capability": item["capability"] if item else None,
-                "boundary": item["boundary"] if item else None,
-                "reason": reason,
-            }
-            return self.event(ctx, "spinup.requested", target_id, data, epoch=epoch)
+        def decide(state: ProjectState) -> Event | None:
+            draft = decisions.request_spin_up(state, target_id, spin_up_id, work_id, reason, epoch)
+            return self.emit(ctx, draft)
 
         return await self.execute(ctx, f"target.{target_id}", decide), spin_up_id
 
@@ -135,34 +102,6 @@ class TargetCommands(CommandsBase):
         """spinup.started / .completed / .failed for a spin-up still in flight (else a no-op)."""
 
         def decide(state: ProjectState) -> Event | None:
-            t = state.targets.get(target_id)
-            if t is None or spin_up_id not in t["activeSpinUps"]:
-                return None
-            if type_ == "spinup.started" and t["activeSpinUps"][spin_up_id]["status"] != "requested":
-                return None
-            return self.event(ctx, type_, target_id, {"spinUpId": spin_up_id, **data}, epoch=epoch)
+            return self.emit(ctx, decisions.record_spin_up(state, target_id, spin_up_id, type_, data, epoch))
 
         return await self.execute(ctx, f"target.{target_id}", decide)
-
-
-# --- pure helpers ---------------------------------------------------------------------------------
-
-def _target(state: ProjectState, target_id: str) -> Record:
-    t = state.targets.get(target_id)
-    if t is None:
-        raise NotFound(f"target {target_id} not found", field="idOrName")
-    return t
-
-
-def find_target(state: ProjectState, id_or_name: str) -> Record | None:
-    t = state.targets.get(id_or_name)
-    if t is not None:
-        return t
-    for candidate in state.targets.values():
-        if candidate["name"] == id_or_name:
-            return candidate
-    return None
-
-
-def _matches_target_filter(t: Record, flt: dict[str, Any]) -> bool:
-    return all(not flt.get(k) or t.get(k) == flt[k] for k in ("agentType", "status", "mechanism"))

@@ -1,17 +1,23 @@
-"""Work-item commands: submit, cancel, requeue, the assignment lifecycle, failure and the dead-letter queue."""
+"""Work-item commands: submit, cancel, requeue, the assignment lifecycle, failure and the dead-letter queue.
+
+The decisions are `weft.core.decisions.work`; a handler mints what they need (ids, the time) and
+runs one in the OCC loop.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
-from projections.events import Event, format_ts
-from projections.state import LIVE_ASSIGNMENT, TERMINAL_WORK, ProjectState, Record
-from projections.work import ACCEPT_TIMEOUT, purgeable
+from projections.events import Event
+from projections.state import ProjectState
 from weft.commands.core import BatchOutcome, CommandsBase, Ctx, Outcome
-from weft.core.errors import Conflict, NotFound, Unavailable
+from weft.core.decisions import work as decisions
+from weft.core.decisions.work import RetryPolicy
+from weft.core.errors import Unavailable
 from weft.stamps import new_uuid
+
+__all__ = ["RetryPolicy", "WorkCommands"]
 
 
 class WorkCommands(CommandsBase):
@@ -21,26 +27,8 @@ class WorkCommands(CommandsBase):
         if earlier is not None:
             return earlier
         work_id = new_uuid()
-        data = {
-            "taskId": spec.get("taskId") or new_uuid(),
-            "capability": spec["capability"],
-            "boundary": spec["boundary"],
-            "description": spec["description"],
-            "priority": spec.get("priority", 5),
-            "preferredAgentType": spec.get("preferredAgentType"),
-            "requiredAgentType": spec.get("requiredAgentType"),
-            "deadline": spec.get("deadline"),
-            "contextData": spec.get("contextData"),
-            "maxAttempts": spec.get("maxAttempts", 3),
-        }
-        ev = self.event(
-            ctx,
-            "work.submitted",
-            work_id,
-            data,
-            id=event_id,
-            idempotency_key=key,
-        )
+        # One event for every attempt: its id (the key's, if any) lets the server dedupe a repeat.
+        ev = self.emit(ctx, decisions.submit_work(spec, work_id, new_uuid(), key), event_id)
         outcome = await self.execute(ctx, f"work.{work_id}", lambda s: ev)
         if key and not outcome.created:
             # The first request with this key won inside the dedupe window: answer with its item.
@@ -56,21 +44,13 @@ class WorkCommands(CommandsBase):
         is a Conflict (it was not cancelled, and saying so would be a lie)."""
 
         def decide(state: ProjectState) -> Event | None:
-            item = _work(state, work_id)
-            if item["status"] == "cancelled":
-                return None
-            if item["status"] in TERMINAL_WORK:
-                raise Conflict(f"work item {work_id} is already {item['status']}", field="id")
-            return self.event(ctx, "work.cancelled", work_id, {"reason": reason})
+            return self.emit(ctx, decisions.cancel_work(state, work_id, reason))
 
         return await self.execute(ctx, f"work.{work_id}", decide)
 
     async def requeue_work(self, ctx: Ctx, work_id: str, reason: str) -> Outcome:
         def decide(state: ProjectState) -> Event | None:
-            item = _work(state, work_id)
-            if item["status"] not in LIVE_ASSIGNMENT:
-                raise Conflict(f"work item {work_id} is {item['status']}, not assigned", field="id")
-            return self.event(ctx, "work.requeued", work_id, {"reason": reason, "retryAt": None})
+            return self.emit(ctx, decisions.requeue_work(state, work_id, reason))
 
         return await self.execute(ctx, f"work.{work_id}", decide)
 
@@ -79,18 +59,14 @@ class WorkCommands(CommandsBase):
     ) -> BatchOutcome:
         view = await self.view(ctx.project)
         if ids is None:
-            flt = flt or {}
-            state = view.state
-            # A named status is one walk of the status index (finished items stay encoded).
-            pool = state.work_in(flt["status"]) if flt.get("status") in state.work_by_status else state.work.values()
-            ids = [w["id"] for w in pool if _matches_work_filter(w, flt)]
+            ids = decisions.select_work(view.state, flt or {})
         outcome = BatchOutcome()
 
         async def run(work_id: str) -> Outcome:
-            item = view.state.work.get(work_id)
-            if item is not None and item["status"] in TERMINAL_WORK:
+            action = decisions.cancel_batch_action(view.state, work_id, reassign)
+            if action == "skip":
                 return Outcome(seq=0, entity_id=work_id, noop=True)
-            if reassign and item is not None and item["status"] in LIVE_ASSIGNMENT:
+            if action == "requeue":
                 result = await self.requeue_work(ctx, work_id, reason or "reassigned by cancel-batch")
                 outcome.moved.append(work_id)
                 return result
@@ -102,47 +78,21 @@ class WorkCommands(CommandsBase):
         """A scheduler decision: re-checked against the newest state, so a stale plan assigns nothing."""
 
         def decide(state: ProjectState) -> Event | None:
-            item = state.work.get(work_id)
-            agent = state.agents.get(guid)
-            if item is None or agent is None or item["status"] != "pending":
-                return None
-            if agent["status"] == "offline" or agent["shutdownRequested"]:
-                return None
-            if len(agent["currentTasks"]) >= agent["maxConcurrentTasks"]:
-                return None
-            data = {"agentGuid": guid, "attempt": item["attempts"] + 1, "acceptBy": accept_by}
-            return self.event(ctx, "work.assigned", work_id, data, epoch=epoch)
+            return self.emit(ctx, decisions.assign_work(state, work_id, guid, epoch, accept_by))
 
         return await self.execute(ctx, f"work.{work_id}", decide)
 
-    def _held(self, state: ProjectState, work_id: str, guid: str, attempt: int | None) -> Record:
-        item = _work(state, work_id)
-        if item["assignedTo"] != guid:
-            raise Conflict(f"work item {work_id} is not held by agent {guid}", field="guid")
-        if attempt is not None and attempt != item["attempts"]:
-            raise Conflict(f"work item {work_id} is at attempt {item['attempts']}, not {attempt}", field="attempt")
-        return item
-
     async def accept_work(self, ctx: Ctx, work_id: str, guid: str, attempt: int | None = None) -> Outcome:
         def decide(state: ProjectState) -> Event | None:
-            item = self._held(state, work_id, guid, attempt)
-            if item["status"] == "in-progress":
-                return None
-            if item["status"] != "assigned":
-                raise Conflict(f"work item {work_id} is {item['status']}", field="workId")
-            return self.event(ctx, "work.started", work_id, {"agentGuid": guid})
+            return self.emit(ctx, decisions.accept_work(state, work_id, guid, attempt))
 
         return await self.execute(ctx, f"work.{work_id}", decide)
 
     async def progress_work(
         self, ctx: Ctx, work_id: str, guid: str, progress: int, message: str | None, attempt: int | None = None
     ) -> Outcome:
-        def decide(state: ProjectState) -> Event:
-            item = self._held(state, work_id, guid, attempt)
-            if item["status"] not in LIVE_ASSIGNMENT:
-                raise Conflict(f"work item {work_id} is {item['status']}", field="workId")
-            data = {"agentGuid": guid, "progress": progress, "message": message}
-            return self.event(ctx, "work.progressed", work_id, data)
+        def decide(state: ProjectState) -> Event | None:
+            return self.emit(ctx, decisions.progress_work(state, work_id, guid, progress, message, attempt))
 
         return await self.execute(ctx, f"work.{work_id}", decide)
 
@@ -157,13 +107,8 @@ class WorkCommands(CommandsBase):
         attempt: int | None = None,
     ) -> Outcome:
         def decide(state: ProjectState) -> Event | None:
-            item = self._held(state, work_id, guid, attempt)
-            if item["status"] == "completed":
-                return None
-            if item["status"] not in LIVE_ASSIGNMENT:
-                raise Conflict(f"work item {work_id} is {item['status']}", field="workId")
-            data = {"agentGuid": guid, "summary": summary, "output": output, "artifacts": artifacts}
-            return self.event(ctx, "work.completed", work_id, data)
+            draft = decisions.complete_work(state, work_id, guid, summary, output, artifacts, attempt)
+            return self.emit(ctx, draft)
 
         return await self.execute(ctx, f"work.{work_id}", decide)
 
@@ -181,20 +126,9 @@ class WorkCommands(CommandsBase):
     ) -> Outcome:
         at = now or datetime.now(UTC)
 
-        def decide(state: ProjectState) -> Event:
-            item = self._held(state, work_id, guid, attempt)
-            if item["status"] not in LIVE_ASSIGNMENT:
-                raise Conflict(f"work item {work_id} is {item['status']}", field="workId")
-            again = recoverable and item["attempts"] < item["maxAttempts"]
-            data = {
-                "agentGuid": guid,
-                "message": message,
-                "code": code,
-                "recoverable": recoverable,
-                "outcome": "retry" if again else "dead-letter",
-                "retryAt": format_ts(at + retry.delay(item["attempts"])) if again else None,
-            }
-            return self.event(ctx, "work.failed", work_id, data)
+        def decide(state: ProjectState) -> Event | None:
+            draft = decisions.fail_work(state, work_id, guid, message, code, recoverable, retry, at, attempt)
+            return self.emit(ctx, draft)
 
         return await self.execute(ctx, f"work.{work_id}", decide)
 
@@ -210,43 +144,27 @@ class WorkCommands(CommandsBase):
         attempt: int | None = None,
         cause: str | None = None,
     ) -> Outcome:
-        """Scheduler: take a live assignment back (agent lost or offline, not accepted in time).
-
-        A withdrawn attempt counts: an item that used its `maxAttempts` (or `max_withdrawals`, if
-        lower) is dead-lettered instead of requeued, as a failed one would be. `guid` and `attempt`
-        are what the decision saw: if the item has moved on since (another holder, another
-        attempt), nothing is withdrawn; with `cause` "accept-timeout", neither is an item its agent
-        accepted meanwhile. The event records `cause` and the holder, so the fold can mark an agent
-        that let an assignment time out as unresponsive (`projections.agents`)."""
+        """Scheduler: take a live assignment back (agent lost or offline, not accepted in time);
+        see `weft.core.decisions.work.withdraw_assignment`. The event records `cause` and the
+        holder, so the fold can mark an agent that let an assignment time out as unresponsive."""
 
         def decide(state: ProjectState) -> Event | None:
-            item = state.work.get(work_id)
-            if item is None or item["status"] not in LIVE_ASSIGNMENT:
-                return None
-            if (guid is not None and item["assignedTo"] != guid) or (attempt is not None and item["attempts"] != attempt):
-                return None
-            if cause == ACCEPT_TIMEOUT and item["status"] != "assigned":
-                return None  # accepted just in time
-            data: dict[str, Any] = {"reason": reason, "cause": cause, "agentGuid": item["assignedTo"]}
-            limit = min(max_withdrawals, item.get("maxAttempts") or max_withdrawals)
-            if item["attempts"] >= limit:
-                data["reason"] = f"{reason}; gave up after {item['attempts']} attempts"
-                return self.event(ctx, "work.dead_lettered", work_id, data, epoch=epoch)
-            return self.event(ctx, "work.requeued", work_id, {**data, "retryAt": None}, epoch=epoch)
+            draft = decisions.withdraw_assignment(
+                state, work_id, reason, epoch, max_withdrawals, guid=guid, attempt=attempt, cause=cause
+            )
+            return self.emit(ctx, draft)
 
         return await self.execute(ctx, f"work.{work_id}", decide)
 
     async def retry_dead_letter(self, ctx: Ctx, work_id: str, reason: str | None) -> Outcome:
-        def decide(state: ProjectState) -> Event:
-            item = _dead_letter(state, work_id)
-            return self.event(ctx, "work.retried", item["id"], {"reason": reason})
+        def decide(state: ProjectState) -> Event | None:
+            return self.emit(ctx, decisions.retry_dead_letter(state, work_id, reason))
 
         return await self.execute(ctx, f"work.{work_id}", decide)
 
     async def discard_dead_letter(self, ctx: Ctx, work_id: str, reason: str | None) -> Outcome:
-        def decide(state: ProjectState) -> Event:
-            item = _dead_letter(state, work_id)
-            return self.event(ctx, "work.discarded", item["id"], {"reason": reason})
+        def decide(state: ProjectState) -> Event | None:
+            return self.emit(ctx, decisions.discard_dead_letter(state, work_id, reason))
 
         return await self.execute(ctx, f"work.{work_id}", decide)
 
@@ -255,49 +173,6 @@ class WorkCommands(CommandsBase):
         stream, so a replay still shows it; reads answer 404 from then on."""
 
         def decide(state: ProjectState) -> Event | None:
-            item = state.work.get(work_id)
-            if item is None or not purgeable(item) or item["updatedAt"] >= finished_before:
-                return None
-            return self.event(ctx, "work.purged", work_id, {"reason": "retention"}, epoch=epoch)
+            return self.emit(ctx, decisions.purge_work(state, work_id, finished_before, epoch))
 
         return await self.execute(ctx, f"work.{work_id}", decide)
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Exponential backoff between attempts of a recoverable failure."""
-
-    base_ms: int = 2_000
-    max_ms: int = 300_000
-
-    def delay(self, attempts: int) -> timedelta:
-        return timedelta(milliseconds=min(self.max_ms, self.base_ms * 2 ** max(0, attempts - 1)))
-
-
-# --- pure helpers ---------------------------------------------------------------------------------
-
-def _work(state: ProjectState, work_id: str) -> Record:
-    item = state.work.get(work_id)
-    if item is None:
-        raise NotFound(f"work item {work_id} not found", field="id")
-    return item
-
-
-def _dead_letter(state: ProjectState, work_id: str) -> Record:
-    item = _work(state, work_id)
-    dl = item.get("deadLetter")
-    if item["status"] != "failed" or not dl or dl["discarded"]:
-        raise Conflict(f"work item {work_id} is not in the dead-letter queue", field="id")
-    return item
-
-
-def _matches_work_filter(w: Record, flt: dict[str, Any]) -> bool:
-    if flt.get("status") and w["status"] != flt["status"]:
-        return False
-    if flt.get("boundary") and w["boundary"] != flt["boundary"]:
-        return False
-    if flt.get("capability") and w["capability"] != flt["capability"]:
-        return False
-    if flt.get("minPriority") is not None and w["priority"] < flt["minPriority"]:
-        return False
-    return not (flt.get("assignedTo") and w["assignedTo"] != flt["assignedTo"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
+
 
 class WeftError(Exception):
     """Base: `error` is the machine-readable name, `field` the offending input if any."""
@@ -57,3 +59,19 @@ def field_of(loc: tuple[Any, ...]) -> str:
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "body"
+
+
+def validation_errors(err: ValidationError) -> list[dict[str, str]]:
+    """Each failure of a pydantic validation as {field, message, code}; unparseable JSON is the
+    whole body's failure ("body"), whatever location pydantic gives it."""
+    out = []
+    for e in err.errors(include_url=False):
+        name = "body" if e["type"] == "json_invalid" else field_of(tuple(e["loc"]))
+        out.append({"field": name, "message": e["msg"], "code": e["type"]})
+    return out
+
+
+def invalid_field(err: ValidationError) -> tuple[str, str]:
+    """(field, message) of a validation's first failure: what a one-line answer names."""
+    first = next(iter(validation_errors(err)), {"field": "body", "message": "invalid"})
+    return first["field"], first["message"]

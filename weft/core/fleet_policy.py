@@ -1,13 +1,16 @@
-"""Pure elastic-fleet policy: when to spin agents up, on which target, and whom to scale down.
+"""Pure elastic-fleet policy: when to spin agents up, on which target, whom to scale down, which
+spin-ups are overdue and which targets are due for a health probe.
 
 No I/O and no clock reads (`now` is a parameter), so the scheduler's decisions are testable as
-plain functions. Demand is counted per waiting item: one live spin-up covers one waiting item, so
+plain functions; what the leader's `FleetManager` holds in memory (launches running, probes
+running, when it last probed) comes in as a `FleetSnapshot`. Demand is counted per waiting item: one live spin-up covers one waiting item, so
 20 submits never cause 20 launches, and a target never has more than `maxConcurrentAgents` agents
 alive or starting.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -20,6 +23,24 @@ from weft.core.routing import Plan, RoutingPolicy, effective_priority, spin_up_a
 NEEDS_AGENT = frozenset({"capability", "boundary-type", "boundary", "required-type", "busy"})
 DEFAULT_MAX_CRASHES = 5
 MAX_BACKOFF_FACTOR = 64
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSnapshot:
+    """The fleet's rules and what the leader's FleetManager knows that is not in the state."""
+
+    idle_timeout_ms: int = 300_000
+    max_crashes: int = DEFAULT_MAX_CRASHES
+    health_checks: bool = True
+    launching: frozenset[str] = frozenset()  # spin-up ids whose launch runs on this leader
+    probing: frozenset[str] = frozenset()  # target ids whose probe runs on this leader
+    probed_at: Mapping[str, datetime] = field(default_factory=dict)  # target id -> when this leader last probed it
+    mechanisms: frozenset[str] = frozenset()  # mechanisms this replica has (a target of another is never probed)
+
+
+def spinning_up(state: ProjectState) -> set[str]:
+    """Work ids that a spin-up in flight was requested for."""
+    return {op["workId"] for t in state.targets.values() for op in t["activeSpinUps"].values() if op.get("workId")}
 
 
 @dataclass(slots=True)
@@ -198,3 +219,74 @@ def overdue_spin_ups(state: ProjectState, now: datetime) -> list[tuple[str, str,
             if now - started >= timedelta(milliseconds=t["spinUpTimeoutMs"]):
                 out.append((t["id"], op["spinUpId"], op))
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class SpinUpFailure:
+    """An overdue spin-up to record as failed; `handle` (what its launch returned) is stopped."""
+
+    target_id: str
+    spin_up_id: str
+    error: str
+    duration_ms: float
+    handle: Any = None
+
+
+def overdue_failures(state: ProjectState, now: datetime, launching: Collection[str] = frozenset()) -> list[SpinUpFailure]:
+    """Overdue spin-ups to fail, except those whose launch still runs here (the launch is bounded by
+    the same timeout and records its own outcome)."""
+    out = []
+    for target_id, spin_up_id, op in overdue_spin_ups(state, now):
+        if spin_up_id in launching:
+            continue
+        t = state.targets[target_id]
+        error = f"no agent registered with spin-up id {spin_up_id} within {t['spinUpTimeoutMs']} ms"
+        took = (now - parse_ts(op["requestedAt"])).total_seconds() * 1000
+        out.append(SpinUpFailure(target_id, spin_up_id, error, round(took, 3), op.get("mechanismResult") or None))
+    return out
+
+
+def probes_due(
+    state: ProjectState,
+    now: datetime,
+    probing: Collection[str],
+    probed_at: Mapping[str, datetime],
+    mechanisms: Collection[str],
+) -> list[str]:
+    """Ids of the targets to probe now: health checks enabled, not disabled, no probe running, a
+    mechanism this replica has, never probed by this leader or last probed an interval ago."""
+    out = []
+    for t in state.targets.values():
+        hc = t["healthCheck"]
+        if not hc["enabled"] or t["status"] == "disabled" or t["id"] in probing:
+            continue
+        last = probed_at.get(t["id"])
+        if last is not None and last + timedelta(milliseconds=hc["intervalMs"]) > now:
+            continue
+        if t["mechanism"] not in mechanisms:
+            continue
+        out.append(t["id"])
+    return out
+
+
+def next_fleet_deadline(
+    state: ProjectState, now: datetime, default_idle_ms: int, probed_at: Mapping[str, datetime]
+) -> float | None:
+    """Seconds until the next time-based fleet decision is due: an idle agent's limit, a spin-up's
+    timeout, a cooldown's end, a probe's interval."""
+    due: list[float] = []
+    idle = next_idle_deadline(state, now, default_idle_ms)
+    if idle is not None:
+        due.append(idle)
+    for t in state.targets.values():
+        for op in t["activeSpinUps"].values():
+            started = parse_ts(op.get("startedAt") or op["requestedAt"])
+            due.append((started + timedelta(milliseconds=t["spinUpTimeoutMs"]) - now).total_seconds())
+        until = cooldown_until(t)
+        if until is not None and until > now:
+            due.append((until - now).total_seconds())
+        hc = t["healthCheck"]
+        probed = probed_at.get(t["id"])
+        if hc["enabled"] and t["status"] != "disabled" and probed is not None:
+            due.append((probed + timedelta(milliseconds=hc["intervalMs"]) - now).total_seconds())
+    return min(due) if due else None

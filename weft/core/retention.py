@@ -32,6 +32,9 @@ class Cursor:
 
     at: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FINISHED, 0))
 
+    def copy(self) -> Cursor:
+        return Cursor(dict(self.at))
+
 
 def due_for_purge(
     state: ProjectState, before: str, limit: int, cursor: Cursor, *, budget: int = 20_000
@@ -57,3 +60,36 @@ def due_for_purge(
                     return out
         cursor.at[status] = end  # the next pass wraps to 0 once past the end
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class PurgePass:
+    """One tick's retention decision: purge `work_ids` (last changed before `before`), look again
+    at `next_at`, resuming from `cursor`. `before` is None when no pass was due."""
+
+    before: str | None
+    work_ids: tuple[str, ...]
+    next_at: datetime | None
+    cursor: Cursor
+
+
+def plan_purges(
+    state: ProjectState,
+    now: datetime,
+    retain_s: float,
+    every_s: float,
+    batch: int,
+    next_at: datetime | None,
+    cursor: Cursor,
+) -> PurgePass:
+    """The purges due at `now` (none if retention is off (`retain_s` <= 0) or before `next_at`;
+    None: look at once). `cursor` is not changed: the pass carries on from its own copy."""
+    if retain_s <= 0 or (next_at is not None and now < next_at):
+        return PurgePass(None, (), next_at, cursor)
+    before = cutoff(now, retain_s)
+    moved = cursor.copy()
+    due = due_for_purge(state, before, batch, moved)
+    # Found some: more may be due further on, so look again soon (not at once: if the purges
+    # cannot be appended, NATS down say, the next pass must not spin).
+    every = min(every_s, retain_s / 2)  # a short retention is checked as often
+    return PurgePass(before, tuple(due), now + timedelta(seconds=min(1.0, every) if due else every), moved)

@@ -29,6 +29,7 @@ from typing import Any, Final, Literal
 
 import orjson
 
+from projections.events import parse_ts
 from projections.state import ProjectState, Record
 from projections.worktable import WorkTable
 
@@ -97,7 +98,7 @@ class RoutingPolicy:
         return BoundaryRule(boundary, self.default_rule.allowedAgentTypes, self.default_rule.preferredAgentTypes)
 
     def to_dict(self) -> dict[str, Any]:
-        """The policy as a `load_policy` document (with `replaceDefaults`), e.g. for GET /api/routing."""
+        """The policy as a `load_policy` document (with `replaceDefaults`)."""
         return {
             "replaceDefaults": True,
             "agingPerMinute": self.aging_per_minute,
@@ -564,5 +565,5 @@ def _best(cls: _Class) -> _Slot | None:
 def _parse_ts(ts: str) -> datetime:
     # Every plan re-reads every pending item's offeredAt: memoised, a plan over 10k items does not
     # parse 10k timestamps again (immutable datetimes make the cache safe).
-    dt = datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    dt = parse_ts(ts)
     return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)

@@ -1,9 +1,13 @@
-"""The fleet_policy fleet's hands, on the project's leader: launch, watch, complete, clean up, probe.
+"""The fleet's hands, on the project's leader: launch, watch, complete, clean up, probe.
 
-Decisions come from the pure `weft.core.fleet_policy`; this module does the I/O and records each outcome as
-an event. A spin-up succeeds only when an agent registers with its id (`spinup.completed`); a
-launch that returns but produces no agent within the target's timeout fails (`spinup.failed`)
-and whatever it started is stopped.
+Decisions come from the pure `weft.core.plan` (with `weft.core.fleet_policy`): the scheduler appends
+them and hands the effects here (`clean_up_overdue`, `probe`); this module does the I/O and records
+each outcome as an event. What it keeps in memory (launches and probes running, when it last
+probed) goes into each tick's plan as a `FleetSnapshot`.
+
+A spin-up succeeds only when an agent registers with its id (`spinup.completed`); a launch that
+returns but produces no agent within the target's timeout fails (`spinup.failed`) and whatever
+it started is stopped.
 """
 
 from __future__ import annotations
@@ -11,17 +15,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from projections.events import Event, parse_ts
 from projections.state import ProjectState
 from weft.aio import TaskSet
-from weft.commands import Commands, Ctx, Outcome
+from weft.commands import Commands, Ctx
 from weft.core import fleet_policy
-from weft.core.routing import Plan, RoutingPolicy
+from weft.core.fleet_policy import FleetSnapshot
+from weft.core.routing import RoutingPolicy
+from weft.runtime.probes import probe_target
 from weft.spinup.base import Mechanism, SpinUpError, SpinUpRequest
 
 log = logging.getLogger("weft.runtime.fleet_executor")
@@ -59,7 +65,20 @@ class FleetManager:
         # When each target was last probed by this leader: probes are frequent, only changes are events.
         self._probed_at: dict[str, datetime] = {}
         self._tasks = TaskSet()
+        # Why waiting items got no spin-up in the last tick's plan (set by the scheduler).
         self.blocked: dict[str, str] = {}
+
+    def snapshot(self) -> FleetSnapshot:
+        """What the pure plan needs of this manager: the rules and what runs here now."""
+        return FleetSnapshot(
+            idle_timeout_ms=self.config.idle_timeout_ms,
+            max_crashes=self.config.max_crashes,
+            health_checks=self.config.health_checks,
+            launching=frozenset(self._launching),
+            probing=frozenset(self._probing),
+            probed_at=dict(self._probed_at),
+            mechanisms=frozenset(self.mechanisms),
+        )
 
     # --- reacting to folded events -------------------------------------------------------------
 
@@ -95,7 +114,7 @@ class FleetManager:
     async def _run_launch(self, req: SpinUpRequest, requested_at: str) -> None:
         """Launch, and record `spinup.started` or `spinup.failed`. However it ends (a mechanism's
         bug, a record that could not be appended, cancellation), the spin-up stops counting as
-        launching: if no outcome was recorded, `decisions` fails it once it is overdue, so it
+        launching: if no outcome was recorded, the plan fails it once it is overdue, so it
         cannot hold its target's slot forever."""
         t = req.target
         started = time.perf_counter()
@@ -155,62 +174,27 @@ class FleetManager:
         except Exception as err:
             log.warning("clean-up after agent failed: %s", err, extra={"project": self.project, "target": t["name"]})
 
-    # --- decisions on each scheduler tick ---------------------------------------------------------
+    # --- effects of each scheduler tick's plan ----------------------------------------------------
 
-    def decisions(
-        self, state: ProjectState, plan: Plan, now: datetime, getting_work: set[str]
-    ) -> list[Awaitable[Outcome]]:
-        """Spin-ups for uncovered demand, failures of overdue spin-ups, idle scale-downs (never of an
-        agent that this tick's plan gives work), and due health probes."""
-        out: list[Awaitable[Outcome]] = []
-        elastic_plan = fleet_policy.plan_spin_ups(state, plan, self.policy, now, self.config.max_crashes)
-        self.blocked = elastic_plan.blocked
-        for d in elastic_plan.spin_ups:
-            out.append(self._request(d.target_id, d.work_id))
-        for target_id, spin_up_id, op in fleet_policy.overdue_spin_ups(state, now):
-            if spin_up_id in self._launching:
-                continue  # the launch itself is bounded by the same timeout and will record
-            t = state.targets[target_id]
-            error = f"no agent registered with spin-up id {spin_up_id} within {t['spinUpTimeoutMs']} ms"
-            took = (now - parse_ts(op["requestedAt"])).total_seconds() * 1000
-            out.append(self.commands.record_spin_up(
-                self.ctx, target_id, spin_up_id, "spinup.failed", {"error": error, "durationMs": round(took, 3)},
-                self.epoch))
-            if op.get("mechanismResult"):
-                launch = {"targetId": target_id, "handle": op["mechanismResult"]}
-                self._tasks.spawn(self._clean_up(state, launch, graceful=False))
-        for down in fleet_policy.idle_agents(state, now, self.config.idle_timeout_ms):
-            if down.guid not in getting_work:
-                out.append(self.commands.scale_down_idle(self.ctx, down.guid, self.epoch))
-        if self.config.health_checks:
-            self._probe_due(state, now)
-        return out
+    def clean_up_overdue(self, state: ProjectState, target_id: str, handle: Any) -> None:
+        """Stop what the launch of an overdue spin-up started (its failure is being recorded)."""
+        if handle:
+            self._tasks.spawn(self._clean_up(state, {"targetId": target_id, "handle": handle}, graceful=False))
 
-    async def _request(self, target_id: str, work_id: str) -> Outcome:
-        outcome, _ = await self.commands.request_spin_up(self.ctx, target_id, work_id, "waiting work", self.epoch)
-        return outcome
-
-    def _probe_due(self, state: ProjectState, now: datetime) -> None:
-        for t in state.targets.values():
-            hc = t["healthCheck"]
-            if not hc["enabled"] or t["status"] == "disabled" or t["id"] in self._probing:
+    def probe(self, state: ProjectState, target_ids: Iterable[str], now: datetime) -> None:
+        """Start the health probes the plan found due."""
+        for target_id in target_ids:
+            t = state.targets.get(target_id)
+            if t is None or target_id in self._probing:
                 continue
-            last = self._probed_at.get(t["id"])
-            if last is not None and last + timedelta(milliseconds=hc["intervalMs"]) > now:
-                continue
-            mechanism = self.mechanisms.get(t["mechanism"])
-            if mechanism is None:
-                continue
-            self._probing.add(t["id"])
-            self._probed_at[t["id"]] = now
-            self._tasks.spawn(self._probe(mechanism, dict(t)))
+            self._probing.add(target_id)
+            self._probed_at[target_id] = now
+            self._tasks.spawn(self._probe(dict(t)))
 
-    async def _probe(self, mechanism: Mechanism, t: dict[str, Any]) -> None:
+    async def _probe(self, t: dict[str, Any]) -> None:
         try:
-            result = await asyncio.wait_for(mechanism.probe(t), t["healthCheck"]["timeoutMs"] / 1000)
+            result = await probe_target(t, self.mechanisms)
             status, latency, error = result.status, result.latency_ms, result.error
-        except TimeoutError:
-            status, latency, error = "unhealthy", None, f"health check timed out after {t['healthCheck']['timeoutMs']} ms"
         except Exception as err:
             status, latency, error = "unhealthy", None, f"health check failed: {err}"
         try:
@@ -219,25 +203,6 @@ class FleetManager:
             log.exception("could not record health", extra={"project": self.project, "target": t["name"]})
         finally:
             self._probing.discard(t["id"])
-
-    def next_deadline(self, state: ProjectState, now: datetime) -> float | None:
-        """Seconds until the next time-based fleet decision is due."""
-        due: list[float] = []
-        idle = fleet_policy.next_idle_deadline(state, now, self.config.idle_timeout_ms)
-        if idle is not None:
-            due.append(idle)
-        for t in state.targets.values():
-            for op in t["activeSpinUps"].values():
-                started = parse_ts(op.get("startedAt") or op["requestedAt"])
-                due.append((started + timedelta(milliseconds=t["spinUpTimeoutMs"]) - now).total_seconds())
-            until = fleet_policy.cooldown_until(t)
-            if until is not None and until > now:
-                due.append((until - now).total_seconds())
-            hc = t["healthCheck"]
-            probed = self._probed_at.get(t["id"])
-            if hc["enabled"] and t["status"] != "disabled" and probed is not None:
-                due.append((probed + timedelta(milliseconds=hc["intervalMs"]) - now).total_seconds())
-        return min(due) if due else None
 
     async def stop(self) -> None:
         await self._tasks.cancel()

@@ -25,7 +25,7 @@ from projections.state import LIVE_ASSIGNMENT, ProjectState
 from weft.aio import TaskSet
 from weft.commands import Commands, Ctx, RetryPolicy
 from weft.core import protocol
-from weft.core.errors import NotFound, WeftError, field_of
+from weft.core.errors import NotFound, WeftError, invalid_field
 from weft.logs import correlation_var, project_var
 from weft.stamps import utc_now
 from weft.store.readmodel import ReadModel
@@ -163,9 +163,8 @@ class AgentGateway:
             body = model.model_validate_json(msg.data or b"{}")
             reply = {"ok": True, **await handler(project, body)}
         except ValidationError as err:
-            first = err.errors(include_url=False)[0]
-            name = "body" if first["type"] == "json_invalid" else field_of(tuple(first["loc"]))
-            reply = {"ok": False, "error": "ValidationError", "message": f"{name}: {first['msg']}", "field": name}
+            name, message = invalid_field(err)
+            reply = {"ok": False, "error": "ValidationError", "message": f"{name}: {message}", "field": name}
         except WeftError as err:
             name = "ValidationError" if type(err) is WeftError else err.error
             reply = {"ok": False, "error": name, "message": err.message, "field": err.field}

@@ -1,9 +1,11 @@
 """The per-project scheduler: runs only on the replica holding the project's lease.
 
-It turns state into decisions: assignments (routing.plan_assignments), withdrawn assignments
-(agent lost or offline, not accepted in time), lost agents (no heartbeat for 3 intervals). Every
-decision is an event carrying the lease epoch, appended with per-entity OCC and re-validated
-against the newest state, so a stale plan or a deposed leader can never assign an item twice.
+Each tick asks the pure `weft.core.plan.plan` for every decision at once (assignments, withdrawn
+assignments, lost agents, spin-ups, scale-downs, overdue spin-ups, probes, purges, the next
+wake-up) and only carries them out: each decision maps to one `Commands` call, and the fleet's
+effects (clean-ups, probes) go to the `FleetManager`. Every decision is an event carrying the
+lease epoch, appended with per-entity OCC and re-validated against the newest state, so a stale
+plan or a deposed leader can never assign an item twice.
 
 The scheduler reacts to events as they are folded (no polling interval): a submit wakes it and
 the matching idle agent gets its assignment within one append round trip.
@@ -14,17 +16,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
-from projections.events import Event, format_ts, parse_ts
-from projections.state import ProjectState, Record
-from projections.work import ACCEPT_TIMEOUT
+from projections.events import Event
+from projections.state import ProjectState
 from weft.aio import cancel_and_wait, wait_event
 from weft.commands import Commands, Ctx, Outcome
-from weft.core import fleet_policy, retention
+from weft.core import plan, retention
 from weft.core.errors import Unavailable, WeftError
-from weft.core.routing import Plan, RoutingPolicy, plan_assignments
+from weft.core.plan import SchedulerConfig, TickPlan
+from weft.core.routing import Plan, RoutingPolicy
 from weft.logs import project_var
 from weft.runtime.fleet_executor import FleetConfig, FleetManager
 from weft.runtime.gateway import Liveness, Pusher
@@ -39,22 +40,7 @@ log = logging.getLogger("weft.runtime.scheduler")
 _RETRYABLE: tuple[type[BaseException], ...] = (WeftError, *TRANSIENT)
 
 
-@dataclass(frozen=True)
-class SchedulerConfig:
-    heartbeat_ms: int = 10_000
-    lost_after_heartbeats: int = 3
-    accept_timeout_ms: int = 30_000
-    # An item whose assignments keep being withdrawn (agents dying under it, accept timeouts) is
-    # dead-lettered once it used its own `maxAttempts`, or this many attempts if that is lower.
-    max_withdrawals: int = 10
-    # Warp agents heartbeat into their KV entry every 60 s; Warp's own GC calls 3 minutes silence offline.
-    warp_lost_after_s: float = 180.0
-    idle_tick_s: float = 5.0
-    # Finished items leave the projection this long after their last change (0: kept forever);
-    # the scheduler looks for them every `purge_every_s`, at most `purge_batch` at a time.
-    retain_done_s: float = 0.0
-    purge_every_s: float = 60.0
-    purge_batch: int = 500
+__all__ = ["ProjectScheduler", "SchedulerConfig", "SchedulerHost"]  # SchedulerConfig lives in weft.core.plan
 
 
 class ProjectScheduler:
@@ -84,7 +70,8 @@ class ProjectScheduler:
         self.config = config
         self.wake = asyncio.Event()
         self._stopping = False
-        self.last_plan: Plan | None = None
+        self.last_plan: Plan | None = None  # the routing plan of the last tick
+        self.last_tick: TickPlan | None = None
         self._task: asyncio.Task[None] | None = None
         self._deadline_s = config.idle_tick_s
         self.ctx = Ctx(project=self.project, actor="scheduler", fresh_answers=False)
@@ -182,128 +169,68 @@ class ProjectScheduler:
             return
         self._idle_reason = None
         state = self.view.state
-        decisions: list[Awaitable[Outcome]] = []
-        lost_after = {
-            "weft": self.config.heartbeat_ms * self.config.lost_after_heartbeats / 1000,
-            "warp": self.config.warp_lost_after_s,
-        }
-        accept_deadline: datetime | None = None
-        # Right after this replica's own loop stalled, unread heartbeats may be queued: judge later.
-        may_judge = not self.liveness.stalled_within(lost_after["weft"])
-        # Agents that let an assignment time out get no work (routing) until they show life:
-        # `heard_from` those marked so that this replica heard since; `timed_out` those about to be.
-        heard_from: set[str] = set()
-        timed_out: set[str] = set()
-        for agent in list(state.agents.values()):
-            guid = agent["guid"]
-            offline = agent["status"] == "offline"
-            silence = lost_after.get(agent["source"], lost_after["weft"])
-            if not offline and may_judge and self._silent_for(agent, now) > silence:
-                last = self.liveness.wall.get((self.project, guid))
-                decisions.append(self.commands.mark_agent_lost(self.ctx, guid, last, self.epoch))
-                continue  # its work is withdrawn once the loss is folded (next tick)
-            if not offline and agent.get("unresponsiveSince") and self._heard_since(guid, agent["unresponsiveSince"]):
-                heard_from.add(guid)
-            for work_id in list(agent["currentTasks"]):
-                item = state.work[work_id]
-                if offline:
-                    reason = f"agent {guid} {agent['offlineReason'] or 'offline'}"
-                    decisions.append(self._withdraw(item, reason, "agent-offline"))
-                elif item["status"] == "assigned" and item["acceptBy"]:
-                    accept_by = parse_ts(item["acceptBy"])
-                    if accept_by <= now:
-                        timed_out.add(guid)
-                        decisions.append(self._withdraw(item, f"not accepted by {guid} in time", ACCEPT_TIMEOUT))
-                    elif accept_deadline is None or accept_by < accept_deadline:
-                        accept_deadline = accept_by
-        if self._worth_planning(state, now):
-            plan = plan_assignments(
-                state, self.policy, now, self.spinning_up(state), heard_from=heard_from, timed_out=timed_out
-            )
-        else:
-            plan = Plan()  # nobody could take anything: an O(pending) plan would change nothing
-        self.last_plan = plan
-        accept_by_ts = format_ts(now + timedelta(milliseconds=self.config.accept_timeout_ms))
-        for work_id, guid in plan.assignments:
-            decisions.append(self.commands.assign_work(self.ctx, work_id, guid, self.epoch, accept_by_ts))
-        if self.fleet is not None:
-            decisions += self.fleet.decisions(state, plan, now, {guid for _, guid in plan.assignments})
-        decisions += self._purges(state, now)
+        tick = plan.plan(
+            state, now, self.config, self.policy, self._heard(state),
+            fleet=self.fleet.snapshot() if self.fleet is not None else None,
+            next_purge=self._next_purge, purge_cursor=self._purge_cursor,
+        )
+        self.last_tick, self.last_plan = tick, tick.routing
+        self._next_purge, self._purge_cursor = tick.purges.next_at, tick.purges.cursor
+        decisions = self._execute(state, tick, now)
         if decisions:
             results = await asyncio.gather(*decisions, return_exceptions=True)
             for r in results:
                 if isinstance(r, BaseException):
                     log.warning("decision not applied: %s", r, extra={"project": self.project})
-        self._deadline_s = self._next_deadline(state, now, accept_deadline)
+        self._deadline_s = tick.deadline_s
 
-    def _purges(self, state: ProjectState, now: datetime) -> list[Awaitable[Outcome]]:
-        cfg = self.config
-        if cfg.retain_done_s <= 0 or (self._next_purge is not None and now < self._next_purge):
-            return []
-        before = retention.cutoff(now, cfg.retain_done_s)
-        due = retention.due_for_purge(state, before, cfg.purge_batch, self._purge_cursor)
-        # Found some: more may be due further on, so look again soon (not at once: if the purges
-        # cannot be appended, NATS down say, the next pass must not spin).
-        every = min(cfg.purge_every_s, cfg.retain_done_s / 2)  # a short retention is checked as often
-        self._next_purge = now + timedelta(seconds=min(1.0, every) if due else every)
-        return [self.commands.purge_work(self.ctx, wid, before, self.epoch) for wid in due]
+    def _heard(self, state: ProjectState) -> plan.Heard:
+        """This replica's heartbeat memory of the project's live agents, as plain data for the plan."""
+        liveness, project = self.liveness, self.project
+        # Right after this replica's own loop stalled, unread heartbeats may be queued: judge later.
+        judge = not liveness.stalled_within(self.config.lost_after_s("weft"))
+        silent: dict[str, float] = {}
+        last: dict[str, str] = {}
+        for guid, agent in state.agents.items():
+            if agent["status"] == "offline":
+                continue
+            if judge:
+                silent[guid] = liveness.silent_for(project, guid)
+            wall = liveness.wall.get((project, guid))
+            if wall is not None:
+                last[guid] = wall
+        return plan.Heard(silent, last, judge)
 
-    def _silent_for(self, agent: Record, now: datetime) -> float:
-        """Seconds without a sign of life from the agent itself: since the last heartbeat this
-        replica heard, but never longer than since the last event the agent itself caused
-        (`lastSeen`: its registration, an accept, progress, a result), so an agent that joined a
-        long-running replica a moment ago is not 'silent since the replica started'. What weft
-        says about the agent (an assignment, a withdrawal) is no sign of life: a dead agent that
-        keeps being offered work must still fall silent."""
-        heard = self.liveness.silent_for(self.project, agent["guid"])
-        # A record folded before `lastSeen` existed: its registration is the last word known of it.
-        seen = agent.get("lastSeen") or agent["registeredAt"]
-        active = (now - parse_ts(seen)).total_seconds()
-        return min(heard, max(0.0, active))
-
-    def _heard_since(self, guid: str, ts: str) -> bool:
-        """Did this replica hear the agent (a heartbeat, a registration, a sync) after `ts`?"""
-        last = self.liveness.wall.get((self.project, guid))
-        return last is not None and parse_ts(last) > parse_ts(ts)
-
-    def _worth_planning(self, state: ProjectState, now: datetime) -> bool:
-        if state.work_counts["pending"] == 0:
-            return False
-        for a in state.agents.values():
-            if a["status"] != "offline" and not a["shutdownRequested"] and a["currentTaskCount"] < a["maxConcurrentTasks"]:
-                return True
-        return self.fleet is not None and fleet_policy.any_target_can_launch(state, now, self.fleet.config.max_crashes)
-
-    def _withdraw(self, item: Record, reason: str, cause: str) -> Awaitable[Outcome]:
-        return self.commands.withdraw_assignment(
-            self.ctx, item["id"], reason, self.epoch, self.config.max_withdrawals,
-            guid=item["assignedTo"], attempt=item["attempts"], cause=cause,
-        )
-
-    def _next_deadline(self, state: ProjectState, now: datetime, accept_deadline: datetime | None) -> float:
-        """Seconds until something time-based is due: a retry backoff, an accept timeout, a heartbeat."""
-        due = [self.config.idle_tick_s, self.config.heartbeat_ms / 1000]
-        if self.config.retain_done_s > 0 and self._next_purge is not None:
-            due.append((self._next_purge - now).total_seconds())
+    def _execute(self, state: ProjectState, tick: TickPlan, now: datetime) -> list[Awaitable[Outcome]]:
+        """Each decision of the plan as its command (all appended concurrently), plus the fleet's effects."""
+        commands, ctx, epoch = self.commands, self.ctx, self.epoch
+        out: list[Awaitable[Outcome]] = [commands.mark_agent_lost(ctx, a.guid, a.last_heard, epoch) for a in tick.lost]
+        for w in tick.withdrawals:
+            out.append(commands.withdraw_assignment(
+                ctx, w.work_id, w.reason, epoch, self.config.max_withdrawals,
+                guid=w.guid, attempt=w.attempt, cause=w.cause,
+            ))
+        for a in tick.assignments:
+            out.append(commands.assign_work(ctx, a.work_id, a.guid, epoch, a.accept_by))
         if self.fleet is not None:
-            fleet_due = self.fleet.next_deadline(state, now)
-            if fleet_due is not None:
-                due.append(fleet_due)
-        if accept_deadline is not None:
-            due.append((accept_deadline - now).total_seconds())
-        if self.last_plan is not None:
-            for work_id, code in self.last_plan.codes.items():
-                if code == "backoff":
-                    retry_at = state.work[work_id]["retryAt"]
-                    if retry_at:
-                        due.append((parse_ts(retry_at) - now).total_seconds())
-        return max(0.005, min(due))
+            self.fleet.blocked = tick.spin_up_blocked
+            for d in tick.spin_ups:
+                out.append(self._request_spin_up(d.target_id, d.work_id))
+            for f in tick.spin_up_failures:
+                data = {"error": f.error, "durationMs": f.duration_ms}
+                out.append(commands.record_spin_up(ctx, f.target_id, f.spin_up_id, "spinup.failed", data, epoch))
+                self.fleet.clean_up_overdue(state, f.target_id, f.handle)
+            for down in tick.scale_downs:
+                out.append(commands.scale_down_idle(ctx, down.guid, epoch))
+            self.fleet.probe(state, tick.probes, now)
+        before = tick.purges.before
+        if before is not None:
+            out += [commands.purge_work(ctx, wid, before, epoch) for wid in tick.purges.work_ids]
+        return out
 
-    @staticmethod
-    def spinning_up(state: ProjectState) -> set[str]:
-        return {
-            op["workId"] for t in state.targets.values() for op in t["activeSpinUps"].values() if op.get("workId")
-        }
+    async def _request_spin_up(self, target_id: str, work_id: str) -> Outcome:
+        outcome, _ = await self.commands.request_spin_up(self.ctx, target_id, work_id, "waiting work", self.epoch)
+        return outcome
 
 
 class SchedulerHost:
@@ -335,7 +262,7 @@ class SchedulerHost:
         self._takeovers: dict[str, asyncio.Task[None]] = {}
         self._releasing = False
         self.elector = LeaderElector(
-            readmodel.store.js,
+            readmodel.store.resources,
             holder,
             ttl_s=lease_ttl_s,
             on_elected=self._elected,

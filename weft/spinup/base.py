@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -61,9 +62,7 @@ class SpinUpRequest:
 
     @property
     def config(self) -> dict[str, Any]:
-        key = MECHANISM_KEYS[self.target["mechanism"]]
-        cfg: dict[str, Any] = self.target["config"][key]
-        return cfg
+        return mechanism_config(self.target)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,18 +82,24 @@ class Mechanism(Protocol):
     async def probe(self, target: dict[str, Any]) -> ProbeResult: ...
 
 
-MECHANISM_KEYS = {
-    "local": "local",
-    "ssh": "ssh",
-    "kubernetes": "kubernetes",
-    "github-actions": "githubActions",
-    "webhook": "webhook",
-}
-
-
 def mechanism_config(target: dict[str, Any]) -> dict[str, Any]:
-    cfg: dict[str, Any] = target["config"][MECHANISM_KEYS[target["mechanism"]]]
+    """The target's own block of its (normalised, nested) config, by its mechanism's schema key."""
+    from weft.spinup import SCHEMAS  # the registry, which imports this module
+
+    cfg: dict[str, Any] = target["config"][SCHEMAS[target["mechanism"]].key]
     return cfg
+
+
+def redact(text: str, secrets: Iterable[str] | Mapping[str, str]) -> str:
+    """`text` with every secret value in it masked, as `[redacted]`, or, when `secrets` maps each
+    value to a label (say the reference it was resolved from), as that label. Longer values go
+    first, so a secret holding another is masked whole. Error messages, log tails and responses
+    pass through here before they reach an event, a log line or a client."""
+    labels = dict(secrets) if isinstance(secrets, Mapping) else dict.fromkeys(secrets, "[redacted]")
+    for value in sorted(labels, key=len, reverse=True):
+        if value:
+            text = text.replace(value, labels[value])
+    return text
 
 
 def resolve_secret(ref: str, environ: dict[str, str] | None = None) -> str:

@@ -41,14 +41,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
-
-from projections.events import format_ts
-from weft.spinup.base import Launched, ProbeResult, SpinUpError, SpinUpRequest, Stopwatch, resolve_secret
+from projections.events import format_ts, parse_ts
+from weft.core.targets import ConfigSchema, fail, opt_bool, opt_int, opt_resolvable_ref, opt_str, opt_url
+from weft.spinup.base import (
+    Launched,
+    ProbeResult,
+    SpinUpError,
+    SpinUpRequest,
+    Stopwatch,
+    redact,
+    resolve_secret,
+)
 
 API_VERSION = "2022-11-28"
 DEFAULT_API_URL = "https://api.github.com"
@@ -63,6 +71,39 @@ HINTS = {
     403: " (the token lacks actions:write on the repository, or a rate limit was hit)",
     404: " (no such repository or workflow, or the token cannot see it)",
 }
+WEFT_INPUTS = ("weft_spinup_id", "weft_work_id", "weft_nats_url", "weft_project")  # set by dispatch_body
+
+
+def _check_config(body: dict[str, Any]) -> None:
+    key = SCHEMA.key
+    if not re.match(r"^[\w.-]+/[\w.-]+$", str(body["repo"])):
+        raise fail(key, "repo", "must be owner/name")
+    workflow = body["workflow"]
+    if isinstance(workflow, bool) or not isinstance(workflow, str | int):
+        raise fail(key, "workflow", "must be a workflow file name or id")
+    opt_str(body, key, "ref")
+    if body.get("tokenEnvVar") is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", str(body["tokenEnvVar"])):
+        raise fail(key, "tokenEnvVar", "must be an environment variable name")
+    opt_resolvable_ref(body, key, "token")
+    opt_url(body, key, "apiUrl")
+    opt_int(body, key, "startTimeoutMs", 0)
+    opt_int(body, key, "requestTimeoutMs", 100)
+    opt_bool(body, key, "returnRunDetails")
+    for name, value in (body.get("inputs") or {}).items():
+        if name in WEFT_INPUTS:
+            raise fail(key, f"inputs.{name}", "is set by weft for each spin-up")
+        if value is not None and not isinstance(value, str | int | float | bool):
+            raise fail(key, f"inputs.{name}", "must be a string, number or boolean (inputs are sent as strings)")
+
+
+SCHEMA = ConfigSchema(
+    mechanism="github-actions",
+    key="githubActions",
+    required=("repo", "workflow"),
+    defaults={"ref": "main", "tokenEnvVar": "GITHUB_TOKEN", "inputs": {}, "startTimeoutMs": 5000},
+    aliases={"workflowFile": "workflow"},
+    check=_check_config,
+)
 
 
 def token_of(cfg: dict[str, Any]) -> str:
@@ -136,11 +177,10 @@ class GitHubApi:
             "User-Agent": "weft",
         }
 
-    def redact(self, text: str) -> str:
-        return text.replace(self.token, "[redacted]") if self.token else text
-
     async def call(self, method: str, url: str, **kw: Any) -> tuple[int, Any, str]:
         """(status, parsed JSON body or None, raw text); network failures become SpinUpError."""
+        import aiohttp
+
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         try:
             async with (
@@ -152,7 +192,7 @@ class GitHubApi:
         except TimeoutError:
             raise SpinUpError(f"GitHub API did not answer {method} within {self.timeout_s:g} s") from None
         except aiohttp.ClientError as err:
-            raise SpinUpError(self.redact(f"GitHub API unreachable: {err}")[:500]) from None
+            raise SpinUpError(redact(f"GitHub API unreachable: {err}", [self.token])[:500]) from None
         try:
             body = json.loads(text) if text else None
         except ValueError:
@@ -161,7 +201,7 @@ class GitHubApi:
 
     def error(self, action: str, status: int, body: Any, text: str) -> SpinUpError:
         message = github_message(body, text)
-        return SpinUpError(self.redact(f"GitHub {action} failed: {status} {message}{HINTS.get(status, '')}"))
+        return SpinUpError(redact(f"GitHub {action} failed: {status} {message}{HINTS.get(status, '')}", [self.token]))
 
     async def dispatch(self, body: dict[str, Any]) -> dict[str, Any] | None:
         """Create the workflow_dispatch event; GitHub's run details when it returned them."""
@@ -200,7 +240,8 @@ class GitHubApi:
 
 
 class GithubActionsMechanism:
-    name = "github-actions"
+    name = SCHEMA.mechanism
+    requires = ("aiohttp",)  # what build_mechanisms imports before offering this mechanism
 
     @staticmethod
     def _api(cfg: dict[str, Any], timeout_ms: int | None = None) -> GitHubApi:
@@ -251,12 +292,12 @@ class GithubActionsMechanism:
         """Cancel the run on a forced stop; a graceful stop leaves the agent to exit by itself."""
         if graceful:
             return
-        cfg = target["config"]["githubActions"]
+        cfg = target["config"][SCHEMA.key]
         api = self._api(cfg)
         run_id = handle.get("runId")
         if run_id is None and handle.get("spinUpId") and handle.get("dispatchedAt"):
             # Not found at launch (GitHub can take longer than startTimeoutMs to list it): look again.
-            since = datetime.fromisoformat(str(handle["dispatchedAt"]).replace("Z", "+00:00"))
+            since = parse_ts(str(handle["dispatchedAt"]))
             run = await api.find_run(str(handle["spinUpId"]), since - CREATED_SLACK)
             run_id = run.get("id") if run else None
         if run_id is not None:
@@ -264,7 +305,7 @@ class GithubActionsMechanism:
 
     async def probe(self, target: dict[str, Any]) -> ProbeResult:
         """Healthy when the workflow exists, the token can read it, and its state is `active`."""
-        cfg = target["config"]["githubActions"]
+        cfg = target["config"][SCHEMA.key]
         watch = Stopwatch()
         try:
             # A little under the fleet's own deadline for the probe, so GitHub's answer wins the race.

@@ -26,18 +26,35 @@ import asyncio
 import hashlib
 import json
 import re
+import shlex
 import uuid
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import urllib3
-from kubernetes import client as k8s
-from kubernetes import config as k8s_config
-from kubernetes.client.exceptions import ApiException
-from pydantic import ValidationError
-
-from weft.spinup.base import Launched, ProbeResult, SpinUpError, SpinUpRequest, Stopwatch, resolve_secret
+from weft.core.errors import invalid_field
+from weft.core.targets import (
+    ConfigSchema,
+    fail,
+    opt_bool,
+    opt_int,
+    opt_resolvable_ref,
+    opt_str,
+    opt_url,
+)
+from weft.spinup.base import (
+    Launched,
+    ProbeResult,
+    SpinUpError,
+    SpinUpRequest,
+    Stopwatch,
+    redact,
+    resolve_secret,
+)
 from weft.stamps import utc_now
+
+if TYPE_CHECKING:  # the client is imported where used (it is slow to import): the schema needs none of it
+    from kubernetes import client as k8s
+    from kubernetes.client.exceptions import ApiException
 
 T = TypeVar("T")
 
@@ -45,6 +62,67 @@ DEFAULT_REQUEST_TIMEOUT_MS = 30000
 DEFAULT_PROBE_TIMEOUT_MS = 10000
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 MESSAGE_LIMIT = 300
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+K8S_SECRET_REF = re.compile(r"^secret:[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/[-._a-zA-Z0-9]+)?$")
+
+
+# --- config (pure) ---------------------------------------------------------------------------------
+
+
+def _check_config(body: dict[str, Any]) -> None:
+    key = SCHEMA.key
+    if not (isinstance(body["namespace"], str) and DNS_LABEL.match(body["namespace"]) and len(body["namespace"]) <= 63):
+        raise fail(key, "namespace", "must be a DNS label: lowercase alphanumerics and '-', at most 63")
+    prefix = body.get("jobNamePrefix")
+    if not (isinstance(prefix, str) and DNS_LABEL.match(prefix) and len(prefix) <= 54):
+        raise fail(key, "jobNamePrefix", "must be lowercase alphanumerics and '-', at most 54 (9 are added)")
+    opt_str(body, key, "image")
+    if isinstance(body.get("command"), str):
+        try:
+            body["command"] = shlex.split(body["command"])
+        except ValueError:
+            raise fail(key, "command", "does not parse as a shell word list") from None
+    if "command" in body and not (isinstance(body["command"], list) and all(isinstance(a, str) for a in body["command"])):
+        raise fail(key, "command", "must be a list of strings")
+    for name, value in (body.get("env") or {}).items():
+        if not ENV_NAME.match(str(name)):
+            raise fail(key, f"env.{name}", "is not a valid environment variable name")
+        if not isinstance(value, str | int | float | bool):
+            raise fail(key, f"env.{name}", "must be a string, number or boolean")
+        if isinstance(value, str) and value.startswith("secret:") and not K8S_SECRET_REF.match(value):
+            raise fail(key, f"env.{name}", "must be secret:NAME or secret:NAME/KEY")
+    res = body.get("resources")
+    if res is not None:
+        parts = [res.get("requests") or {}, res.get("limits") or {}] if isinstance(res, dict) and (
+            "requests" in res or "limits" in res) else [res]
+        if not all(isinstance(p, dict) and all(isinstance(q, str | int | float) and not isinstance(q, bool)
+                                               for q in p.values()) for p in parts):
+            raise fail(key, "resources", "must be {cpu, memory} (or {requests, limits}) with quantity values")
+    pull = body.get("imagePullSecret")
+    if pull is not None and not (isinstance(pull, str) and pull) and not (
+            isinstance(pull, list) and all(isinstance(p, str) and p for p in pull)):
+        raise fail(key, "imagePullSecret", "must be a secret name or a list of them")
+    if body.get("imagePullPolicy") is not None and body["imagePullPolicy"] not in ("Always", "IfNotPresent", "Never"):
+        raise fail(key, "imagePullPolicy", "must be Always, IfNotPresent or Never")
+    for name in ("serviceAccount", "caCertPath", "kubeconfig", "context"):
+        opt_str(body, key, name)
+    opt_int(body, key, "ttlSecondsAfterFinished", 0)
+    opt_int(body, key, "activeDeadlineSeconds", 1)
+    opt_int(body, key, "requestTimeoutMs", 100)
+    opt_url(body, key, "apiServer")
+    opt_resolvable_ref(body, key, "tokenRef")
+    opt_bool(body, key, "insecureSkipTlsVerify")
+
+
+SCHEMA = ConfigSchema(
+    mechanism="kubernetes",
+    key="kubernetes",
+    required=("image",),
+    # No namespace means `default`, as kubectl has it (Shuttle has no Kubernetes flags at all).
+    defaults={"namespace": "default", "jobNamePrefix": "weft-agent", "env": {}, "ttlSecondsAfterFinished": 600},
+    check=_check_config,
+)
 
 
 # --- the Job (pure) -------------------------------------------------------------------------------
@@ -174,6 +252,9 @@ def job_manifest(req: SpinUpRequest, created_at: str, secrets: list[str] | None 
 
 def client_configuration(cfg: dict[str, Any]) -> k8s.Configuration:
     """A fresh client Configuration for this target (never the process-wide default)."""
+    from kubernetes import client as k8s
+    from kubernetes import config as k8s_config
+
     conf = k8s.Configuration()
     if cfg.get("apiServer"):
         conf.host = str(cfg["apiServer"]).rstrip("/")
@@ -220,18 +301,16 @@ def api_error(err: ApiException) -> str:
     return f"{text}: {message[:MESSAGE_LIMIT]}" if message else text
 
 
-def redact(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "[redacted]")
-    return text
-
-
 class KubernetesMechanism:
-    name = "kubernetes"
+    name = SCHEMA.mechanism
+    requires = ("kubernetes.client", "urllib3")  # what build_mechanisms imports before offering this mechanism
 
     async def _call(self, cfg: dict[str, Any], fn: Callable[[k8s.BatchV1Api], T], secrets: list[str]) -> T:
         """Run `fn` against a fresh BatchV1Api in a worker thread; every failure becomes SpinUpError."""
+        import urllib3
+        from kubernetes import client as k8s
+        from kubernetes.client.exceptions import ApiException
+        from pydantic import ValidationError
 
         def run() -> T:
             conf = client_configuration(cfg)
@@ -245,9 +324,8 @@ class KubernetesMechanism:
         except urllib3.exceptions.HTTPError as err:
             raise SpinUpError(redact(f"Kubernetes API unreachable: {err}", secrets)[:500]) from None
         except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise SpinUpError(f"the Job does not validate: {where}: {first['msg']}") from None
+            where, message = invalid_field(err)
+            raise SpinUpError(f"the Job does not validate: {where}: {message}") from None
         except (SpinUpError, ApiException):
             raise
         except Exception as err:  # e.g. an unreadable caCertPath: the fleet expects SpinUpError
@@ -258,6 +336,9 @@ class KubernetesMechanism:
         return int(cfg.get("requestTimeoutMs") or DEFAULT_REQUEST_TIMEOUT_MS) / 1000
 
     async def launch(self, req: SpinUpRequest) -> Launched:
+        from kubernetes import client as k8s
+        from kubernetes.client.exceptions import ApiException
+
         cfg = req.config
         secrets: list[str] = []
         manifest = job_manifest(req, utc_now(), secrets)
@@ -292,7 +373,9 @@ class KubernetesMechanism:
         """Delete the Job; its pod goes with it (Background propagation: SIGTERM, then the pod's
         termination grace period). A Job already gone is fine. `graceful` changes nothing here: the
         agent's own SIGTERM handling is the graceful path."""
-        cfg = target["config"]["kubernetes"]
+        from kubernetes.client.exceptions import ApiException
+
+        cfg = target["config"][SCHEMA.key]
         name = handle.get("jobName")
         if not name:
             return
@@ -312,7 +395,9 @@ class KubernetesMechanism:
 
     async def probe(self, target: dict[str, Any]) -> ProbeResult:
         """Healthy when the namespace's Job API answers a one-item list for our identity."""
-        cfg = target["config"]["kubernetes"]
+        from kubernetes.client.exceptions import ApiException
+
+        cfg = target["config"][SCHEMA.key]
         namespace = cfg["namespace"]
         # A little under the fleet's own deadline for the probe, so the API's answer wins the race.
         timeout = int((target.get("healthCheck") or {}).get("timeoutMs") or DEFAULT_PROBE_TIMEOUT_MS) * 0.9 / 1000

@@ -23,14 +23,37 @@ import shlex
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from weft.runtime.probes import agent_path
-from weft.spinup.base import Launched, ProbeResult, SpinUpError, SpinUpRequest, Stopwatch, resolve_secret
+from weft.core.targets import ConfigSchema, check_process_fields, opt_bool
+from weft.spinup.base import (
+    Launched,
+    ProbeResult,
+    SpinUpError,
+    SpinUpRequest,
+    Stopwatch,
+    redact,
+    resolve_secret,
+)
 
 log = logging.getLogger(__name__)
+
+
+def _check_config(body: dict[str, Any]) -> None:
+    check_process_fields(body, SCHEMA.key)
+    opt_bool(body, SCHEMA.key, "detached")
+
+
+SCHEMA = ConfigSchema(
+    mechanism="local",
+    key="local",
+    required=("command",),
+    defaults={"args": [], "env": {}, "detached": True},
+    check=_check_config,
+)
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 PROC = Path("/proc")
@@ -72,16 +95,22 @@ def target_env(env: Any, what: str) -> dict[str, str]:
     return out
 
 
-def redact(text: str, env_cfg: Any, resolved: dict[str, str]) -> str:
-    """`text` with the values of secret references (as resolved into `resolved`) masked: a log tail
-    ends up in a spin-up failure event, and an event never holds a secret."""
+def redact_env(text: str, env_cfg: Any, resolved: dict[str, str]) -> str:
+    """`text` with the values of the target env's secret references (as resolved into `resolved`)
+    masked as `<reference>`: a log tail ends up in a spin-up failure event, and an event never holds
+    a secret. (Values under 4 characters are left: masking them would garble the text.)"""
     if not isinstance(env_cfg, dict):
         return text
-    for key, ref in env_cfg.items():
-        value = resolved.get(key)
-        if isinstance(ref, str) and is_reference(ref) and value and len(value) >= 4:
-            text = text.replace(value, f"<{ref}>")
-    return text
+    return redact(text, {
+        value: f"<{ref}>"
+        for key, ref in env_cfg.items()
+        if isinstance(ref, str) and is_reference(ref) and len(value := resolved.get(key) or "") >= 4
+    })
+
+
+def agent_path() -> str:
+    """PATH for local agents: weft's own bin directory first, so `weft agent` resolves in a venv."""
+    return os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 
 
 def base_env() -> dict[str, str]:
@@ -224,7 +253,7 @@ class LocalMechanism:
     """Agents as detached local processes. One instance per weft process; it tracks (and reaps) the
     children it spawned, and can stop processes spawned by an earlier weft run from their handle."""
 
-    name = "local"
+    name = SCHEMA.mechanism
 
     def __init__(
         self,
@@ -303,7 +332,7 @@ class LocalMechanism:
             raise
         if done and waiter.result() != 0:
             code = waiter.result()
-            tail = redact(_log_tail(log_path), cfg.get("env"), env)
+            tail = redact_env(_log_tail(log_path), cfg.get("env"), env)
             raise SpinUpError(
                 f"local command {argv[0]} {_describe_exit(code)} right after start (log {log_path})"
                 + (f":\n{tail}" if tail else "")
@@ -398,7 +427,7 @@ class LocalMechanism:
         if state == "orphans" and not group_members(pgid):
             return
         grace = self.stop_grace_s
-        cfg = target.get("config", {}).get("local", {}) if isinstance(target.get("config"), dict) else {}
+        cfg = target.get("config", {}).get(SCHEMA.key, {}) if isinstance(target.get("config"), dict) else {}
         if isinstance(cfg.get("stopGraceMs"), int) and not isinstance(cfg.get("stopGraceMs"), bool):
             grace = cfg["stopGraceMs"] / 1000
         # The leader is signalled on its own only if it is verified ours and left its group.
@@ -455,7 +484,7 @@ class LocalMechanism:
         weft's bin dir first), the working directory exists, the env's secret references resolve."""
         watch = Stopwatch()
         try:
-            cfg = target["config"]["local"]
+            cfg = target["config"][SCHEMA.key]
             argv = _argv(cfg)
             if cfg.get("workingDirectory"):
                 _cwd(cfg)

@@ -22,14 +22,38 @@ import re
 import shlex
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import asyncssh
-
+from weft.core.targets import ConfigSchema, check_process_fields, fail, opt_int, opt_resolvable_ref, opt_str
 from weft.spinup.base import Launched, ProbeResult, SpinUpError, SpinUpRequest, Stopwatch, resolve_secret
 from weft.spinup.local import is_reference, target_env
 
+if TYPE_CHECKING:  # imported where used, so that the schema needs no asyncssh
+    import asyncssh
+
 log = logging.getLogger(__name__)
+
+
+def _check_config(body: dict[str, Any]) -> None:
+    key = SCHEMA.key
+    if not (isinstance(body.get("port"), int) and 0 < body["port"] < 65536):
+        raise fail(key, "port", "must be an integer port")
+    check_process_fields(body, key)
+    for name in ("host", "user", "privateKeyPath"):
+        opt_str(body, key, name)
+    opt_resolvable_ref(body, key, "privateKey")
+    opt_resolvable_ref(body, key, "passphrase")
+    opt_str(body, key, "knownHosts")  # default | accept-new | insecure | a known_hosts file path
+    opt_int(body, key, "connectionTimeoutMs", 100)
+
+
+SCHEMA = ConfigSchema(
+    mechanism="ssh",
+    key="ssh",
+    required=("host", "user", "command"),
+    defaults={"port": 22, "env": {}, "connectionTimeoutMs": 30000, "knownHosts": "default"},
+    check=_check_config,
+)
 
 DEFAULT_LOG_DIR = "/tmp/weft-agents"
 KNOWN_HOSTS_OPT_OUTS = ("accept-new", "insecure")
@@ -152,7 +176,8 @@ def probe_script(argv0: str | None, working_directory: str | None) -> str:
 
 
 class SshMechanism:
-    name = "ssh"
+    name = SCHEMA.mechanism
+    requires = ("asyncssh",)  # what build_mechanisms imports before offering this mechanism
 
     def __init__(self, *, log_dir: str = DEFAULT_LOG_DIR, stop_grace_s: float = 10.0) -> None:
         self.log_dir = log_dir
@@ -164,7 +189,7 @@ class SshMechanism:
     @staticmethod
     def _cfg(target: dict[str, Any]) -> dict[str, Any]:
         try:
-            cfg = target["config"]["ssh"]
+            cfg = target["config"][SCHEMA.key]
         except (KeyError, TypeError):
             raise SpinUpError("target has no ssh config") from None
         if not isinstance(cfg, dict):
@@ -179,6 +204,8 @@ class SshMechanism:
         return f"ssh {cfg['user']}@{cfg['host']}:{cfg.get('port', 22)}"
 
     def _load_key(self, cfg: dict[str, Any]) -> asyncssh.SSHKey:
+        import asyncssh
+
         passphrase_ref = cfg.get("passphrase")
         passphrase = None
         if passphrase_ref:
@@ -224,6 +251,8 @@ class SshMechanism:
             # accept-new: a host already listed must still match; an unlisted one is accepted.
             default = Path("~/.ssh/known_hosts").expanduser()
             if default.is_file():
+                import asyncssh
+
                 try:
                     known = asyncssh.read_known_hosts(str(default))
                 except (OSError, ValueError):
@@ -240,6 +269,8 @@ class SshMechanism:
         return str(path)
 
     async def _connect(self, target: dict[str, Any]) -> asyncssh.SSHClientConnection:
+        import asyncssh
+
         cfg = self._cfg(target)
         where = self._where(cfg)
         timeout_ms = cfg.get("connectionTimeoutMs", 30000)
@@ -287,6 +318,8 @@ class SshMechanism:
     async def _run(
         self, conn: asyncssh.SSHClientConnection, where: str, script: str, timeout: float
     ) -> asyncssh.SSHCompletedProcess:
+        import asyncssh
+
         try:
             return await conn.run("/bin/sh -s", input=script, check=False, timeout=timeout)
         except asyncssh.TimeoutError:
@@ -361,7 +394,7 @@ class SshMechanism:
         if isinstance(cfg.get("stopGraceMs"), int) and not isinstance(cfg.get("stopGraceMs"), bool):
             grace = cfg["stopGraceMs"] / 1000
         script = stop_script(pid, int(start) if isinstance(start, int) else None, graceful, grace)
-        conn = await self._connect({**target, "config": {**target.get("config", {}), "ssh": cfg}})
+        conn = await self._connect({**target, "config": {**target.get("config", {}), SCHEMA.key: cfg}})
         try:
             result = await self._run(conn, where, script, grace + self._op_timeout(cfg))
         finally:

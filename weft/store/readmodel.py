@@ -21,6 +21,7 @@ from projections.events import Event, UnsupportedEvent, is_valid_project_id
 from weft.aio import TaskSet
 from weft.store import gcpause
 from weft.store.eventstore import EventStore, Tail
+from weft.store.snapshots import SnapshotStore
 
 log = logging.getLogger("weft.store.readmodel")
 
@@ -133,8 +134,12 @@ class ProjectView:
 
 
 class ReadModel:
-    def __init__(self, store: EventStore, *, snapshot_every: int = 50_000) -> None:
+    def __init__(
+        self, store: EventStore, *, snapshots: SnapshotStore | None = None, snapshot_every: int = 50_000
+    ) -> None:
         self.store = store
+        # By default on the store's resources, with its replicas (as when the store kept snapshots).
+        self.snapshots = snapshots or SnapshotStore(store.resources, replicas=store.replicas)
         self.snapshot_every = snapshot_every
         self.views: dict[str, ProjectView] = {}
         self._attach_lock = asyncio.Lock()
@@ -222,7 +227,7 @@ class ReadModel:
 
     async def _load_snapshot(self, project: str) -> ProjectState | None:
         try:
-            raw = await self.store.load_snapshot(project)
+            raw = await self.snapshots.load_snapshot(project)
             if raw is None:
                 return None
             return decode_state(raw)  # items stay encoded in `raw` until read (projections.worktable)
@@ -255,7 +260,7 @@ class ReadModel:
 
     async def _write_snapshot(self, project: str, payload: bytearray, seq: int) -> None:
         try:
-            await self.store.save_snapshot(project, payload)
+            await self.snapshots.save_snapshot(project, payload)
             log.info("snapshot written", extra={"project": project, "seq": seq, "bytes": len(payload)})
         except Exception:
             log.exception("snapshot write failed", extra={"project": project})
@@ -263,7 +268,7 @@ class ReadModel:
     async def snapshot_now(self, project: str) -> int:
         view = self.views[project]
         view.events_since_snapshot = 0
-        await self.store.save_snapshot(project, encode_state(view.state, settle=True))
+        await self.snapshots.save_snapshot(project, encode_state(view.state, settle=True))
         return view.state.seq
 
     async def catch_up(self, project: str, timeout: float) -> bool:
