@@ -1,5 +1,6 @@
-"""Ids and timestamps, minted at the edges: randomness and the clock live here, never in
-`projections/` or `weft/core/` (which must replay the same way every time)."""
+"""Ids and event timestamps, minted at the edges. Randomness and the clock are read only outside
+`projections/` and `weft/core/` (which must replay the same way every time); event ids and event
+times come from here."""
 
 from __future__ import annotations
 
