@@ -20,9 +20,9 @@ run: install
 	$(BIN)/weft serve --embedded --demo-agent
 
 # Debian packages some tests need, installed only as root with apt (as CI runs); elsewhere those
-# tests skip and name the package. None is needed yet: SSH tests run a real asyncssh server.
-# The HA issue adds nginx (load balancer tests) and prometheus here.
-SYSTEM_PACKAGES ?=
+# tests skip and name the package. SSH tests run a real asyncssh server (no package needed);
+# nginx and haproxy: tests/integration/test_load_balancer.py runs ops/nginx and ops/haproxy.
+SYSTEM_PACKAGES ?= nginx haproxy
 system-test-deps:
 	@if [ -n "$(SYSTEM_PACKAGES)" ] && [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
 		missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

@@ -1,8 +1,19 @@
-"""One weft replica: NATS connection, event store, live projections, commands and the HTTP server."""
+"""One weft replica: NATS connection, event store, live projections, commands and the HTTP server.
+
+Shutdown (`WeftService.shutdown`, what SIGTERM runs):
+1. not ready at once: `/health/ready` answers 503 "draining" (`begin_drain`);
+2. still serving for `WEFT_DRAIN_S`, so the load balancer notices (a second signal cuts it short);
+3. the HTTP server stops: listener closed, aiohttp's on_shutdown hooks run (WebSockets close with
+   going-away), in-flight requests finish (bounded by `HTTP_SHUTDOWN_TIMEOUT_S`);
+4. the schedulers stop deciding and the leases this replica holds are released (a CAS delete of
+   its own revision), so another replica's elector, watching the bucket, takes over at once;
+5. the rest stops: Warp bridge, agent gateway, liveness, projections, the NATS connection.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 
@@ -13,6 +24,7 @@ from nats.aio.client import Client as NATS
 
 from weft.api import create_app
 from weft.api.common import Services
+from weft.api.health import Lifecycle
 from weft.commands import Commands, RetryPolicy
 from weft.core.routing import DEFAULT_POLICY, load_policy
 from weft.runtime.fleet_executor import FleetConfig
@@ -28,6 +40,8 @@ from weft.store.resources import JetStreamResources
 from weft.store.snapshots import SnapshotStore
 
 log = logging.getLogger("weft.service")
+
+HTTP_SHUTDOWN_TIMEOUT_S = 10.0  # how long in-flight requests may take to finish at shutdown
 
 
 async def connect_nats(settings: Settings, url: str, *, connect_timeout_s: float = 30.0) -> NATS:
@@ -88,6 +102,8 @@ class WeftService:
         self.scheduler: SchedulerHost | None = None
         self.warp: WarpBridge | None = None
         self.port: int | None = None
+        self.lifecycle = Lifecycle()
+        self.released: list[str] = []  # projects whose leases the last stop() released
 
     async def start(self, nats_url: str, *, serve_http: bool = True) -> None:
         self.nc = await connect_nats(self.settings, nats_url)
@@ -153,10 +169,13 @@ class WeftService:
                 retry,
                 mechanisms=self.mechanisms,
                 leading=self.scheduler.leading,
-            )
+            ),
+            self.lifecycle,
         )
         if serve_http:
-            self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+            self._runner = web.AppRunner(
+                self.app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT_S
+            )
             await self._runner.setup()
             site = web.TCPSite(self._runner, self.settings.api_host, self.settings.api_port, backlog=1024)
             await site.start()
@@ -166,11 +185,35 @@ class WeftService:
         await self.readmodel.wait_ready(timeout=None)
         log.info("projections caught up", extra={"projects": len(self.readmodel.views)})
 
+    def begin_drain(self) -> None:
+        """Stop being ready (`/health/ready` answers 503 "draining"); everything else goes on."""
+        if not self.lifecycle.draining:
+            self.lifecycle.draining = True
+            log.info("draining: not ready from now on", extra={"drain_s": self.settings.drain_s})
+
+    async def drain(self, cut_short: asyncio.Event | None = None) -> None:
+        """Not ready, still serving, for `drain_s` (less if `cut_short` is set meanwhile)."""
+        self.begin_drain()
+        if self.settings.drain_s > 0:
+            waiter = cut_short if cut_short is not None else asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter.wait(), self.settings.drain_s)
+
+    async def shutdown(self, cut_short: asyncio.Event | None = None) -> None:
+        """The graceful stop: `drain`, then `stop`."""
+        await self.drain(cut_short)
+        await self.stop()
+
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        """Stop at once (steps 3-5 of the module's shutdown sequence); readiness answers 503 until
+        the listener closes."""
+        self.begin_drain()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            # Closes the listener, runs the app's on_shutdown hooks, lets in-flight requests finish.
+            await runner.cleanup()
         if self.scheduler is not None:
-            await self.scheduler.stop()
+            self.released = await self.scheduler.stop()  # stops deciding, then releases the leases
         if self.warp is not None:
             await self.warp.stop()
         if self.gateway is not None:

@@ -104,6 +104,7 @@ class Settings:
     heartbeat_ms: int = 10_000
     accept_timeout_ms: int = 30_000
     lease_ttl_s: float = 6.0
+    drain_s: float = 5.0  # after SIGTERM: not ready (503) but still serving this long, for the load balancer
     retry_base_ms: int = 2_000
     agent_nats_url: str | None = None  # NATS URL handed to spun-up agents (default: weft's own)
     max_spinup_crashes: int = 5
@@ -145,6 +146,7 @@ class Settings:
             heartbeat_ms=_int(e, "WEFT_HEARTBEAT_MS", 10_000, 50),
             accept_timeout_ms=_int(e, "WEFT_ACCEPT_TIMEOUT_MS", 30_000, 50),
             lease_ttl_s=_float(e, "WEFT_LEASE_TTL_S", 6.0),
+            drain_s=max(0.0, _float(e, "WEFT_DRAIN_S", 5.0)),
             retry_base_ms=_int(e, "WEFT_RETRY_BASE_MS", 2_000, 0),
             routing_policy=_policy_text(e.get("WEFT_ROUTING_POLICY")),
             agent_nats_url=e.get("WEFT_AGENT_NATS_URL") or None,

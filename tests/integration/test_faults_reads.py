@@ -47,6 +47,8 @@ async def test_health_names_a_halted_project(api: Api, nc: NATS) -> None:
     finally:
         view.halted = None  # the session's other tests must not see this replica unready
         view.state.seq = ack.seq
+        # Nor may replica processes started later (they would attach this project, halted).
+        await nc.jetstream().delete_msg(stream_name(api.project), ack.seq)
 
 
 # --- fault 11: reads never create a project ----------------------------------------------------

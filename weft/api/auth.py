@@ -1,4 +1,4 @@
-"""Bearer-token auth on /api/* when API_TOKENS is set. /health and the API docs stay open."""
+"""Bearer-token auth on /api/* when API_TOKENS is set. /health, /health/live, /health/ready and the API docs stay open."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from aiohttp import web
 from weft.api.common import ACTOR
 from weft.api.errors import Handler, json_error
 
-OPEN_PATHS = frozenset({"/health", "/api/openapi.json", "/api/docs"})
+OPEN_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/api/openapi.json", "/api/docs"})
 
 
 def actor_for(token: str) -> str:

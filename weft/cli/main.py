@@ -55,10 +55,19 @@ async def _serve(settings: Settings, embedded: bool, demo_agent: bool = False) -
 
     service = WeftService(settings)
     demo: asyncio.subprocess.Process | None = None
-    stop = asyncio.Event()
+    stop = asyncio.Event()  # the first SIGTERM/SIGINT: drain, then stop
+    now = asyncio.Event()  # a second one: cut the drain period short
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            now.set()
+        else:
+            stop.set()
+            service.begin_drain()  # not ready from this instant, before anything else runs
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         starting = asyncio.create_task(service.start(url))
         waiter = asyncio.create_task(stop.wait())
@@ -76,6 +85,10 @@ async def _serve(settings: Settings, embedded: bool, demo_agent: bool = False) -
                 await starting
     finally:
         log.info("shutting down")
+        if stop.is_set() and service.port is not None:  # it was serving: let the load balancer notice
+            print(f"weft draining for {settings.drain_s:g}s (not ready; a second signal stops now)", flush=True)
+            await service.drain(cut_short=now)
+            print("weft stopping: finishing in-flight requests, then releasing leases", flush=True)
         if demo is not None and demo.returncode is None:
             demo.send_signal(signal.SIGTERM)  # graceful: it deregisters, then exits
             try:
@@ -83,7 +96,7 @@ async def _serve(settings: Settings, embedded: bool, demo_agent: bool = False) -
             except TimeoutError:
                 demo.kill()
         try:
-            await asyncio.wait_for(service.stop(), 20)
+            await asyncio.wait_for(service.stop(), 20)  # in-flight requests, leases released, the rest
         except TimeoutError:
             log.warning("shutdown took too long; exiting anyway")
         if server is not None:

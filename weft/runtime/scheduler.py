@@ -351,10 +351,19 @@ class SchedulerHost:
     def leading(self) -> dict[str, int]:
         return {p: s.epoch for p, s in self.schedulers.items()}
 
-    async def stop(self) -> None:
+    async def stop(self, release: bool = True) -> list[str]:
+        """Stop scheduling, then (with `release`) give every lease held here up at once: a CAS
+        delete of this holder's own revision, so another replica takes the projects over now rather
+        than after the TTL (their electors watch the bucket). Returns the projects released.
+
+        The elector reports each held project deposed first (its scheduler and take-over stop),
+        and only then deletes the entries: no decision of ours overlaps the successor's term."""
         self._releasing = True
-        await self.elector.stop(release=True)
+        released = await self.elector.stop(release=release)
         for project in list(self._takeovers):
             await self._cancel_takeover(project)
         await asyncio.gather(*(s.stop() for s in self.schedulers.values()), return_exceptions=True)
         self.schedulers.clear()
+        if released:
+            log.info("leases released", extra={"projects": released})
+        return released

@@ -47,6 +47,8 @@ NOT_SENT = (
 # A message of the stream that did not decode: (seq, subject, the decoding error).
 Skip = Callable[[int, str, Exception], None]
 
+ORDERED_HEARTBEAT_S = 1.0
+
 
 class ConcurrencyConflict(Exception):
     """Another writer appended to the entity since our projection last saw it."""
@@ -315,6 +317,10 @@ class EventStore:
             stream=stream_name(project),
             cb=cb,
             ordered_consumer=True,
+            # nats-py recreates an ordered consumer after two missed heartbeats: its 5 s default
+            # left a replica folding nothing for 10-20 s after a cluster node died
+            # (tests/integration/test_cluster.py); 1 s costs one small message a second per stream.
+            idle_heartbeat=ORDERED_HEARTBEAT_S,
             config=config,
             pending_msgs_limit=1_000_000,
             pending_bytes_limit=512 * 1024 * 1024,

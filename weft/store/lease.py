@@ -19,6 +19,10 @@ One key per project; its value is orjson `{holder, acquiredAt}` (renewals add `e
   keep failing (partition, slow server), the holder steps down on its own before anyone else can
   take over. Decision events still carry the epoch and use per-entity OCC: that is the real fence.
 - **Release** = a CAS delete of the holder's own revision: it never removes a successor's lease.
+  A replica that shuts down stops deciding first, then releases (`LeaderElector.stop`), so no
+  decision of its term can race the successor's. Every elector watches the bucket: a delete (or
+  purge) of a project it competes for starts its next round at once, so a released lease is taken
+  over within one round trip, not after the TTL or the next renewal interval.
 
 A write whose outcome is unknown (timeout, cancellation) is resolved on the next attempt: if the
 entry turns out to be ours (same holder and epoch, or the exact bytes of our pending create), it is
@@ -348,6 +352,7 @@ class LeaderElector:
         self._cond = asyncio.Condition()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         self._round_lock = asyncio.Lock()
         self.rounds = 0
         for p in projects:
@@ -393,10 +398,10 @@ class LeaderElector:
         """Stop competing for `project`, releasing its lease if held."""
         async with self._round_lock:
             lease = self._leases.pop(project, None)
+            await self._transition(project, None)  # stop deciding first, then give the lease up
             if lease is not None:
                 with contextlib.suppress(*TRANSIENT):
                     await lease.release()
-            await self._transition(project, None)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -405,21 +410,39 @@ class LeaderElector:
             return
         await self._open()
         self._task = asyncio.create_task(self._loop(), name=f"weft-leader-{self.holder}")
+        self._watch_task = asyncio.create_task(self._watch(), name=f"weft-lease-watch-{self.holder}")
 
-    async def stop(self, release: bool = True) -> None:
+    async def stop(self, release: bool = True) -> list[str]:
         """Stop the loop. With `release`, give up held leases so others take over at once;
-        without (a simulated crash), they lapse after the TTL."""
+        without (a simulated crash), they lapse after the TTL.
+
+        Every held project is reported deposed first (its scheduler stops deciding), and only
+        then released: a successor never overlaps a term of ours that is still deciding."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        watch, self._watch_task = self._watch_task, None
+        for t in (task, watch):
+            if t is not None:
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
         async with self._round_lock:
-            for project, lease in list(self._leases.items()):
-                if release:
-                    with contextlib.suppress(*TRANSIENT):
-                        await lease.release()
+            for project in list(self._leases):
                 await self._transition(project, None)
+            return await self.release_all() if release else []
+
+    async def release_all(self) -> list[str]:
+        """CAS-delete every lease entry this elector holds (its own revision only); returns the
+        projects released. Call with the loop stopped, or the next round acquires them again."""
+        held = [(p, lease) for p, lease in self._leases.items() if lease._epoch is not None]
+        results = await asyncio.gather(*(lease.release() for _p, lease in held), return_exceptions=True)
+        released = []
+        for (project, _lease), result in zip(held, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("lease %s: release failed (it lapses after the TTL): %r", project, result)
+            else:
+                released.append(project)
+                log.info("lease %s released by %s", project, self.holder)
+        return released
 
     async def run_once(self) -> None:
         """One round: acquire or renew every project's lease (concurrently), then report changes."""
@@ -427,7 +450,7 @@ class LeaderElector:
         async with self._round_lock:
             projects = list(self._leases.items())
             results = await asyncio.gather(
-                *(asyncio.wait_for(lease.acquire_or_renew(), timeout=self.interval) for _p, lease in projects),
+                *(self._attempt(lease) for _p, lease in projects),
                 return_exceptions=True,
             )
             for (project, lease), result in zip(projects, results, strict=True):
@@ -462,6 +485,36 @@ class LeaderElector:
             self._kv, self.ttl_s = await open_lease_bucket(self.resources, self.ttl_s, self.bucket, self.replicas)
             for lease in self._leases.values():
                 lease._kv, lease.ttl_s = self._kv, self.ttl_s
+
+    async def _attempt(self, lease: LeaderLease) -> int | None:
+        # The lease's coroutine is made here, inside the task: a round cancelled before its tasks
+        # start leaves no never-awaited coroutine behind.
+        return await asyncio.wait_for(lease.acquire_or_renew(), timeout=self.interval)
+
+    async def _watch(self) -> None:
+        """Start a round as soon as a lease we compete for is deleted or purged (a holder released
+        it), instead of at the next interval. Best effort: the rounds go on without it."""
+        while self._task is not None:
+            watcher = None
+            try:
+                await self._open()
+                assert self._kv is not None
+                watcher = await self._kv.watchall(meta_only=True)
+                async for entry in watcher:
+                    if entry is None or entry.operation not in ("DEL", "PURGE"):
+                        continue
+                    if entry.key in self._leases and entry.key not in self._leaders:
+                        log.debug("lease %s released by its holder: campaigning now", entry.key)
+                        self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.debug("lease bucket watch failed: %r; retrying", e)
+            finally:
+                if watcher is not None:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(self.interval)  # back off a failing watch; rounds continue meanwhile
 
     async def _loop(self) -> None:
         while self._task is not None:  # stop() clears it: the loop ends even if a cancel were lost

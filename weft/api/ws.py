@@ -1,0 +1,186 @@
+"""`/api/ws`: the original Weft's WebSocket API (protocol reference §4), served from the live hub.
+
+Client -> server: `subscribe {topic, filter?, projectId?, fromSeq?}`, `unsubscribe {topic}`, `ping`.
+Server -> client: `ack`, `pong`, `error`, `event` (with `seq`), `stats`. `setup(app)` registers the
+route and the hub's start-up and shutdown (every socket is closed with 1001 on shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from projections.events import is_valid_project_id
+from weft.api.common import SERVICES
+from weft.api.errors import Handler
+from weft.core.live_events import TOPICS, filter_errors
+from weft.runtime.live_hub import Client, LiveHub
+from weft.stamps import utc_now
+
+HUB = web.AppKey("live_hub", LiveHub)
+WS_CONFIG = web.AppKey("live_hub_config", dict)
+BEARER = "bearer"
+
+
+def setup(
+    app: web.Application,
+    *,
+    heartbeat_s: float = 30.0,
+    stats_interval_s: float = 30.0,
+    queue_max: int = 1000,
+    close_timeout_s: float = 5.0,
+) -> None:
+    """Register `/api/ws` and the hub's lifecycle on `app` (before it starts)."""
+    app[WS_CONFIG] = {"heartbeat_s": heartbeat_s, "close_timeout_s": close_timeout_s}
+    app.router.add_get("/api/ws", websocket_handler)
+    # The `bearer, <token>` subprotocol: seen as an Authorization header by the auth middleware,
+    # which runs after this one (a browser cannot set headers on a WebSocket).
+    app.middlewares.insert(0, subprotocol_auth_middleware)
+
+    async def start(app: web.Application) -> None:
+        hub = LiveHub(app[SERVICES].readmodel, queue_max=queue_max, stats_interval_s=stats_interval_s)
+        await hub.start()
+        app[HUB] = hub
+
+    async def shutdown(app: web.Application) -> None:
+        hub = app.get(HUB)
+        if hub is not None:
+            await hub.stop()
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(shutdown)
+
+
+def health(app: web.Application) -> dict[str, Any]:
+    """The `websocket` block of /health."""
+    hub = app.get(HUB)
+    if hub is None:
+        return {"connections": 0, "status": "disabled", "subscriptions": 0}
+    return hub.health()
+
+
+def _offered_protocols(request: web.BaseRequest) -> list[str]:
+    raw = request.headers.get("Sec-WebSocket-Protocol", "")
+    return [p.strip() for p in raw.split(",") if p.strip()]
+
+
+def _subprotocol_token(request: web.BaseRequest) -> str | None:
+    protos = _offered_protocols(request)
+    if len(protos) >= 2 and protos[0].lower() == BEARER:
+        return protos[1]
+    return None
+
+
+@web.middleware
+async def subprotocol_auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path == "/api/ws" and "Authorization" not in request.headers and not request.query.get("token"):
+        token = _subprotocol_token(request)
+        if token is not None:
+            headers = request.headers.copy()
+            headers["Authorization"] = f"Bearer {token}"
+            return await handler(request.clone(headers=headers))
+    return await handler(request)
+
+
+def _error(text: str) -> dict[str, Any]:
+    return {"type": "error", "error": text, "timestamp": utc_now()}
+
+
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    hub = request.app[HUB]
+    config = request.app[WS_CONFIG]
+    protocols = (BEARER,) if BEARER in [p.lower() for p in _offered_protocols(request)] else ()
+    ws = web.WebSocketResponse(
+        heartbeat=config["heartbeat_s"] or None, protocols=protocols, timeout=config["close_timeout_s"],
+        max_msg_size=1024 * 1024,
+    )
+    await ws.prepare(request)
+
+    async def close(code: int, reason: str) -> None:
+        try:
+            async with asyncio.timeout(config["close_timeout_s"]):
+                await ws.close(code=code, message=reason.encode()[:123])
+        except TimeoutError:
+            if request.transport is not None:
+                request.transport.abort()  # a client that reads nothing cannot take the close frame
+
+    client = hub.connect(ws.send_str, close)
+    default_project = request.app[SERVICES].settings.default_project
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                await handle_message(hub, client, msg.data, default_project)
+            elif msg.type == WSMsgType.BINARY:
+                client.send_json(_error("Invalid message format"))
+            elif msg.type == WSMsgType.ERROR:
+                break
+            if client.closed:
+                break
+    finally:
+        await hub.disconnect(client)
+        with contextlib.suppress(Exception):
+            if not ws.closed:
+                await close(1000, "")
+    return ws
+
+
+async def handle_message(hub: LiveHub, client: Client, raw: str, default_project: str) -> None:
+    try:
+        msg = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        client.send_json(_error("Invalid message format"))
+        return
+    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+        client.send_json(_error("Invalid message format"))
+        return
+    kind = msg["type"]
+    if kind == "ping":
+        client.send_json({"type": "pong", "timestamp": utc_now()})
+    elif kind == "subscribe":
+        await _subscribe(hub, client, msg, default_project)
+    elif kind == "unsubscribe":
+        topic = msg.get("topic")
+        if not isinstance(topic, str):
+            client.send_json(_error("Invalid message format"))
+        elif hub.unsubscribe(client, topic):
+            client.send_json({"type": "ack", "unsubscribed": topic, "timestamp": utc_now()})
+        else:
+            client.send_json(_error(f"Not subscribed to topic: {topic}"))
+    else:
+        client.send_json(_error(f"Unknown message type: {kind}"))
+
+
+async def _subscribe(hub: LiveHub, client: Client, msg: dict[str, Any], default_project: str) -> None:
+    topic = msg.get("topic")
+    if not isinstance(topic, str):
+        client.send_json(_error("Invalid message format"))
+        return
+    if topic not in TOPICS:
+        client.send_json(_error(f"Unknown topic: {topic} (topics: {', '.join(TOPICS)})"))
+        return
+    filter_ = msg.get("filter")
+    errors = filter_errors(topic, filter_)
+    if errors:
+        client.send_json(_error(f"Invalid filter: {'; '.join(errors)}"))
+        return
+    project = msg.get("projectId") or default_project
+    if not isinstance(project, str) or not is_valid_project_id(project):
+        client.send_json(_error(f"Invalid projectId: {project} (must match [A-Za-z0-9_-]{{1,64}})"))
+        return
+    from_seq = msg.get("fromSeq")
+    if from_seq is not None and (not isinstance(from_seq, int) or isinstance(from_seq, bool) or from_seq < 1):
+        client.send_json(_error("Invalid fromSeq: must be an integer >= 1"))
+        return
+    if project not in hub.readmodel.views:
+        # A project another replica created and this one has not attached yet: attach now.
+        with contextlib.suppress(Exception):
+            await hub.readmodel.view(project)
+    ack: dict[str, Any] = {"type": "ack", "subscribed": topic, "timestamp": utc_now(), "projectId": project}
+    if from_seq is not None:
+        ack["fromSeq"] = from_seq
+    if client.send_json(ack):
+        hub.subscribe(client, topic, project, filter_ or None, from_seq)
