@@ -303,3 +303,43 @@ async def test_a_replica_stopped_with_sigterm_drains_without_a_failed_get(
             assert f"{c.server_id(leaving)} is DOWN" in c.lb.output_text()
     finally:
         await stop_cluster(c)
+
+
+async def test_a_websocket_through_the_balancer_resumes_on_any_replica_with_from_seq(cluster: Cluster) -> None:
+    """The upgrade passes the balancer; a client that reconnects (round robin: most likely to
+    another replica) with `fromSeq` = last seen + 1 gets exactly the events it missed."""
+
+    async def submitted_events(ws: aiohttp.ClientWebSocketResponse, n: int) -> list[tuple[int, str]]:
+        got: list[tuple[int, str]] = []
+        while len(got) < n:
+            msg = await asyncio.wait_for(ws.receive_json(), 20)
+            if msg["type"] == "event" and msg["event"] == "work:submitted":
+                got.append((msg["seq"], msg["data"]["description"]))
+        return got
+
+    async def subscribe(http: aiohttp.ClientSession, from_seq: int) -> aiohttp.ClientWebSocketResponse:
+        ws = await http.ws_connect(cluster.url("/api/ws"))
+        await ws.send_json({"type": "subscribe", "topic": "work", "projectId": cluster.project, "fromSeq": from_seq})
+        ack = await asyncio.wait_for(ws.receive_json(), 20)
+        assert ack["type"] == "ack" and ack["subscribed"] == "work", ack
+        return ws
+
+    async with aiohttp.ClientSession() as http:
+        ws = await subscribe(http, 1)
+        for i in range(3):
+            status, body = await cluster.submit(http, f"ws {i}")
+            assert status == 201, body
+        first = await submitted_events(ws, 3)
+        await ws.close()
+        assert [d for _, d in first] == ["ws 0", "ws 1", "ws 2"]
+        for i in range(3, 5):  # while no client listens
+            status, body = await cluster.submit(http, f"ws {i}")
+            assert status == 201, body
+        ws = await subscribe(http, first[-1][0] + 1)
+        status, body = await cluster.submit(http, "ws 5")
+        assert status == 201, body
+        rest = await submitted_events(ws, 3)
+        await ws.close()
+    assert [d for _, d in rest] == ["ws 3", "ws 4", "ws 5"]  # none missed, none twice
+    seqs = [s for s, _ in first + rest]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 6
