@@ -42,10 +42,22 @@ def _token_of(request: web.Request) -> str | None:
     if header:
         scheme, _, value = header.partition(" ")
         return value.strip() if scheme.lower() == "bearer" and value.strip() else None
-    # WebSocket clients cannot set headers in browsers: the original accepts ?token= there.
+    # Browsers cannot set headers on a WebSocket: the original takes ?token= (first), then the
+    # subprotocols `bearer, <token>`.
     if request.path == "/api/ws":
-        return request.query.get("token") or None
+        protos = offered_protocols(request)
+        subprotocol = protos[1] if len(protos) >= 2 and protos[0].lower() == BEARER else None
+        return request.query.get("token") or subprotocol
     return None
+
+
+BEARER = "bearer"
+
+
+def offered_protocols(request: web.BaseRequest) -> list[str]:
+    """The WebSocket subprotocols a client offers (`Sec-WebSocket-Protocol`), in its order."""
+    raw = request.headers.get("Sec-WebSocket-Protocol", "")
+    return [p.strip() for p in raw.split(",") if p.strip()]
 
 
 def _unauthorized(message: str) -> web.Response:

@@ -15,15 +15,14 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from projections.events import is_valid_project_id
+from weft.api.auth import BEARER, offered_protocols
 from weft.api.common import SERVICES
-from weft.api.errors import Handler
 from weft.core.live_events import TOPICS, filter_errors
 from weft.runtime.live_hub import Client, LiveHub
 from weft.stamps import utc_now
 
 HUB = web.AppKey("live_hub", LiveHub)
 WS_CONFIG = web.AppKey("live_hub_config", dict)
-BEARER = "bearer"
 
 
 def setup(
@@ -37,9 +36,6 @@ def setup(
     """Register `/api/ws` and the hub's lifecycle on `app` (before it starts)."""
     app[WS_CONFIG] = {"heartbeat_s": heartbeat_s, "close_timeout_s": close_timeout_s}
     app.router.add_get("/api/ws", websocket_handler)
-    # The `bearer, <token>` subprotocol: seen as an Authorization header by the auth middleware,
-    # which runs after this one (a browser cannot set headers on a WebSocket).
-    app.middlewares.insert(0, subprotocol_auth_middleware)
 
     async def start(app: web.Application) -> None:
         hub = LiveHub(app[SERVICES].readmodel, queue_max=queue_max, stats_interval_s=stats_interval_s)
@@ -63,29 +59,6 @@ def health(app: web.Application) -> dict[str, Any]:
     return hub.health()
 
 
-def _offered_protocols(request: web.BaseRequest) -> list[str]:
-    raw = request.headers.get("Sec-WebSocket-Protocol", "")
-    return [p.strip() for p in raw.split(",") if p.strip()]
-
-
-def _subprotocol_token(request: web.BaseRequest) -> str | None:
-    protos = _offered_protocols(request)
-    if len(protos) >= 2 and protos[0].lower() == BEARER:
-        return protos[1]
-    return None
-
-
-@web.middleware
-async def subprotocol_auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path == "/api/ws" and "Authorization" not in request.headers and not request.query.get("token"):
-        token = _subprotocol_token(request)
-        if token is not None:
-            headers = request.headers.copy()
-            headers["Authorization"] = f"Bearer {token}"
-            return await handler(request.clone(headers=headers))
-    return await handler(request)
-
-
 def _error(text: str) -> dict[str, Any]:
     return {"type": "error", "error": text, "timestamp": utc_now()}
 
@@ -93,7 +66,7 @@ def _error(text: str) -> dict[str, Any]:
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
     hub = request.app[HUB]
     config = request.app[WS_CONFIG]
-    protocols = (BEARER,) if BEARER in [p.lower() for p in _offered_protocols(request)] else ()
+    protocols = (BEARER,) if BEARER in [p.lower() for p in offered_protocols(request)] else ()
     ws = web.WebSocketResponse(
         heartbeat=config["heartbeat_s"] or None, protocols=protocols, timeout=config["close_timeout_s"],
         max_msg_size=1024 * 1024,

@@ -26,7 +26,6 @@ from weft.aio import TaskSet
 from weft.commands import Commands, Ctx
 from weft.core import fleet_policy
 from weft.core.fleet_policy import FleetSnapshot
-from weft.core.routing import RoutingPolicy
 from weft.runtime.probes import probe_target
 from weft.spinup.base import Mechanism, SpinUpError, SpinUpRequest
 
@@ -47,14 +46,12 @@ class FleetManager:
         project: str,
         commands: Commands,
         mechanisms: dict[str, Mechanism],
-        policy: RoutingPolicy,
         epoch: int,
         config: FleetConfig,
     ) -> None:
         self.project = project
         self.commands = commands
         self.mechanisms = mechanisms
-        self.policy = policy
         self.epoch = epoch
         self.config = config
         self.ctx = Ctx(project=project, actor="scheduler", fresh_answers=False)

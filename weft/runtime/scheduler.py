@@ -314,7 +314,7 @@ class SchedulerHost:
             return
         fleet = None
         if self.fleet_config is not None:
-            fleet = FleetManager(project, self.commands, self.mechanisms, self.policy, epoch, self.fleet_config)
+            fleet = FleetManager(project, self.commands, self.mechanisms, epoch, self.fleet_config)
         sched = ProjectScheduler(
             view, self.commands, self.policy, self.liveness, self.pusher, epoch, self.config, fleet, valid
         )
