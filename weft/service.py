@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import uuid
 
@@ -25,6 +26,7 @@ from nats.aio.client import Client as NATS
 from weft.api import create_app
 from weft.api.common import Services
 from weft.api.health import Lifecycle
+from weft.api.httpserver import AppRunner
 from weft.commands import Commands, RetryPolicy
 from weft.core.routing import DEFAULT_POLICY, load_policy
 from weft.runtime.fleet_executor import FleetConfig
@@ -41,6 +43,8 @@ from weft.store.snapshots import SnapshotStore
 
 log = logging.getLogger("weft.service")
 
+# Room for an event's envelope (ids, actor, correlation id, timestamps) and its NATS headers.
+EVENT_ENVELOPE_BYTES = 16 * 1024
 HTTP_SHUTDOWN_TIMEOUT_S = 10.0  # how long in-flight requests may take to finish at shutdown
 
 
@@ -107,6 +111,7 @@ class WeftService:
 
     async def start(self, nats_url: str, *, serve_http: bool = True) -> None:
         self.nc = await connect_nats(self.settings, nats_url)
+        self._fit_body_limit(self.nc.max_payload)
         self.resources = JetStreamResources(self.nc.jetstream())
         store = EventStore(
             self.resources,
@@ -173,7 +178,7 @@ class WeftService:
             self.lifecycle,
         )
         if serve_http:
-            self._runner = web.AppRunner(
+            self._runner = AppRunner(
                 self.app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT_S
             )
             await self._runner.setup()
@@ -184,6 +189,15 @@ class WeftService:
             log.info("weft serving", extra={"host": self.settings.api_host, "port": self.port})
         await self.readmodel.wait_ready(timeout=None)
         log.info("projections caught up", extra={"projects": len(self.readmodel.views)})
+
+    def _fit_body_limit(self, max_payload: int) -> None:
+        """A body the stream cannot hold must be a 413 at the door, never a failed append: the body
+        limit stays below the server's max payload by the event envelope and headers."""
+        fits = max_payload - EVENT_ENVELOPE_BYTES
+        if self.settings.max_body_bytes > fits:
+            log.info("request body limit lowered to fit the NATS max payload",
+                     extra={"max_body_bytes": fits, "configured": self.settings.max_body_bytes, "max_payload": max_payload})
+            self.settings = dataclasses.replace(self.settings, max_body_bytes=fits)
 
     def begin_drain(self) -> None:
         """Stop being ready (`/health/ready` answers 503 "draining"); everything else goes on."""

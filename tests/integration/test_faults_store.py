@@ -241,8 +241,9 @@ async def test_a_lost_ack_does_not_make_an_earlier_requests_key_a_creation(
         key = f"{project}-once"
         # This replica must not have folded the other's event when the request looks at its view.
         hold = proxy.hold(lambda f: f.reply is not None and f".WEFT_{project}." in f.reply)
-        scoped = f"work:{key}"
+        scoped = f"work:api:{key}"  # scoped by actor (no tokens: "api")
         theirs = work_submitted(project, "theirs", id=idempotent_id(project, scoped), idempotency_key=scoped)
+        theirs.data.update({k: WORK[k] for k in ("capability", "boundary", "description")})  # the same request
         await store.append(theirs, 0)  # another replica's request with the key
         rule = proxy.drop_replies_to(f"weft.{project}.ev.work.")
         call = asyncio.create_task(api.call("POST", "/api/work", WORK, headers={"Idempotency-Key": key}))

@@ -68,14 +68,38 @@ def ctx_of(request: web.Request, project: str) -> Ctx:
     return Ctx(project=project, actor=request.get(ACTOR, "api"), correlation_id=correlation, idempotency_key=key)
 
 
+# As deep as pydantic's JSON parser lets a typed body nest; an event must also stay below orjson's
+# own encoding limit (254), or a body accepted here would fail at the append.
+MAX_JSON_DEPTH = 200
+
+
+def nesting_too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> str | None:
+    """The path of the first node nested deeper than `limit`, or None (iterative: no recursion)."""
+    stack: list[tuple[Any, str, int]] = [(value, "body", 1)]
+    while stack:
+        node, path, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > limit:
+                return path
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            stack.extend((child, f"{path}.{key}" if isinstance(node, dict) else f"{path}[{key}]", depth + 1)
+                         for key, child in items)
+    return None
+
+
 async def read_json(request: web.Request) -> Any:
     raw = await request.read()
     if not raw:
         return {}
     try:
-        return orjson.loads(raw)
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as err:
         raise InvalidInput(f"malformed JSON: {err}", field="body") from None
+    where = nesting_too_deep(body)
+    if where is not None:
+        field = where.removeprefix("body.").split(".", 1)[0].split("[", 1)[0] if where != "body" else "body"
+        raise InvalidInput(f"body nests deeper than {MAX_JSON_DEPTH} levels (at {where[:200]})", field=field)
+    return body
 
 
 async def parse_body(request: web.Request, model: type[M]) -> M:

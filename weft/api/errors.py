@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from weft.api.common import SERVICES, json_response
 from weft.core.errors import (
     Conflict,
+    IdempotencyKeyReused,
     InvalidInput,
     NotFound,
     OutcomeUnknown,
@@ -34,7 +35,8 @@ log = logging.getLogger("weft.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-STATUS = {InvalidInput: 400, NotFound: 404, Conflict: 409, Unavailable: 503, OutcomeUnknown: 504}
+STATUS = {InvalidInput: 400, NotFound: 404, Conflict: 409, IdempotencyKeyReused: 422, Unavailable: 503,
+          OutcomeUnknown: 504}
 RETRY_AFTER_S = "1"
 
 # The store could not be reached, so nothing was sent or stored: retry later. (An append that may
@@ -99,13 +101,18 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[SERVICES].settings.max_body_bytes
         return json_error(413, "PayloadTooLarge", f"request body exceeds {limit} bytes", {"field": "body", "limit": limit})
+    except nats.errors.MaxPayloadError as err:  # refused before sending: nothing was stored
+        return json_error(413, "PayloadTooLarge", f"the event would exceed the NATS max payload ({err})",
+                          {"field": "body"})
     except web.HTTPNotFound:
         return json_error(404, "NotFound", f"Route not found: {request.method} {request.path}", {"field": "path"})
     except web.HTTPMethodNotAllowed as err:
-        return json_error(
+        resp = json_error(
             405, "MethodNotAllowed", f"{request.method} not allowed on {request.path}",
             {"field": "method", "allowed": sorted(err.allowed_methods)},
         )
+        resp.headers["Allow"] = ", ".join(sorted(err.allowed_methods))
+        return resp
     except web.HTTPException as err:
         if err.status == 503:
             err.headers.setdefault("Retry-After", RETRY_AFTER_S)

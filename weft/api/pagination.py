@@ -14,6 +14,8 @@ from weft.core.errors import InvalidInput
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 100
+# No list is longer; a bigger offset is a forged cursor (and would overflow the cursor's 64-bit JSON).
+MAX_OFFSET = 2**31
 
 
 def filter_hash(filters: dict[str, Any]) -> str:
@@ -42,11 +44,11 @@ def decode_cursor(cursor: str | None, fhash: str) -> int:
         return 0
     try:
         body = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        offset = int(body["offset"])
+        offset = body["offset"]
         made_for = body.get("filterHash")
     except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
         raise InvalidInput("cursor is malformed", field="cursor") from None
-    if offset < 0:
+    if type(offset) is not int or not 0 <= offset <= MAX_OFFSET:
         raise InvalidInput("cursor is malformed", field="cursor")
     if made_for is not None and made_for != fhash:
         raise InvalidInput("cursor was issued for different filters", field="cursor")

@@ -90,7 +90,8 @@ class CommandsBase:
         this key already created its entity (outside the server's dedupe window, say)."""
         if not ctx.idempotency_key:
             return None, new_id(), None
-        key = f"{entity}:{ctx.idempotency_key}"
+        # Scoped by actor: another token's key, however alike, is another request.
+        key = f"{entity}:{ctx.actor}:{ctx.idempotency_key}"
         existing = view.state.idempotency.get(key)
         earlier = None
         if existing is not None:

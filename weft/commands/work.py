@@ -14,7 +14,7 @@ from projections.state import ProjectState
 from weft.commands.core import BatchOutcome, CommandsBase, Ctx, Outcome
 from weft.core.decisions import work as decisions
 from weft.core.decisions.work import RetryPolicy
-from weft.core.errors import Unavailable
+from weft.core.errors import IdempotencyKeyReused, Unavailable
 from weft.stamps import new_uuid
 
 __all__ = ["RetryPolicy", "WorkCommands"]
@@ -25,7 +25,7 @@ class WorkCommands(CommandsBase):
         view = await self.view(ctx.project, create=True)
         key, event_id, earlier = self.keyed_create(ctx, view, "work")
         if earlier is not None:
-            return earlier
+            return self._same_submission(ctx, view.state, earlier, spec)
         work_id = new_uuid()
         # One event for every attempt: its id (the key's, if any) lets the server dedupe a repeat.
         ev = self.emit(ctx, decisions.submit_work(spec, work_id, new_uuid(), key), event_id)
@@ -36,8 +36,24 @@ class WorkCommands(CommandsBase):
             if original is None:  # its event is stored (at outcome.seq) but not folded here yet
                 raise Unavailable(f"an earlier request with this Idempotency-Key is at seq {outcome.seq}, not yet "
                                   "readable here; nothing was added: repeat with the same key", field="Idempotency-Key")
-            return Outcome(seq=view.state.entity_seq.get(f"work.{original}", 0), entity_id=original, created=False)
+            earlier = Outcome(seq=view.state.entity_seq.get(f"work.{original}", 0), entity_id=original, created=False)
+            return self._same_submission(ctx, view.state, earlier, spec)
         return outcome
+
+    @staticmethod
+    def _same_submission(ctx: Ctx, state: ProjectState, earlier: Outcome, spec: dict[str, Any]) -> Outcome:
+        """The earlier item's outcome if this request is a repeat of the one that created it; an
+        item already purged from the projection cannot be compared and is answered as a repeat."""
+        item = state.work.get(earlier.entity_id)
+        differs = decisions.submission_differences(item, spec) if item is not None else []
+        if differs:
+            raise IdempotencyKeyReused(
+                f"Idempotency-Key {ctx.idempotency_key!r} was used for another request (work item "
+                f"{earlier.entity_id}); this one differs in {', '.join(differs)}: use a new key",
+                field="Idempotency-Key",
+                details={"workItemId": earlier.entity_id, "differs": differs},
+            )
+        return earlier
 
     async def cancel_work(self, ctx: Ctx, work_id: str, reason: str | None = None) -> Outcome:
         """Idempotent: cancelling a cancelled item is a no-op (no event); a completed or failed one

@@ -33,6 +33,13 @@ class Conflict(WeftError):
     error = "Conflict"
 
 
+class IdempotencyKeyReused(WeftError):
+    """An Idempotency-Key sent again with a different request: the first request's result stands,
+    and the second is refused rather than silently dropped (IETF idempotency-key draft: 422)."""
+
+    error = "IdempotencyKeyReused"
+
+
 class Fenced(Conflict):
     """A scheduler decision of an epoch older than the stream's: its leader was deposed."""
 

@@ -79,6 +79,13 @@ def submit_work(spec: dict[str, Any], work_id: str, task_id: str, idempotency_ke
     return Draft("work.submitted", work_id, data, idempotency_key=idempotency_key)
 
 
+def submission_differences(item: Record, spec: dict[str, Any]) -> list[str]:
+    """The fields in which `spec` differs from what created `item` (a repeat of an Idempotency-Key
+    must be the same request). A spec without a taskId matches the generated one."""
+    again = submit_work(spec, item["id"], item["taskId"]).data
+    return sorted(name for name, value in again.items() if item.get(name) != value)
+
+
 def cancel_work(state: ProjectState, work_id: str, reason: str | None) -> Draft | None:
     """Idempotent: cancelling a cancelled item is a no-op; a completed or failed one is a Conflict
     (it was not cancelled, and saying so would be a lie)."""
