@@ -358,3 +358,13 @@ async def test_openapi_documents_every_route_and_nothing_else(api: Api) -> None:
     documented = {(m, p) for p, ops in doc["paths"].items() for m in ops}
     assert served == documented
     assert doc == document()
+
+
+async def test_every_answer_names_the_replica(api: Api) -> None:
+    assert api.service is not None
+    name = api.service.settings.replica_name
+    answers = [await api.call("POST", "/api/work", WORK), await api.call("GET", "/api/work/no-such-item"),
+               await api.call("DELETE", "/api/work"), await api.call("POST", "/api/work", {"capability": 7}),
+               await api.call("GET", "/health/live")]
+    assert [r.status for r in answers] == [201, 404, 405, 400, 200]
+    assert {r.headers.get("X-Weft-Replica") for r in answers} == {name}

@@ -109,13 +109,14 @@ async def submitted(store: EventStore, project: str) -> collections.Counter[str]
 
 
 async def test_requests_spread_over_all_three_replicas(cluster: Cluster) -> None:
-    # API responses name no replica (no header); /health's `replica` field does.
+    # Every API answer names its replica in X-Weft-Replica (a 404 as much as a 200).
     async with aiohttp.ClientSession() as http:
         seen: collections.Counter[str] = collections.Counter()
-        for _ in range(12):
-            async with http.get(cluster.url("/health")) as resp:
-                assert resp.status == 200, await resp.text()
-                seen[(await resp.json())["replica"]] += 1
+        for i in range(12):
+            path = "/api/work" if i % 2 else "/api/work/no-such-item"
+            async with http.get(cluster.url(path), params={"projectId": cluster.project}) as resp:
+                assert resp.status == (200 if i % 2 else 404), await resp.text()
+                seen[resp.headers["X-Weft-Replica"]] += 1
     assert set(seen) == set(NAMES), seen
     assert all(n >= 3 for n in seen.values()), seen  # round robin, not one sticky replica
 

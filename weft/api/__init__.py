@@ -23,6 +23,14 @@ def create_app(
         middlewares=[error_middleware, make_auth_middleware(svc.settings.api_tokens)],
     )
     app[SERVICES] = svc
+    replica = svc.settings.replica_name
+
+    async def name_the_replica(_request: web.Request, resp: web.StreamResponse) -> None:
+        # Every answer (errors and the WebSocket upgrade included) says which replica gave it, so a
+        # client behind a balancer can tell replicas apart without asking /health.
+        resp.headers["X-Weft-Replica"] = replica
+
+    app.on_response_prepare.append(name_the_replica)
     app[LIFECYCLE] = lifecycle if lifecycle is not None else Lifecycle()
     for module in (health, work, agents, targets, stats, channels, dlq, openapi):
         app.router.add_routes(module.routes())
