@@ -131,6 +131,9 @@ async def test_the_body_limit_is_weft_s_own(cluster: Cluster) -> None:
             async with http.post(cluster.url("/api/work"), data=body, params={"projectId": cluster.project},
                                  headers={"Content-Type": "application/json"}) as resp:
                 assert (resp.status == 413) == refused, (size, resp.status, (await resp.text())[:200])
+                if refused:  # the balancer's own 413 (it refuses before weft sees the body) is weft's JSON
+                    assert resp.headers["Content-Type"].startswith("application/json")
+                    assert (await resp.json())["details"] == {"field": "body", "limit": limit}
 
 
 async def test_a_write_is_read_back_with_min_seq_whatever_replica_answers(cluster: Cluster) -> None:
