@@ -117,6 +117,7 @@ class WeftService:
             self.resources,
             replicas=self.settings.stream_replicas,
             group_commit_after=self.settings.group_commit_after,
+            publish_timeout_s=self.settings.publish_timeout_s,
         )
         snapshots = SnapshotStore(self.resources, replicas=self.settings.stream_replicas)
         self.readmodel = ReadModel(store, snapshots=snapshots, snapshot_every=self.settings.snapshot_every)

@@ -29,6 +29,13 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     return value
 
 
+def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default)
+    if value <= 0:
+        raise SettingsError(f"{name} must be > 0, got {value}")
+    return value
+
+
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -104,6 +111,7 @@ class Settings:
     heartbeat_ms: int = 10_000
     accept_timeout_ms: int = 30_000
     lease_ttl_s: float = 6.0
+    publish_timeout_s: float = 5.0  # one append attempt's wait for its ack (then sent again with the same Msg-Id)
     drain_s: float = 5.0  # after SIGTERM: not ready (503) but still serving this long, for the load balancer
     retry_base_ms: int = 2_000
     agent_nats_url: str | None = None  # NATS URL handed to spun-up agents (default: weft's own)
@@ -147,6 +155,7 @@ class Settings:
             accept_timeout_ms=_int(e, "WEFT_ACCEPT_TIMEOUT_MS", 30_000, 50),
             lease_ttl_s=_float(e, "WEFT_LEASE_TTL_S", 6.0),
             drain_s=max(0.0, _float(e, "WEFT_DRAIN_S", 5.0)),
+            publish_timeout_s=_positive(e, "WEFT_PUBLISH_TIMEOUT_S", 5.0),
             retry_base_ms=_int(e, "WEFT_RETRY_BASE_MS", 2_000, 0),
             routing_policy=_policy_text(e.get("WEFT_ROUTING_POLICY")),
             agent_nats_url=e.get("WEFT_AGENT_NATS_URL") or None,

@@ -20,6 +20,7 @@ from projections.events import Event, stream_name
 from projections.state import STATE_SCHEMA
 from tests.integration.test_eventstore import read_all, target_registered, target_updated, work_submitted
 from tests.servers import own_nats_server
+from tests.support import own_replica
 from weft.store.embedded import EmbeddedNats
 from weft.store.eventstore import ConcurrencyConflict, EventStore
 from weft.store.readmodel import ProjectView, ReadModel
@@ -416,3 +417,9 @@ async def test_view_attaches_lazily_and_only_for_existing_projects(
     other = project + "new"
     created = await replica.view(other, create=True)
     assert created is not None and await store.stream_exists(other)
+
+
+async def test_the_publish_timeout_setting_reaches_the_event_store(nats_server: EmbeddedNats, project: str) -> None:
+    async with own_replica(nats_server.url, project, publish_timeout_s=0.75) as api:
+        assert api.service is not None and api.service.readmodel is not None
+        assert api.service.readmodel.store.publish_timeout_s == 0.75
