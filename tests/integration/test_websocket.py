@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.support import Api
+from tests.support import Api, FakeAgent, until
 from weft.api import create_app, ws
 from weft.api.common import SERVICES
 from weft.service import WeftService
@@ -217,3 +217,50 @@ async def test_shutdown_closes_every_socket_going_away(ws_app: Factory, project:
     assert sock.close_code == 1001
     await sock.close()
     await closing
+
+
+async def test_a_replay_sends_the_very_messages_the_live_feed_sent(ws_app: Factory, project: str, nc: Any,
+                                                                    weft_service: WeftService) -> None:
+    """History is translated against the state as it was after each event, not as it is now: a
+    client replaying after an agent took, finished and left its item gets, message for message,
+    what a live client got (the agent's load changes, its summary in the assignment)."""
+    client = await ws_app()
+    api = Api(client, project, weft_service)
+    first = await api.ok("POST", "/api/work", {**WORK, "capability": "nobody-has-this"}, status=201)
+    start = first["seq"] + 1
+
+    def by_topic(msgs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {"work": [], "agents": []}
+        for m in msgs:
+            out[m["topic"]].append(m)
+        return out
+
+    async def until_marker(sock: aiohttp.ClientWebSocketResponse, agents: int | None = None) -> list[dict[str, Any]]:
+        """Events until the marker item's submission (and, for a replay, which runs per topic, until
+        the agents topic has as many events as the live client saw)."""
+        out: list[dict[str, Any]] = []
+        while not any(m["data"].get("description") == "marker" for m in out) or (
+            agents is not None and len(by_topic(out)["agents"]) < agents
+        ):
+            out.append(await next_event(sock))
+        return out
+
+    async with client.ws_connect("/api/ws") as live:
+        for topic in ("work", "agents"):
+            await subscribe(live, topic, projectId=project, fromSeq=start)
+        agent = FakeAgent(nc, project, f"a-{uuid.uuid4().hex[:6]}", auto=True)
+        await agent.start()
+        try:
+            item = await api.ok("POST", "/api/work", WORK, status=201)
+            await until(api, lambda state: state.work[item["id"]]["status"] == "completed")
+        finally:
+            await agent.close()
+        await api.ok("POST", "/api/work", {**WORK, "capability": "nobody-has-this", "description": "marker"}, status=201)
+        seen = await until_marker(live)
+    assert {"work:assigned", "work:completed", "agent:updated"} <= {m["event"] for m in seen}, seen
+    async with client.ws_connect("/api/ws") as late:
+        for topic in ("work", "agents"):
+            await subscribe(late, topic, projectId=project, fromSeq=start)
+        replayed = await until_marker(late, agents=len(by_topic(seen)["agents"]))
+    # Each topic in stream order, message for message (two subscriptions replay side by side).
+    assert by_topic(replayed) == by_topic(seen)

@@ -24,9 +24,9 @@ P = "proj"
 class World:
     """Folds events like a ProjectView and translates each with the state after the fold."""
 
-    def __init__(self, live: bool = True) -> None:
+    def __init__(self) -> None:
         self.state = ProjectState(project=P)
-        self.tr = Translator(P, live=live)
+        self.tr = Translator(P)
         self.seq = 0
         self.emitted: list[LiveEvent] = []
 
@@ -348,15 +348,6 @@ def test_seed_gives_previous_values_of_the_state_it_starts_from() -> None:
     w.tr = fresh
     le = only(w.ev("agent.lost", "a1", lastHeartbeat=None), "agent:updated")
     assert le.data["previousStatus"] == "online"
-
-
-def test_a_replay_translator_does_not_judge_by_todays_state() -> None:
-    live = World()
-    live.submit()
-    live.ev("work.cancelled", "w1", reason=None)
-    replay = Translator(P, live=False)
-    ev = Event("work.submitted", "w1", {"taskId": "task-w1"}, project=P, ts="2026-01-01T00:00:01.000Z", seq=1)
-    assert [e.event for e in replay.translate(ev, live.state)] == ["work:submitted"]
 
 
 # --- filters ---------------------------------------------------------------------------------------

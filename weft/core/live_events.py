@@ -7,8 +7,9 @@ one *after* folding `ev` (what `ProjectView` listeners see); what the fold forge
 target, a finished spin-up's capability, an agent's previous status) the translator remembers
 itself, seeded from the state it starts at (`seed`). Timestamps are the events' own `ts`.
 
-With `live=True` an event the fold ignored (a stale decision, a repeat) gives nothing; a replay of
-history (`live=False`) translates against today's state and skips no event the state cannot judge.
+An event the fold ignored (a stale decision, a repeat) gives nothing. A replay of history folds
+the stream as it goes and translates each event against the state right after it, exactly as it
+was translated live (weft.runtime.live_hub), so replayed and live messages are the same.
 Every live event carries `facets`: the values the subscription filters of its topic match against
 (the real boundary, capability, status of the entity, not only what the payload shows).
 """
@@ -145,7 +146,6 @@ class Translator:
     agents and targets and of spin-ups in flight."""
 
     project: str
-    live: bool = True
     agent_status: dict[str, tuple[str, int]] = field(default_factory=dict)  # guid -> (status, task count)
     targets: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> base info
     target_status: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)  # id -> (status, health)
@@ -181,9 +181,9 @@ class Translator:
     def _work(self, ev: Event, state: ProjectState) -> list[LiveEvent]:
         item = state.work.get(ev.entity_id)
         d = ev.data
-        if item is None and ev.type != "work.submitted" and self.live:
+        if item is None and ev.type != "work.submitted":
             return []  # unknown (or purged) item: nothing the fold applied
-        if self.live and item is not None and item.get("updatedAt") != ev.ts:
+        if item is not None and item.get("updatedAt") != ev.ts:
             return []  # the fold's guard ignored it (stale, repeated, fenced)
         rec: Mapping[str, Any] = item if item is not None else {}
         if ev.type == "work.submitted":

@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from projections import ProjectState
+from projections import ProjectState, apply
 from projections.events import Event
 from weft.aio import TaskSet, cancel_and_wait
 from weft.core.live_events import Translator, matches, stats_message
@@ -294,11 +294,15 @@ class LiveHub:
         last = from_seq - 1
         try:
             end = await self.readmodel.store.last_seq(project)
-            view = self.readmodel.views.get(project)
-            if end >= from_seq and view is not None:
-                tr = Translator(project, live=False)
+            if end >= from_seq and project in self.readmodel.views:
+                # Each old event is translated against the state right after it, as it was live
+                # (an agent summary shows the agent as it was then, not as it is now).
+                state = await self.readmodel.state_before(project, from_seq)
+                tr = Translator(project)
+                tr.seed(state)
                 async for ev in self.readmodel.store.read_range(project, from_seq, end):
-                    for le in tr.translate(ev, view.state):
+                    apply(state, ev)
+                    for le in tr.translate(ev, state):
                         if le.topic == sub.topic and matches(sub.filter, le.facets):
                             await client.put(orjson.dumps(le.message()).decode())
                     if client.closed or client.subs.get(sub.topic) is not sub:

@@ -225,6 +225,22 @@ class ReadModel:
             )
             return view
 
+    async def state_before(self, project: str, seq: int) -> ProjectState:
+        """A fresh copy of the project's state folded up to `seq - 1`, by the live fold's code: from
+        the snapshot when it is at or below that point and belongs to this stream, else from seq 1.
+        Costs a fold of the events in between (up to `seq` of them without a usable snapshot)."""
+        state = await self._load_snapshot(project)
+        if state is not None and (
+            state.seq >= seq or await self._snapshot_mismatch(project, state, await self.store.last_seq(project))
+        ):
+            state = None
+        if state is None:
+            state = ProjectState(project=project)
+        if state.seq < seq - 1:
+            async for ev in self.store.read_range(project, state.seq + 1, seq - 1):
+                apply(state, ev)
+        return state
+
     async def _load_snapshot(self, project: str) -> ProjectState | None:
         try:
             raw = await self.snapshots.load_snapshot(project)
