@@ -24,16 +24,18 @@ from aiohttp import web
 from nats.aio.client import Client as NATS
 
 from weft.api import create_app
+from weft.api.auth import TokenRegistry
 from weft.api.common import Services
 from weft.api.health import Lifecycle
 from weft.api.httpserver import AppRunner
 from weft.commands import Commands, RetryPolicy
+from weft.core.access import TokenFileError
 from weft.core.routing import DEFAULT_POLICY, load_policy
 from weft.runtime.fleet_executor import FleetConfig
 from weft.runtime.gateway import AgentGateway, Liveness, Pusher
 from weft.runtime.scheduler import SchedulerConfig, SchedulerHost
 from weft.runtime.warp_bridge import WarpBridge
-from weft.settings import Settings
+from weft.settings import Settings, SettingsError
 from weft.spinup import Mechanism, build_mechanisms
 from weft.store import connection
 from weft.store.eventstore import EventStore
@@ -110,6 +112,17 @@ class WeftService:
         self.released: list[str] = []  # projects whose leases the last stop() released
 
     async def start(self, nats_url: str, *, serve_http: bool = True) -> None:
+        if serve_http:
+            problem = self.settings.exposure_problem()
+            if problem is not None:
+                raise SettingsError(problem)
+            if self.settings.insecure and not self.settings.auth_enabled:
+                log.warning("INSECURE: serving an open API (no tokens) on a reachable address; anyone who can "
+                            "reach it can run commands through weft", extra={"host": self.settings.api_host})
+        try:
+            tokens = TokenRegistry(self.settings.api_tokens, self.settings.tokens_file)
+        except TokenFileError as err:
+            raise SettingsError(f"WEFT_TOKENS_FILE: {err}") from None
         self.nc = await connect_nats(self.settings, nats_url)
         self._fit_body_limit(self.nc.max_payload)
         self.resources = JetStreamResources(self.nc.jetstream())
@@ -177,6 +190,7 @@ class WeftService:
                 leading=self.scheduler.leading,
             ),
             self.lifecycle,
+            tokens=tokens,
         )
         if serve_http:
             self._runner = AppRunner(

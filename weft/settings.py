@@ -6,6 +6,7 @@ IDLE_TIMEOUT_MS, ...); weft's own settings are prefixed WEFT_.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -86,14 +87,25 @@ def _policy_text(raw: str | None) -> str | None:
         raise SettingsError(f"WEFT_ROUTING_POLICY: cannot read {raw}: {err}") from None
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a hostname other than localhost may resolve anywhere
+
+
 @dataclass(frozen=True)
 class Settings:
     nats_url: str | None = None  # None: `weft serve --embedded` starts the bundled server
     nats_user: str | None = None
     nats_pass: str | None = None
-    api_host: str = "0.0.0.0"
+    api_host: str = "127.0.0.1"  # 0.0.0.0 by default only when tokens are configured (exposure_problem)
     api_port: int = 3000
     api_tokens: tuple[str, ...] = ()
+    tokens_file: Path | None = None  # scoped tokens (README: Security); reloaded on change
+    insecure: bool = False  # serve an open API on a non-loopback address (weft serve --insecure)
     default_project: str = "default"
     idle_timeout_ms: int = 300_000
     log_level: str = "INFO"
@@ -121,6 +133,19 @@ class Settings:
     warp_bridge: bool = True  # import Warp's agent-registry and offer their work on Warp's queues
     warp_project_map: tuple[tuple[str, str], ...] = ()  # Warp projectId -> weft project
 
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_tokens) or self.tokens_file is not None
+
+    def exposure_problem(self) -> str | None:
+        """Why serving would be unsafe: an open API (with the `local` mechanism, remote code
+        execution) on an address other hosts can reach. None when it is safe or explicitly allowed."""
+        if self.auth_enabled or self.insecure or is_loopback(self.api_host):
+            return None
+        return (f"API_HOST {self.api_host} is reachable from other hosts but no API_TOKENS or WEFT_TOKENS_FILE is "
+                "set: anyone could run commands through the API. Configure tokens, bind 127.0.0.1, or pass "
+                "--insecure (WEFT_INSECURE=1) to serve an open API anyway")
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         e = os.environ if env is None else env
@@ -134,9 +159,11 @@ class Settings:
             nats_url=e.get("NATS_URL") or None,
             nats_user=e.get("NATS_USER") or None,
             nats_pass=e.get("NATS_PASS") or None,
-            api_host=e.get("API_HOST", "0.0.0.0"),
+            api_host=e.get("API_HOST") or ("0.0.0.0" if tokens or e.get("WEFT_TOKENS_FILE") else "127.0.0.1"),
             api_port=_int(e, "API_PORT", 3000),
             api_tokens=tokens,
+            tokens_file=Path(e["WEFT_TOKENS_FILE"]) if e.get("WEFT_TOKENS_FILE") else None,
+            insecure=_bool(e, "WEFT_INSECURE", False),
             default_project=project,
             idle_timeout_ms=_int(e, "IDLE_TIMEOUT_MS", 300_000, 1),
             log_level=e.get("LOG_LEVEL", "info").upper(),

@@ -81,6 +81,24 @@ async def test_the_same_idempotency_key_with_another_body_is_a_422_naming_the_ke
     assert await appended(store, api.project) == ["work.submitted"]
 
 
+async def test_a_target_idempotency_key_reused_with_another_body_is_a_422(api: Api, store: EventStore) -> None:
+    target = {"name": "hook", "agentType": "claude-code", "mechanism": "webhook", "capabilities": ["python"],
+              "config": {"webhook": {"url": "http://127.0.0.1:9/hook"}}}
+    headers = {"Idempotency-Key": "target-once"}
+    first = await api.call("POST", "/api/targets", target, headers=headers)
+    assert first.status == 201, await first.text()
+    again = await api.call("POST", "/api/targets", target, headers=headers)
+    assert again.status == 200, await again.text()
+    other = await api.call("POST", "/api/targets", {**target, "name": "other", "capabilities": ["rust"]},
+                           headers=headers)
+    body = await other.json()
+    assert other.status == 422, body
+    assert body["error"] == "IdempotencyKeyReused" and body["details"]["field"] == "Idempotency-Key"
+    assert body["details"]["differs"] == ["capabilities", "name"]
+    registered = [t for t in await appended(store, api.project) if t == "target.registered"]
+    assert registered == ["target.registered"]  # (health checks of the first target append on their own)
+
+
 async def test_idempotency_keys_are_scoped_per_token(weft_service: Any, project: str, store: EventStore) -> None:
     client = await make_client(weft_service, api_tokens=("token-a", "token-b"))
     try:

@@ -240,8 +240,8 @@ async def test_shutdown_drains_runs_on_shutdown_finishes_in_flight_then_releases
     monkeypatch.setattr(weft.api.health, "live", slow_live)
     create_app = weft.service.create_app
 
-    def app_with_hook(*args: Any) -> Any:
-        app = create_app(*args)
+    def app_with_hook(*args: Any, **kwargs: Any) -> Any:
+        app = create_app(*args, **kwargs)
 
         async def on_shutdown(_app: Any) -> None:  # where the WebSocket module closes its sockets
             order.append("on_shutdown")

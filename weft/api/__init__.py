@@ -6,22 +6,27 @@ from typing import Any
 
 from aiohttp import web
 
-from weft.api import agents, channels, dlq, health, openapi, stats, targets, work, ws
-from weft.api.auth import make_auth_middleware
-from weft.api.common import SERVICES, Services
+from weft.api import agents, channels, dlq, health, history, openapi, stats, targets, work, ws
+from weft.api.auth import TokenRegistry, make_auth_middleware
+from weft.api.common import SERVICES, TOKENS, Services
 from weft.api.errors import error_middleware
 from weft.api.health import LIFECYCLE, Lifecycle
 
 
 def create_app(
-    svc: Services, lifecycle: Lifecycle | None = None, *, ws_options: dict[str, Any] | None = None
+    svc: Services, lifecycle: Lifecycle | None = None, *, ws_options: dict[str, Any] | None = None,
+    tokens: TokenRegistry | None = None,
 ) -> web.Application:
     """The app over `svc`; `lifecycle` is what the service flips on shutdown (draining);
-    `ws_options` tunes the WebSocket API (`weft.api.ws.setup`: heartbeat, stats interval, queue)."""
+    `ws_options` tunes the WebSocket API (`weft.api.ws.setup`: heartbeat, stats interval, queue);
+    `tokens` decides who may call (default: from the settings' API_TOKENS and WEFT_TOKENS_FILE)."""
+    if tokens is None:
+        tokens = TokenRegistry(svc.settings.api_tokens, svc.settings.tokens_file)
     app = web.Application(
         client_max_size=svc.settings.max_body_bytes,
-        middlewares=[error_middleware, make_auth_middleware(svc.settings.api_tokens)],
+        middlewares=[error_middleware, make_auth_middleware(tokens)],
     )
+    app[TOKENS] = tokens
     app[SERVICES] = svc
     replica = svc.settings.replica_name
 
@@ -32,7 +37,7 @@ def create_app(
 
     app.on_response_prepare.append(name_the_replica)
     app[LIFECYCLE] = lifecycle if lifecycle is not None else Lifecycle()
-    for module in (health, work, agents, targets, stats, channels, dlq, openapi):
+    for module in (health, work, agents, targets, stats, channels, dlq, history, openapi):
         app.router.add_routes(module.routes())
     ws.setup(app, **(ws_options or {}))
     return app

@@ -1,37 +1,150 @@
-"""Bearer-token auth on /api/* when API_TOKENS is set. /health, /health/live, /health/ready and the API docs stay open."""
+"""Bearer-token auth on /api/*: API_TOKENS (full access, as the original) and the scoped token file
+(WEFT_TOKENS_FILE: names, roles, projects; README: Security). /health*, and the API docs stay open.
+
+The middleware puts the request's `Principal` on the request; `weft.api.common` consults it wherever
+a project is chosen or listed, so no handler can forget the scope.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
 
 from aiohttp import web
 
-from weft.api.common import ACTOR
+from weft.api.common import ACTOR, PRINCIPAL
 from weft.api.errors import Handler, json_error
+from weft.core.access import (
+    ANONYMOUS,
+    Principal,
+    Role,
+    TokenFile,
+    TokenFileError,
+    legacy_actor,
+    parse_token_file,
+    required_role,
+)
+
+log = logging.getLogger("weft.auth")
 
 OPEN_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/api/openapi.json", "/api/docs"})
+RELOAD_CHECK_S = 1.0  # how often the token file's mtime is looked at (on a request, never by a timer)
+MAX_MISSES = 4096  # recently refused tokens remembered, so a repeated bad token costs no scrypt
+MAX_TOKEN_CHARS = 512
 
 
-def actor_for(token: str) -> str:
-    """A stable, non-secret name for a token: events record who acted without holding the token."""
-    return "token:" + hashlib.sha256(token.encode()).hexdigest()[:12]
+def read_token_file(path: Path) -> TokenFile:
+    try:
+        return parse_token_file(path.read_bytes())
+    except OSError as err:
+        raise TokenFileError(f"cannot read {path}: {err.strerror}") from None
+    except TokenFileError as err:
+        raise TokenFileError(f"{path}: {err}") from None
 
 
-def make_auth_middleware(tokens: tuple[str, ...]) -> web.middleware:  # type: ignore[valid-type]
-    encoded = [t.encode() for t in tokens]
+class TokenRegistry:
+    """Which principal a presented token stands for. A token is checked once with the file's slow
+    hash (in a thread); then a keyed hash with a per-process key finds it in memory."""
 
+    def __init__(self, legacy: tuple[str, ...] = (), path: Path | None = None):
+        self._legacy = [(t.encode(), Principal(legacy_actor(t), Role.admin, None)) for t in legacy]
+        self._path = path
+        self._file: TokenFile | None = read_token_file(path) if path is not None else None
+        self._stamp = self._stat()
+        self._checked = time.monotonic()
+        self._key = os.urandom(32)
+        self._hits: dict[bytes, Principal] = {}
+        self._misses: OrderedDict[bytes, None] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._legacy) or self._path is not None
+
+    def _stat(self) -> tuple[int, int] | None:
+        if self._path is None:
+            return None
+        try:
+            st = self._path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def _maybe_reload(self) -> None:
+        if self._path is None or time.monotonic() - self._checked < RELOAD_CHECK_S:
+            return
+        self._checked = time.monotonic()
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            self._file = read_token_file(self._path)
+        except TokenFileError as err:
+            # Keep serving with the last good file: a typo must not lock every client out.
+            log.error("token file not reloaded; the previous one stays in force", extra={"error": str(err)})
+            return
+        self._hits.clear()
+        self._misses.clear()
+        log.info("token file reloaded", extra={"tokens": len(self._file.entries)})
+
+    def force_reload_check(self) -> None:
+        """Look at the file on the next request whatever the interval (tests, SIGHUP)."""
+        self._checked = 0.0
+
+    async def principal(self, token: str) -> Principal | None:
+        self._maybe_reload()
+        raw = token.encode()
+        found: Principal | None = None
+        for secret, principal in self._legacy:
+            if hmac.compare_digest(raw, secret):
+                found = principal
+        if found is not None or self._file is None:
+            return found
+        key = hmac.new(self._key, raw, hashlib.sha256).digest()
+        if (hit := self._hits.get(key)) is not None:
+            return hit
+        if key in self._misses:
+            return None
+        tokens = self._file
+        digest = await asyncio.to_thread(tokens.params.hash, token)
+        found = tokens.match(digest)
+        if tokens is not self._file:  # reloaded meanwhile: do not cache against the new file
+            return found
+        if found is not None:
+            self._hits[key] = found
+        else:
+            self._misses[key] = None
+            if len(self._misses) > MAX_MISSES:
+                self._misses.popitem(last=False)
+        return found
+
+
+def make_auth_middleware(registry: TokenRegistry) -> web.middleware:  # type: ignore[valid-type]
     @web.middleware
     async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not encoded or request.path in OPEN_PATHS or not request.path.startswith("/api"):
-            request[ACTOR] = "api"
+        if not registry.enabled or request.path in OPEN_PATHS or not request.path.startswith("/api"):
+            request[PRINCIPAL] = ANONYMOUS
+            request[ACTOR] = ANONYMOUS.name
             return await handler(request)
         token = _token_of(request)
         if token is None:
             return _unauthorized("missing bearer token (Authorization: Bearer <token>)")
-        if not any(hmac.compare_digest(token.encode(), t) for t in encoded):
+        principal = await registry.principal(token) if len(token) <= MAX_TOKEN_CHARS else None
+        if principal is None:
             return _unauthorized("invalid token")
-        request[ACTOR] = actor_for(token)
+        route = request.match_info.route.resource
+        needed = required_role(request.method, route.canonical if route is not None else request.path)
+        if not principal.may(needed):
+            return json_error(403, "Forbidden", f"token {principal.name!r} has role {principal.role.name}; "
+                              f"this needs {needed.name}", {"field": "Authorization", "required": needed.name})
+        request[PRINCIPAL] = principal
+        request[ACTOR] = principal.name
         return await handler(request)
 
     return auth_middleware

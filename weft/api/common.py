@@ -12,7 +12,8 @@ from pydantic import BaseModel
 
 from projections.events import is_valid_project_id
 from weft.commands import Commands, Ctx, RetryPolicy
-from weft.core.errors import InvalidInput, Unavailable
+from weft.core.access import ANONYMOUS, Principal
+from weft.core.errors import Forbidden, InvalidInput, Unavailable
 from weft.core.routing import DEFAULT_POLICY, RoutingPolicy
 from weft.logs import correlation_var, project_var
 from weft.settings import Settings
@@ -37,11 +38,26 @@ class Services:
 
 
 SERVICES = web.AppKey("services", Services)
+TOKENS = web.AppKey("tokens", object)  # weft.api.auth.TokenRegistry (typed loosely: auth imports this module)
 ACTOR = web.RequestKey("actor", str)
+PRINCIPAL = web.RequestKey("principal", Principal)
 
 
 def services(request: web.Request) -> Services:
     return request.app[SERVICES]
+
+
+def principal_of(request: web.Request) -> Principal:
+    principal: Principal = request.get(PRINCIPAL, ANONYMOUS)
+    return principal
+
+
+def check_project(principal: Principal, project: str) -> str:
+    """`project` if the principal may use it. The refusal is the same whether the project exists
+    or not: a token never learns of a project outside its scope."""
+    if not principal.may_use(project):
+        raise Forbidden(f"token {principal.name!r} may not use project {project!r}", field="projectId")
+    return project
 
 
 def explicit_project(request: web.Request) -> str | None:
@@ -50,11 +66,15 @@ def explicit_project(request: web.Request) -> str | None:
         return None
     if not is_valid_project_id(raw):
         raise InvalidInput("projectId must match [A-Za-z0-9_-]{1,64}", field="projectId")
-    return raw
+    return check_project(principal_of(request), raw)
+
+
+def default_project(request: web.Request) -> str:
+    return principal_of(request).default_project(services(request).settings.default_project)
 
 
 def project_of(request: web.Request) -> str:
-    project = explicit_project(request) or services(request).settings.default_project
+    project = explicit_project(request) or check_project(principal_of(request), default_project(request))
     project_var.set(project)
     return project
 
@@ -152,9 +172,10 @@ async def read_view(request: web.Request, project: str) -> ProjectView | None:
 
 
 def all_views(request: web.Request) -> list[ProjectView]:
-    """Every project's view on this replica, by project id."""
+    """Every project's view on this replica that the request's token may use, by project id."""
     replica = services(request).readmodel
-    return [replica.views[p] for p in sorted(replica.views)]
+    principal = principal_of(request)
+    return [replica.views[p] for p in sorted(replica.views) if principal.may_use(p)]
 
 
 async def views_of(request: web.Request) -> list[ProjectView]:

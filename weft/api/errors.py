@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from weft.api.common import SERVICES, json_response
 from weft.core.errors import (
     Conflict,
+    Forbidden,
     IdempotencyKeyReused,
     InvalidInput,
     NotFound,
@@ -35,7 +36,7 @@ log = logging.getLogger("weft.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-STATUS = {InvalidInput: 400, NotFound: 404, Conflict: 409, IdempotencyKeyReused: 422, Unavailable: 503,
+STATUS = {InvalidInput: 400, Forbidden: 403, NotFound: 404, Conflict: 409, IdempotencyKeyReused: 422, Unavailable: 503,
           OutcomeUnknown: 504}
 RETRY_AFTER_S = "1"
 

@@ -19,17 +19,23 @@ from weft.api.pagination import page
 from weft.api.schemas import DisableBatch, Reason, SpinUpRequest
 from weft.api.work import batch_body
 from weft.commands import find_target
+from weft.core.credentials import redact_credentials
 from weft.core.errors import NotFound
 from weft.runtime.probes import probe_target
 from weft.stamps import utc_now
 
 
 def present(t: Record) -> dict[str, Any]:
+    """A target as answered. Literal credentials are refused at registration; a stream written
+    before that rule may still hold some, so they are masked here too."""
     out = dict(t)
     out["activeSpinUps"] = list(t["activeSpinUps"].values())
     registered = out.pop("registeredConfig", None)  # absent on targets registered before it was kept
     out["normalizedConfig"] = t["config"]
     out["config"] = registered if isinstance(registered, dict) else t["config"]
+    for name in ("config", "normalizedConfig", "healthCheck", "description", "tags", "lastError"):
+        if name in out:
+            out[name] = redact_credentials(out[name])
     return out
 
 

@@ -16,7 +16,8 @@ from aiohttp import WSMsgType, web
 
 from projections.events import is_valid_project_id
 from weft.api.auth import BEARER, offered_protocols
-from weft.api.common import SERVICES
+from weft.api.common import SERVICES, principal_of
+from weft.core.access import ANONYMOUS, Principal
 from weft.core.live_events import TOPICS, filter_errors
 from weft.runtime.live_hub import Client, LiveHub
 from weft.stamps import utc_now
@@ -82,11 +83,12 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
                 request.transport.abort()  # a client that reads nothing cannot take the close frame
 
     client = hub.connect(ws.send_str, close)
-    default_project = request.app[SERVICES].settings.default_project
+    principal = principal_of(request)
+    default_project = principal.default_project(request.app[SERVICES].settings.default_project)
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
-                await handle_message(hub, client, msg.data, default_project)
+                await handle_message(hub, client, msg.data, default_project, principal)
             elif msg.type == WSMsgType.BINARY:
                 client.send_json(_error("Invalid message format"))
             elif msg.type == WSMsgType.ERROR:
@@ -101,7 +103,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def handle_message(hub: LiveHub, client: Client, raw: str, default_project: str) -> None:
+async def handle_message(
+    hub: LiveHub, client: Client, raw: str, default_project: str, principal: Principal = ANONYMOUS
+) -> None:
     try:
         msg = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -114,7 +118,7 @@ async def handle_message(hub: LiveHub, client: Client, raw: str, default_project
     if kind == "ping":
         client.send_json({"type": "pong", "timestamp": utc_now()})
     elif kind == "subscribe":
-        await _subscribe(hub, client, msg, default_project)
+        await _subscribe(hub, client, msg, default_project, principal)
     elif kind == "unsubscribe":
         topic = msg.get("topic")
         if not isinstance(topic, str):
@@ -127,7 +131,9 @@ async def handle_message(hub: LiveHub, client: Client, raw: str, default_project
         client.send_json(_error(f"Unknown message type: {kind}"))
 
 
-async def _subscribe(hub: LiveHub, client: Client, msg: dict[str, Any], default_project: str) -> None:
+async def _subscribe(
+    hub: LiveHub, client: Client, msg: dict[str, Any], default_project: str, principal: Principal
+) -> None:
     topic = msg.get("topic")
     if not isinstance(topic, str):
         client.send_json(_error("Invalid message format"))
@@ -143,6 +149,9 @@ async def _subscribe(hub: LiveHub, client: Client, msg: dict[str, Any], default_
     project = msg.get("projectId") or default_project
     if not isinstance(project, str) or not is_valid_project_id(project):
         client.send_json(_error(f"Invalid projectId: {project} (must match [A-Za-z0-9_-]{{1,64}})"))
+        return
+    if not principal.may_use(project):
+        client.send_json(_error(f"Forbidden: token {principal.name!r} may not use project {project!r}"))
         return
     from_seq = msg.get("fromSeq")
     if from_seq is not None and (not isinstance(from_seq, int) or isinstance(from_seq, bool) or from_seq < 1):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -15,7 +16,10 @@ from pathlib import Path
 import orjson
 
 from weft import aio, logs
+from weft.api.auth import read_token_file
 from weft.cli.rest_commands import FLEET_COMMANDS, add_fleet_commands, run_fleet
+from weft.cli.tokens import add_token_commands, run_tokens
+from weft.core.access import TokenFileError
 from weft.settings import Settings, SettingsError
 from weft.store.embedded import EmbeddedNats, NatsServerConfig, die_with_parent
 
@@ -131,18 +135,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="weft", description="Event-sourced coordinator for AI coding agents")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run a weft replica (REST API + projections)")
+    serve.add_argument("--insecure", action="store_true",
+                       help="serve an open API (no tokens) on a non-loopback API_HOST; logged as a warning")
     serve.add_argument("--embedded", action="store_true", help="start the bundled nats-server unless NATS_URL is set")
     serve.add_argument("--demo-agent", action="store_true",
                        help="also run one reference agent that echoes its task (the `make run` demo)")
-    replay = sub.add_parser("replay", help="fold a project's stream up to a sequence and print the state hash")
-    replay.add_argument("--project", required=True)
+    replay = sub.add_parser("replay", help="fold a project's stream up to a sequence and print the state hash "
+                                           "(subcommands: state, diff, export, hash; docs/replay.md)")
+    replay.add_argument("--project")
     replay.add_argument("--from-seq", type=int, default=1, help="print events from this sequence (with --events)")
     replay.add_argument("--to-seq", type=int, default=None)
     replay.add_argument("--events", action="store_true", help="print each event as a JSON line")
+    from weft.cli.replay import add_replay_commands
+
+    add_replay_commands(sub, replay)
     from weft.agent.main import add_arguments as add_agent_arguments
 
     add_agent_arguments(sub.add_parser("agent", help="run the reference agent: run a command per work item"))
     add_fleet_commands(sub)
+    add_token_commands(sub)
     return parser
 
 
@@ -152,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         from weft.agent.main import run as run_agent
 
         return run_agent(args)
+    if args.command == "tokens":
+        return run_tokens(args)
     if args.command in FLEET_COMMANDS:  # clients of the REST API: no server settings needed
         return asyncio.run(run_fleet(args, os.environ))
     try:
@@ -161,8 +174,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.configure(settings.log_level, settings.log_format)
     if args.command == "serve":
+        if args.insecure:
+            settings = dataclasses.replace(settings, insecure=True)
+        problem = settings.exposure_problem()
+        if problem is not None:
+            print(f"weft: refusing to start: {problem}", file=sys.stderr)
+            return 2
+        if settings.tokens_file is not None:
+            try:
+                read_token_file(settings.tokens_file)
+            except TokenFileError as err:
+                print(f"weft: configuration error: WEFT_TOKENS_FILE: {err}", file=sys.stderr)
+                return 2
         return aio.run(_serve(settings, args.embedded, args.demo_agent), use_uvloop=settings.uvloop)
+    if args.command == "events" or (args.command == "replay" and args.replay_command not in (None, "hash")):
+        from weft.cli.replay import run as run_replay
+
+        return asyncio.run(run_replay(settings, args))
     if args.command == "replay":
+        if not args.project:
+            print("weft: replay: --project is required", file=sys.stderr)
+            return 2
         return asyncio.run(_replay(settings, args.project, args.from_seq, args.to_seq, args.events))
     return 2
 

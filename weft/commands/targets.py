@@ -14,6 +14,7 @@ from weft.commands.core import BatchOutcome, CommandsBase, Ctx, Outcome
 from weft.core import targets
 from weft.core.decisions import targets as decisions
 from weft.core.decisions.targets import find_target
+from weft.core.errors import IdempotencyKeyReused
 from weft.spinup import SCHEMAS
 from weft.stamps import new_uuid
 from weft.store.readmodel import ProjectView
@@ -29,13 +30,31 @@ class TargetCommands(CommandsBase):
         target_id = decisions.target_id_for(ctx.project, definition["name"])
         view = await self.view(ctx.project, create=True)
         key, event_id, earlier = self.keyed_create(ctx, view, "target")
-        if earlier is not None:
-            return earlier
+        if earlier is None:
 
-        def decide(state: ProjectState) -> Event | None:
-            return self.emit(ctx, decisions.register_target(state, target_id, definition, key), event_id)
+            def decide(state: ProjectState) -> Event | None:
+                return self.emit(ctx, decisions.register_target(state, target_id, definition, key), event_id)
 
-        return await self.execute(ctx, f"target.{target_id}", decide)
+            outcome = await self.execute(ctx, f"target.{target_id}", decide)
+            if not key or outcome.created:
+                return outcome
+            # The first request with this key won inside the server's dedupe window.
+            self._check_same_registration(ctx, view.state, outcome.entity_id, definition)
+            return outcome
+        self._check_same_registration(ctx, view.state, earlier.entity_id, definition)
+        return earlier
+
+    @staticmethod
+    def _check_same_registration(ctx: Ctx, state: ProjectState, target_id: str, definition: dict[str, Any]) -> None:
+        target = state.targets.get(target_id)
+        differs = decisions.registration_differences(target, definition) if target is not None else []
+        if differs:
+            raise IdempotencyKeyReused(
+                f"Idempotency-Key {ctx.idempotency_key!r} was used for another request (target "
+                f"{target_id}); this one differs in {', '.join(differs)}: use a new key",
+                field="Idempotency-Key",
+                details={"targetId": target_id, "differs": differs},
+            )
 
     async def update_target(self, ctx: Ctx, id_or_name: str, updates: Any) -> Outcome:
         target_id = self._target_id(await self.view(ctx.project), id_or_name)

@@ -29,6 +29,12 @@ class NotFound(WeftError):
     error = "NotFound"
 
 
+class Forbidden(WeftError):
+    """The request's token may not do this (its role), or may not use the project it named."""
+
+    error = "Forbidden"
+
+
 class Conflict(WeftError):
     error = "Conflict"
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from weft.core.credentials import literal_credentials
 from weft.core.errors import InvalidInput
 
 
@@ -57,12 +58,6 @@ MUTABLE = (
     "circuitBreakerThreshold",
 )
 
-SECRET_KEY = re.compile(r"(secret|token|password|passwd|passphrase|private_?key|privatekey|api_?key|authorization|credential)", re.I)
-REFERENCE = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:/?\S+|secret:[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/[A-Za-z0-9_.-]+)?)$")
-# Fields whose value names where a secret is, and so are not secrets themselves.
-REFERENCE_FIELDS = {"privateKeyPath", "tokenEnvVar", "imagePullSecret", "serviceAccount", "knownHosts"}
-
-
 def _require_str_list(value: Any, field: str, *, non_empty: bool) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise InvalidInput(f"{field} must be a list of non-empty strings", field=field)
@@ -72,22 +67,11 @@ def _require_str_list(value: Any, field: str, *, non_empty: bool) -> list[str]:
 
 
 def check_secrets(value: Any, path: str) -> None:
-    """Reject literal secrets anywhere under a target's config: keys that name a secret must hold a
-    reference, and so must any value that is itself a reference-looking field."""
-    if isinstance(value, dict):
-        for key, inner in value.items():
-            sub = f"{path}.{key}"
-            if key not in REFERENCE_FIELDS and SECRET_KEY.search(str(key)) and isinstance(inner, str):
-                if not REFERENCE.match(inner):
-                    raise InvalidInput(
-                        f"{sub} looks like a secret: give a reference (env:NAME, file:PATH or "
-                        "secret:NAME), never the value",
-                        field=sub,
-                    )
-            check_secrets(inner, sub)
-    elif isinstance(value, list):
-        for i, inner in enumerate(value):
-            check_secrets(inner, f"{path}[{i}]")
+    """Reject the first literal credential under `value` (weft.core.credentials), naming its field."""
+    found = literal_credentials(value, path)
+    if found:
+        where, problem = found[0]
+        raise InvalidInput(f"{where} {problem}", field=where)
 
 
 def _schema(mechanism: str, schemas: Schemas) -> ConfigSchema:
@@ -270,7 +254,7 @@ def validate_new_target(body: Any, schemas: Schemas) -> dict[str, Any]:
     status = body.get("status", "available")
     if status not in ("available", "disabled"):
         raise InvalidInput("status must be available or disabled", field="status")
-    return {
+    definition = {
         "name": name,
         "description": description,
         "agentType": agent_type,
@@ -288,6 +272,8 @@ def validate_new_target(body: Any, schemas: Schemas) -> dict[str, Any]:
         "status": status,
         "registeredBy": body.get("registeredBy", "api") if body.get("registeredBy") in ("cli", "api", "agent", "config") else "api",
     }
+    check_secrets({k: v for k, v in definition.items() if k not in ("config", "registeredConfig")}, "")
+    return definition
 
 
 def validate_update(current: dict[str, Any], updates: Any, schemas: Schemas) -> dict[str, Any]:
@@ -329,4 +315,5 @@ def validate_update(current: dict[str, Any], updates: Any, schemas: Schemas) -> 
     for name, minimum in (("maxConcurrentAgents", 1), ("cooldownMs", 0), ("spinUpTimeoutMs", 100), ("circuitBreakerThreshold", 1)):
         if name in updates:
             changes[name] = _int_field(updates, name, 0, minimum)
+    check_secrets({k: v for k, v in changes.items() if k not in ("config", "registeredConfig")}, "")
     return changes

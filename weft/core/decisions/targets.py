@@ -67,6 +67,14 @@ def register_target(
     return Draft("target.registered", target_id, {"target": definition}, idempotency_key=idempotency_key)
 
 
+def registration_differences(target: Record, definition: dict[str, Any]) -> list[str]:
+    """The fields in which `definition` differs from the registration that created `target` (a
+    repeat of an Idempotency-Key must be the same request). Once the target was updated its record
+    no longer shows the registration, and only the name can tell two requests apart."""
+    fields = sorted(definition) if target.get("updatedAt") == target.get("registeredAt") else ["name"]
+    return [f for f in fields if f != "status" and target.get(f) != definition.get(f)]
+
+
 def update_target(state: ProjectState, target_id: str, changes: dict[str, Any]) -> Draft | None:
     """`changes` as validated against the current target; none is a no-op."""
     target_of(state, target_id)
