@@ -11,6 +11,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from weft.core.limits import ENV as LIMIT_ENV
+from weft.core.limits import Limits
 
 
 class SettingsError(ValueError):
@@ -87,6 +91,22 @@ def _policy_text(raw: str | None) -> str | None:
         raise SettingsError(f"WEFT_ROUTING_POLICY: cannot read {raw}: {err}") from None
 
 
+def _limits(env: Mapping[str, str]) -> Limits:
+    base = Limits()
+    values: dict[str, Any] = {}
+    for name, var in LIMIT_ENV.items():
+        default = getattr(base, name)
+        if isinstance(default, int):
+            values[name] = _int(env, var, default, 1)
+        else:
+            values[name] = _float(env, var, default)
+            if values[name] < 0:
+                raise SettingsError(f"{var} must be >= 0, got {values[name]}")
+    if values["ws_messages_per_s"] <= 0:
+        raise SettingsError(f"{LIMIT_ENV['ws_messages_per_s']} must be > 0")
+    return Limits(**values)
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -106,6 +126,7 @@ class Settings:
     api_tokens: tuple[str, ...] = ()
     tokens_file: Path | None = None  # scoped tokens (README: Security); reloaded on change
     insecure: bool = False  # serve an open API on a non-loopback address (weft serve --insecure)
+    limits: Limits = field(default_factory=Limits)  # input limits and the per-token rate (weft.core.limits)
     default_project: str = "default"
     idle_timeout_ms: int = 300_000
     log_level: str = "INFO"
@@ -164,6 +185,7 @@ class Settings:
             api_tokens=tokens,
             tokens_file=Path(e["WEFT_TOKENS_FILE"]) if e.get("WEFT_TOKENS_FILE") else None,
             insecure=_bool(e, "WEFT_INSECURE", False),
+            limits=_limits(e),
             default_project=project,
             idle_timeout_ms=_int(e, "IDLE_TIMEOUT_MS", 300_000, 1),
             log_level=e.get("LOG_LEVEL", "info").upper(),

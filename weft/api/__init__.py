@@ -11,6 +11,7 @@ from weft.api.auth import TokenRegistry, make_auth_middleware
 from weft.api.common import SERVICES, TOKENS, Services
 from weft.api.errors import error_middleware
 from weft.api.health import LIFECYCLE, Lifecycle
+from weft.core.limits import RateLimiter
 
 
 def create_app(
@@ -24,7 +25,8 @@ def create_app(
         tokens = TokenRegistry(svc.settings.api_tokens, svc.settings.tokens_file)
     app = web.Application(
         client_max_size=svc.settings.max_body_bytes,
-        middlewares=[error_middleware, make_auth_middleware(tokens)],
+        middlewares=[error_middleware, make_auth_middleware(
+            tokens, RateLimiter(svc.settings.limits.requests_per_s, svc.settings.limits.burst))],
     )
     app[TOKENS] = tokens
     app[SERVICES] = svc

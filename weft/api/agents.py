@@ -161,6 +161,7 @@ async def shutdown(request: web.Request) -> web.Response:
 async def shutdown_batch(request: web.Request) -> web.Response:
     project = project_of(request)
     body = await parse_body(request, ShutdownBatch)
+    services(request).settings.limits.check_items("agentGuids", body.agentGuids)
     ctx = ctx_of(request, project)
     flt = body.filter.model_dump() if body.filter else None
     outcome = await services(request).commands.shutdown_batch(

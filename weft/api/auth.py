@@ -30,6 +30,7 @@ from weft.core.access import (
     parse_token_file,
     required_role,
 )
+from weft.core.limits import RateLimiter
 
 log = logging.getLogger("weft.auth")
 
@@ -125,7 +126,9 @@ class TokenRegistry:
         return found
 
 
-def make_auth_middleware(registry: TokenRegistry) -> web.middleware:  # type: ignore[valid-type]
+def make_auth_middleware(registry: TokenRegistry, limiter: RateLimiter | None = None) -> web.middleware:  # type: ignore[valid-type]
+    limiter = limiter or RateLimiter(0.0)
+
     @web.middleware
     async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not registry.enabled or request.path in OPEN_PATHS or not request.path.startswith("/api"):
@@ -143,6 +146,13 @@ def make_auth_middleware(registry: TokenRegistry) -> web.middleware:  # type: ig
         if not principal.may(needed):
             return json_error(403, "Forbidden", f"token {principal.name!r} has role {principal.role.name}; "
                               f"this needs {needed.name}", {"field": "Authorization", "required": needed.name})
+        wait = limiter.retry_after(principal.name, time.monotonic(), principal.rate_per_s)
+        if wait:
+            rate = principal.rate_per_s if principal.rate_per_s is not None else limiter.rate
+            resp = json_error(429, "TooManyRequests", f"token {principal.name!r} is over {rate:g} requests/s on "
+                              f"this replica; retry in {wait} s", {"field": "Authorization", "retryAfter": wait})
+            resp.headers["Retry-After"] = str(wait)
+            return resp
         request[PRINCIPAL] = principal
         request[ACTOR] = principal.name
         return await handler(request)

@@ -14,6 +14,7 @@ from projections.events import is_valid_project_id
 from weft.commands import Commands, Ctx, RetryPolicy
 from weft.core.access import ANONYMOUS, Principal
 from weft.core.errors import Forbidden, InvalidInput, Unavailable
+from weft.core.limits import ENV as LIMIT_ENV
 from weft.core.routing import DEFAULT_POLICY, RoutingPolicy
 from weft.logs import correlation_var, project_var
 from weft.settings import Settings
@@ -80,6 +81,9 @@ def project_of(request: web.Request) -> str:
 
 
 def ctx_of(request: web.Request, project: str) -> Ctx:
+    limits = services(request).settings.limits
+    for header in ("X-Correlation-Id", "X-Request-Id"):
+        limits.check_chars(header, request.headers.get(header), limits.id_chars, LIMIT_ENV["id_chars"])
     correlation = request.headers.get("X-Correlation-Id") or request.headers.get("X-Request-Id") or new_id()
     correlation_var.set(correlation)
     key = request.headers.get("Idempotency-Key")

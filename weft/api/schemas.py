@@ -19,7 +19,7 @@ class WorkSubmit(Body):
     taskId: str | None = Field(None, min_length=1, max_length=256)
     boundary: str = Field(min_length=1, max_length=128)
     capability: str = Field(pattern=CAPABILITY)
-    description: str = Field(min_length=1, max_length=200_000)
+    description: str = Field(min_length=1)  # length: WEFT_MAX_DESCRIPTION_CHARS (weft.core.limits)
     priority: int = Field(5, ge=1, le=10)
     preferredAgentType: str | None = Field(None, min_length=1, max_length=64)
     requiredAgentType: str | None = Field(None, min_length=1, max_length=64)

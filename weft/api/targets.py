@@ -20,7 +20,8 @@ from weft.api.schemas import DisableBatch, Reason, SpinUpRequest
 from weft.api.work import batch_body
 from weft.commands import find_target
 from weft.core.credentials import redact_credentials
-from weft.core.errors import NotFound
+from weft.core.errors import Conflict, NotFound
+from weft.core.limits import ENV as LIMIT_ENV
 from weft.runtime.probes import probe_target
 from weft.stamps import utc_now
 
@@ -49,10 +50,31 @@ async def _target(request: web.Request) -> tuple[str, Record]:
     return project, t
 
 
+def check_limits(request: web.Request, body: Any) -> None:
+    limits = services(request).settings.limits
+    if not isinstance(body, dict):
+        return  # the target validation names what is wrong with it
+    for name in ("capabilities", "boundaries", "tags"):
+        if isinstance(body.get(name), list):
+            limits.check_items(name, body[name])
+    if isinstance(body.get("description"), str):
+        limits.check_chars("description", body["description"], limits.description_chars,
+                           LIMIT_ENV["description_chars"])
+
+
 async def register(request: web.Request) -> web.Response:
     project = project_of(request)
     body = await read_json(request)
+    check_limits(request, body)
     ctx = ctx_of(request, project)
+    limit = services(request).settings.limits.targets_per_project
+    view = await services(request).readmodel.view(project)
+    if view is not None and len(view.state.targets) >= limit and not (
+            isinstance(body, dict) and find_target(view.state, str(body.get("name"))) is not None):
+        # Checked against this replica's projection: two replicas registering at once may pass one more.
+        raise Conflict(f"project {project} has {len(view.state.targets)} targets; at most {limit} "
+                       f"(limit {LIMIT_ENV['targets_per_project']})", field="name",
+                       details={"limit": limit, "setting": LIMIT_ENV["targets_per_project"]})
     outcome = await services(request).commands.register_target(ctx, body)
     if not outcome.folded:
         return stored_not_folded(project, "target", outcome.entity_id, outcome.seq, replayed=not outcome.created)
@@ -97,6 +119,7 @@ async def get_target(request: web.Request) -> web.Response:
 async def update(request: web.Request) -> web.Response:
     project, t = await _target(request)
     body = await read_json(request)
+    check_limits(request, body)
     outcome = await services(request).commands.update_target(ctx_of(request, project), t["id"], body)
     if not outcome.folded:
         return stored_not_folded(project, "target", t["id"], outcome.seq)
@@ -173,6 +196,7 @@ async def spin_up(request: web.Request) -> web.Response:
 async def disable_batch(request: web.Request) -> web.Response:
     project = project_of(request)
     body = await parse_body(request, DisableBatch)
+    services(request).settings.limits.check_items("targetIds", body.targetIds)
     ctx = ctx_of(request, project)
     flt = body.filter.model_dump() if body.filter else None
     outcome = await services(request).commands.disable_batch(ctx, body.targetIds, flt, body.reason)

@@ -25,6 +25,7 @@ from weft.commands import Ctx
 from weft.core import protocol
 from weft.core.errors import InvalidInput, NotFound
 from weft.core.fleet_policy import plan_spin_ups, spinning_up
+from weft.core.limits import ENV as LIMIT_ENV
 from weft.core.routing import plan_assignments, reason_for_new_item, reported_agent_type
 from weft.stamps import utc_now
 from weft.store.readmodel import ProjectView
@@ -66,6 +67,10 @@ async def submit(request: web.Request) -> web.Response:
     project = project_of(request)
     spec = await parse_body(request, WorkSubmit)
     ctx = ctx_of(request, project)
+    limits = services(request).settings.limits
+    limits.check_chars("description", spec.description, limits.description_chars, LIMIT_ENV["description_chars"])
+    limits.check_chars("taskId", spec.taskId, limits.id_chars, LIMIT_ENV["id_chars"])
+    limits.check_context(spec.contextData)
     policy = services(request).policy
     rule = policy.rule_for(spec.boundary)
     if spec.requiredAgentType and not rule.allows(spec.requiredAgentType):
@@ -190,6 +195,7 @@ def batch_body(outcome: Any, extra: dict[str, Any]) -> dict[str, Any]:
 async def cancel_batch(request: web.Request) -> web.Response:
     project = project_of(request)
     body = await parse_body(request, CancelBatch)
+    services(request).settings.limits.check_items("workItemIds", body.workItemIds)
     ctx = ctx_of(request, project)
     flt = body.filter.model_dump() if body.filter else None
     outcome = await services(request).commands.cancel_batch(ctx, body.workItemIds, flt, body.reason, body.reassign)

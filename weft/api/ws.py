@@ -18,6 +18,7 @@ from projections.events import is_valid_project_id
 from weft.api.auth import BEARER, offered_protocols
 from weft.api.common import SERVICES, principal_of
 from weft.core.access import ANONYMOUS, Principal
+from weft.core.limits import TokenBucket
 from weft.core.live_events import TOPICS, filter_errors
 from weft.runtime.live_hub import Client, LiveHub
 from weft.stamps import utc_now
@@ -67,10 +68,11 @@ def _error(text: str) -> dict[str, Any]:
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
     hub = request.app[HUB]
     config = request.app[WS_CONFIG]
+    limits = request.app[SERVICES].settings.limits
     protocols = (BEARER,) if BEARER in [p.lower() for p in offered_protocols(request)] else ()
     ws = web.WebSocketResponse(
         heartbeat=config["heartbeat_s"] or None, protocols=protocols, timeout=config["close_timeout_s"],
-        max_msg_size=1024 * 1024,
+        max_msg_size=limits.ws_message_bytes,  # above it aiohttp closes with 1009 (message too big)
     )
     await ws.prepare(request)
 
@@ -85,9 +87,16 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     client = hub.connect(ws.send_str, close)
     principal = principal_of(request)
     default_project = principal.default_project(request.app[SERVICES].settings.default_project)
+    # A client's messages cost work here (a subscribe with fromSeq reads the stream): at most
+    # `ws_messages_per_s` of them, with a burst of twice that; the rest are refused, not queued.
+    bucket = TokenBucket(limits.ws_messages_per_s, max(1.0, 2 * limits.ws_messages_per_s))
+    loop = asyncio.get_running_loop()
     try:
         async for msg in ws:
-            if msg.type == WSMsgType.TEXT:
+            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY) and bucket.take(loop.time()) > 0:
+                client.send_json(_error(f"Rate limit: at most {limits.ws_messages_per_s:g} messages/s "
+                                        f"(WEFT_WS_MAX_MESSAGES_PER_S); message ignored"))
+            elif msg.type == WSMsgType.TEXT:
                 await handle_message(hub, client, msg.data, default_project, principal)
             elif msg.type == WSMsgType.BINARY:
                 client.send_json(_error("Invalid message format"))

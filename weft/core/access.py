@@ -31,6 +31,7 @@ class Principal:
     name: str
     role: Role
     projects: frozenset[str] | None  # None: every project
+    rate_per_s: float | None = None  # requests/s on each replica (None: WEFT_RATE_LIMIT_PER_S)
 
     def may_use(self, project: str) -> bool:
         return self.projects is None or project in self.projects
@@ -129,6 +130,7 @@ class TokenFile:
     def to_json(self) -> bytes:
         tokens = [{"name": e.principal.name, "role": e.principal.role.name,
                    "projects": "*" if e.principal.projects is None else sorted(e.principal.projects),
+                   **({} if e.principal.rate_per_s is None else {"ratePerSecond": e.principal.rate_per_s}),
                    "hash": e.digest.hex()} for e in self.entries]
         return orjson.dumps({"scrypt": self.params.to_dict(), "tokens": tokens}, option=orjson.OPT_INDENT_2)
 
@@ -185,7 +187,11 @@ def parse_token_file(text: str | bytes) -> TokenFile:
             digest = b""
         if len(digest) != 32:
             raise TokenFileError(f"{where}.hash: 64 hex digits (weft tokens add writes it)")
-        entries.append(TokenEntry(Principal(name=name, role=role, projects=projects), digest))
+        rate = raw.get("ratePerSecond")
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float) or rate < 0):
+            raise TokenFileError(f"{where}.ratePerSecond: a number >= 0 (0: no limit)")
+        entries.append(TokenEntry(Principal(name=name, role=role, projects=projects,
+                                            rate_per_s=None if rate is None else float(rate)), digest))
     return TokenFile(params, tuple(entries))
 
 
