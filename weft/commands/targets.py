@@ -49,12 +49,7 @@ class TargetCommands(CommandsBase):
         target = state.targets.get(target_id)
         differs = decisions.registration_differences(target, definition) if target is not None else []
         if differs:
-            raise IdempotencyKeyReused(
-                f"Idempotency-Key {ctx.idempotency_key!r} was used for another request (target "
-                f"{target_id}); this one differs in {', '.join(differs)}: use a new key",
-                field="Idempotency-Key",
-                details={"targetId": target_id, "differs": differs},
-            )
+            raise IdempotencyKeyReused.of(ctx.idempotency_key, "target", "targetId", target_id, differs)
 
     async def update_target(self, ctx: Ctx, id_or_name: str, updates: Any) -> Outcome:
         target_id = self._target_id(await self.view(ctx.project), id_or_name)

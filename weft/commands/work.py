@@ -47,12 +47,7 @@ class WorkCommands(CommandsBase):
         item = state.work.get(earlier.entity_id)
         differs = decisions.submission_differences(item, spec) if item is not None else []
         if differs:
-            raise IdempotencyKeyReused(
-                f"Idempotency-Key {ctx.idempotency_key!r} was used for another request (work item "
-                f"{earlier.entity_id}); this one differs in {', '.join(differs)}: use a new key",
-                field="Idempotency-Key",
-                details={"workItemId": earlier.entity_id, "differs": differs},
-            )
+            raise IdempotencyKeyReused.of(ctx.idempotency_key, "work item", "workItemId", earlier.entity_id, differs)
         return earlier
 
     async def cancel_work(self, ctx: Ctx, work_id: str, reason: str | None = None) -> Outcome:

@@ -45,6 +45,15 @@ class IdempotencyKeyReused(WeftError):
 
     error = "IdempotencyKeyReused"
 
+    @classmethod
+    def of(cls, key: str | None, what: str, id_field: str, entity_id: str, differs: list[str]) -> IdempotencyKeyReused:
+        return cls(
+            f"Idempotency-Key {key!r} was used for another request ({what} {entity_id}); this one differs in "
+            f"{', '.join(differs)}: use a new key",
+            field="Idempotency-Key",
+            details={id_field: entity_id, "differs": differs},
+        )
+
 
 class Fenced(Conflict):
     """A scheduler decision of an epoch older than the stream's: its leader was deposed."""
