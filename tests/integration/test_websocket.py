@@ -264,3 +264,22 @@ async def test_a_replay_sends_the_very_messages_the_live_feed_sent(ws_app: Facto
         replayed = await until_marker(late, agents=len(by_topic(seen)["agents"]))
     # Each topic in stream order, message for message (two subscriptions replay side by side).
     assert by_topic(replayed) == by_topic(seen)
+
+
+async def test_the_openapi_document_describes_the_websocket_the_server_speaks(ws_app: Factory, project: str) -> None:
+    """Every topic and filter key the document lists is accepted at subscribe; a key it does not
+    list is refused: the document is built from the server's own tables, and this keeps it so."""
+    client = await ws_app()
+    doc = await (await client.get("/api/openapi.json")).json()
+    spec = doc["paths"]["/api/ws"]["get"]["x-weft-websocket"]
+    topics = spec["client"]["oneOf"][0]["properties"]["topic"]["enum"]
+    assert set(topics) == {"work", "agents", "targets", "stats"}
+    async with client.ws_connect("/api/ws") as sock:
+        for topic in topics:
+            keys = spec["x-filters"][topic]["properties"]
+            filter_ = {k: "x" for k in keys}
+            await sock.send_json({"type": "subscribe", "topic": topic, "projectId": project, "filter": filter_ or None})
+            assert (await recv(sock))["type"] == "ack", topic
+            await sock.send_json({"type": "subscribe", "topic": topic, "projectId": project,
+                                  "filter": {"undocumented": "x"}})
+            assert (await recv(sock))["type"] == "error", topic

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from weft.api import schemas
 from weft.api.common import json_response
 from weft.core import protocol
+from weft.core.live_events import ALL_EVENTS, FILTER_KEYS, TOPICS
 
 ERROR = {
     "type": "object",
@@ -101,6 +102,45 @@ OPERATIONS: list[tuple[str, str, str, list[dict[str, Any]], type[BaseModel] | No
 EXTRA: list[tuple[str, str, str, list[dict[str, Any]], type[BaseModel] | None, int]] = []
 
 
+def websocket_operation() -> dict[str, Any]:
+    """/api/ws as OpenAPI can say it: the upgrade, its auth, and (under `x-weft-websocket`) the
+    message schemas both ways, built from the tables the server itself checks against."""
+    topic = {"type": "string", "enum": list(TOPICS)}
+    filters = {t: {"type": "object", "additionalProperties": False,
+                   "properties": {k: {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+                                  for k in sorted(keys)}} for t, keys in FILTER_KEYS.items()}
+    client = {"oneOf": [
+        {"type": "object", "required": ["type", "topic"], "properties": {
+            "type": {"const": "subscribe"}, "topic": topic, "projectId": PROJECT["schema"],
+            "fromSeq": {"type": "integer", "minimum": 1, "description": "replay from this stream sequence, then live"},
+            "filter": {"type": "object", "description": "keys per topic: see x-filters"}}},
+        {"type": "object", "required": ["type", "topic"], "properties": {"type": {"const": "unsubscribe"},
+                                                                         "topic": topic}},
+        {"type": "object", "required": ["type"], "properties": {"type": {"const": "ping"}}},
+    ]}
+    server = {"oneOf": [
+        {"type": "object", "required": ["type", "topic", "event", "seq", "projectId", "timestamp", "data"],
+         "properties": {"type": {"const": "event"}, "topic": topic, "event": {"type": "string", "enum": list(ALL_EVENTS)},
+                        "seq": {"type": "integer"}, "projectId": {"type": "string"},
+                        "timestamp": {"type": "string"}, "data": {"type": "object"}}},
+        {"type": "object", "required": ["type", "timestamp"], "properties": {
+            "type": {"enum": ["ack", "pong", "error", "stats"]}, "timestamp": {"type": "string"}}},
+    ]}
+    return {
+        "description": "Upgrade to a WebSocket (README: WebSocket API). With tokens configured, authenticate with "
+                       "`Authorization: Bearer`, `?token=` or the subprotocols `bearer, <token>`; 401 at the upgrade "
+                       "otherwise. Close codes: 1001 replica going away, 1008 slow consumer, 1009 message too big.",
+        "parameters": [{"name": "token", "in": "query", "schema": {"type": "string"},
+                        "description": "bearer token, for clients that cannot set headers"}],
+        "responses": {"101": {"description": "switching protocols"},
+                      "401": {"description": "missing or invalid token",
+                              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+                      "default": {"description": "error",
+                                  "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
+        "x-weft-websocket": {"client": client, "server": server, "x-filters": filters},
+    }
+
+
 def document() -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     components: dict[str, Any] = {"Error": ERROR}
@@ -124,6 +164,7 @@ def document() -> dict[str, Any]:
                 "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
             }
         paths.setdefault(path, {})[method] = op
+    paths["/api/ws"]["get"].update(websocket_operation())
     return {
         "openapi": "3.1.0",
         "info": {"title": "weft", "version": "0.1.0",
