@@ -31,6 +31,7 @@ from weft.api.httpserver import AppRunner
 from weft.commands import Commands, RetryPolicy
 from weft.core.access import TokenFileError
 from weft.core.routing import DEFAULT_POLICY, load_policy
+from weft.metrics import Metrics
 from weft.runtime.fleet_executor import FleetConfig
 from weft.runtime.gateway import AgentGateway, Liveness, Pusher
 from weft.runtime.scheduler import SchedulerConfig, SchedulerHost
@@ -110,6 +111,7 @@ class WeftService:
         self.port: int | None = None
         self.lifecycle = Lifecycle()
         self.released: list[str] = []  # projects whose leases the last stop() released
+        self.metrics = Metrics(replica=settings.replica_name)  # this replica's own registry (GET /metrics)
 
     async def start(self, nats_url: str, *, serve_http: bool = True) -> None:
         if serve_http:
@@ -131,11 +133,13 @@ class WeftService:
             replicas=self.settings.stream_replicas,
             group_commit_after=self.settings.group_commit_after,
             publish_timeout_s=self.settings.publish_timeout_s,
+            metrics=self.metrics,
         )
         snapshots = SnapshotStore(self.resources, replicas=self.settings.stream_replicas)
         self.readmodel = ReadModel(store, snapshots=snapshots, snapshot_every=self.settings.snapshot_every)
+        self.readmodel.on_attach.append(self.metrics.listen)
         await self.readmodel.start()
-        self.commands = Commands(self.readmodel, store)
+        self.commands = Commands(self.readmodel, store, metrics=self.metrics)
         self.liveness = Liveness(self.nc)
         await self.liveness.start()
         retry = RetryPolicy(base_ms=self.settings.retry_base_ms)
@@ -177,6 +181,9 @@ class WeftService:
             ),
         )
         await self.scheduler.start()
+        readmodel = self.readmodel
+        self.metrics.watch(lambda: readmodel.views, self.scheduler.leading)
+        await self.metrics.start()
         if self.warp is not None:
             await self.warp.start()  # watches in the background; an empty or absent bucket never blocks
         self.app = create_app(
@@ -188,6 +195,7 @@ class WeftService:
                 retry,
                 mechanisms=self.mechanisms,
                 leading=self.scheduler.leading,
+                metrics=self.metrics,
             ),
             self.lifecycle,
             tokens=tokens,
@@ -256,3 +264,4 @@ class WeftService:
                 await asyncio.wait_for(self.nc.drain(), 5)
             except Exception:
                 await self.nc.close()
+        await self.metrics.stop()

@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from weft.api import agents, channels, dlq, health, history, openapi, stats, targets, work, ws
+from weft.api import agents, channels, dlq, health, history, metrics, openapi, stats, targets, work, ws
 from weft.api.auth import TokenRegistry, make_auth_middleware
 from weft.api.common import SERVICES, TOKENS, Services
 from weft.api.errors import error_middleware
@@ -25,7 +25,7 @@ def create_app(
         tokens = TokenRegistry(svc.settings.api_tokens, svc.settings.tokens_file)
     app = web.Application(
         client_max_size=svc.settings.max_body_bytes,
-        middlewares=[error_middleware, make_auth_middleware(
+        middlewares=[metrics.http_metrics_middleware, error_middleware, make_auth_middleware(
             tokens, RateLimiter(svc.settings.limits.requests_per_s, svc.settings.limits.burst))],
     )
     app[TOKENS] = tokens
@@ -39,7 +39,7 @@ def create_app(
 
     app.on_response_prepare.append(name_the_replica)
     app[LIFECYCLE] = lifecycle if lifecycle is not None else Lifecycle()
-    for module in (health, work, agents, targets, stats, channels, dlq, history, openapi):
+    for module in (health, metrics, work, agents, targets, stats, channels, dlq, history, openapi):
         app.router.add_routes(module.routes())
     ws.setup(app, **(ws_options or {}))
     return app

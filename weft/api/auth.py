@@ -1,5 +1,6 @@
 """Bearer-token auth on /api/*: API_TOKENS (full access, as the original) and the scoped token file
-(WEFT_TOKENS_FILE: names, roles, projects; README: Security). /health*, and the API docs stay open.
+(WEFT_TOKENS_FILE: names, roles, projects; README: Security). /health*, and the API docs stay open;
+/metrics takes a read token once tokens are configured.
 
 The middleware puts the request's `Principal` on the request; `weft.api.common` consults it wherever
 a project is chosen or listed, so no handler can forget the scope.
@@ -34,6 +35,7 @@ from weft.core.limits import RateLimiter
 
 log = logging.getLogger("weft.auth")
 
+METRICS_PATH = "/metrics"  # not under /api, yet a read token's once tokens are configured
 OPEN_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/api/openapi.json", "/api/docs"})
 RELOAD_CHECK_S = 1.0  # how often the token file's mtime is looked at (on a request, never by a timer)
 MAX_MISSES = 4096  # recently refused tokens remembered, so a repeated bad token costs no scrypt
@@ -131,7 +133,9 @@ def make_auth_middleware(registry: TokenRegistry, limiter: RateLimiter | None = 
 
     @web.middleware
     async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not registry.enabled or request.path in OPEN_PATHS or not request.path.startswith("/api"):
+        if not registry.enabled or request.path in OPEN_PATHS or not (
+            request.path.startswith("/api") or request.path == METRICS_PATH
+        ):
             request[PRINCIPAL] = ANONYMOUS
             request[ACTOR] = ANONYMOUS.name
             return await handler(request)

@@ -17,6 +17,7 @@ from weft.core.errors import Forbidden, InvalidInput, Unavailable
 from weft.core.limits import ENV as LIMIT_ENV
 from weft.core.routing import DEFAULT_POLICY, RoutingPolicy
 from weft.logs import correlation_var, project_var
+from weft.metrics import NOOP, Metrics
 from weft.settings import Settings
 from weft.spinup.base import Mechanism
 from weft.stamps import new_id
@@ -36,6 +37,7 @@ class Services:
     plan_cache: dict[str, tuple[tuple[int, int], dict[str, str]]] = field(default_factory=dict)
     mechanisms: dict[str, Mechanism] = field(default_factory=dict)
     leading: Callable[[], dict[str, int]] = field(default=lambda: {})  # project -> epoch led here
+    metrics: Metrics = NOOP  # GET /metrics and the HTTP middleware (weft.api.metrics)
 
 
 SERVICES = web.AppKey("services", Services)

@@ -45,6 +45,8 @@ OPERATIONS: list[tuple[str, str, str, list[dict[str, Any]], type[BaseModel] | No
     ("get", "/health", "Liveness and readiness of this replica", [], None, 200),
     ("get", "/health/live", "Liveness: 200 while the process serves", [], None, 200),
     ("get", "/health/ready", "Readiness: 200, or 503 naming why (draining, NATS, catching up)", [], None, 200),
+    ("get", "/metrics", "This replica's metrics, Prometheus text format (docs/metrics.md); a read token if auth is on",
+     [], None, 200),
     ("get", "/api/ws", "WebSocket upgrade: subscribe to work, agents, targets, stats (README: WebSocket API)", [], None, 101),
     ("get", "/api/openapi.json", "This document", [], None, 200),
     ("get", "/api/docs", "Human-readable pointer to this document", [], None, 200),

@@ -43,6 +43,7 @@ def setup(
         hub = LiveHub(app[SERVICES].readmodel, queue_max=queue_max, stats_interval_s=stats_interval_s)
         await hub.start()
         app[HUB] = hub
+        app[SERVICES].metrics.watch_hub(hub)
 
     async def shutdown(app: web.Application) -> None:
         hub = app.get(HUB)

@@ -20,6 +20,7 @@ from projections.events import Event, idempotent_id
 from projections.state import ProjectState
 from weft.core.decisions import Draft
 from weft.core.errors import Conflict, Fenced, InvalidInput, NotFound, OutcomeUnknown, Unavailable
+from weft.metrics import NOOP, Metrics, command_name
 from weft.stamps import new_id, utc_now
 from weft.store.eventstore import AppendOutcomeUnknown, ConcurrencyConflict, EventStore
 from weft.store.readmodel import ProjectView, ReadModel
@@ -66,10 +67,13 @@ Decide = Callable[[ProjectState], Event | None]
 class CommandsBase:
     """The generic command loop every resource mixin builds on."""
 
-    def __init__(self, readmodel: ReadModel, store: EventStore, *, wait_s: float = 10.0) -> None:
+    def __init__(
+        self, readmodel: ReadModel, store: EventStore, *, wait_s: float = 10.0, metrics: Metrics = NOOP
+    ) -> None:
         self.readmodel = readmodel
         self.store = store
         self.wait_s = wait_s
+        self.metrics = metrics
 
     # --- the one loop ------------------------------------------------------------------------
 
@@ -119,12 +123,37 @@ class CommandsBase:
         )
 
     async def execute(self, ctx: Ctx, entity_key: str, decide: Decide) -> Outcome:
+        """`_execute`, counted by command and outcome (weft_commands_total)."""
+        name = command_name(decide)
+        outcome = "error"
+        try:
+            result = await self._execute(ctx, entity_key, decide, name)
+            outcome = "noop" if result.noop else "duplicate" if not result.created else "appended"
+            return result
+        except Fenced:
+            outcome = "fenced"
+            raise
+        except (NotFound, Conflict, InvalidInput):
+            outcome = "rejected"
+            raise
+        except OutcomeUnknown:
+            outcome = "unknown"
+            raise
+        except Unavailable:
+            outcome = "unavailable"
+            raise
+        finally:
+            self.metrics.command(ctx.project, name, outcome)
+
+    async def _execute(self, ctx: Ctx, entity_key: str, decide: Decide, name: str) -> Outcome:
         view = await self.view(ctx.project)
         entity_id = entity_key.split(".", 1)[1]
         # A no-op or a rejection is an answer too: give it from the stream's latest state, not a
         # view that may lag (another replica's write). Nothing to catch up on an unknown project.
         latest = not ctx.fresh_answers or not self._attached(view)
-        for _ in range(MAX_ATTEMPTS):
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt:
+                self.metrics.command_retry(ctx.project, name)
             if view.halted is not None:
                 raise Unavailable(f"project {ctx.project} cannot be served by this weft: {view.halted[1]}")
             try:

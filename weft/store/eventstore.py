@@ -26,6 +26,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from projections.events import Event, decode, stream_name
+from weft.metrics import NOOP, Metrics, monotonic
 from weft.stamps import stamp
 from weft.store.groupcommit import ALONE, Alone, GroupCommit
 from weft.store.resources import JetStreamResources, resources_of
@@ -86,7 +87,9 @@ class EventStore:
         duplicate_window_s: float = 120.0,
         publish_timeout_s: float = 5.0,
         group_commit_after: int = 16,
+        metrics: Metrics = NOOP,
     ) -> None:
+        self.metrics = metrics
         self.resources = resources_of(js)  # declares (and caches) the project streams
         self.js = self.resources.js
         self.replicas = replicas
@@ -154,6 +157,12 @@ class EventStore:
         """Append one event. `expected_seq` is the entity's last subject sequence (0 = new entity);
         None skips the check (only for events that cannot conflict). Under load the append may
         share an atomic batch with others (`weft.store.groupcommit`); its checks are the same."""
+        started = monotonic()
+        appended = await self._append(ev, expected_seq)
+        self.metrics.appended(ev, monotonic() - started)
+        return appended
+
+    async def _append(self, ev: Event, expected_seq: int | None) -> Appended:
         await self.ensure_stream(ev.project)
         stamp(ev)
         payload, headers = ev.encode(), append_headers(ev, expected_seq)
@@ -211,6 +220,7 @@ class EventStore:
             # that already landed (a lost ack, say) looks like a conflict: recognise our own event.
             own = await self._own_msg_after(ev, expected_seq or 0)
             if own is None:
+                self.metrics.conflict(ev.project)
                 raise ConcurrencyConflict(ev.subject, expected_seq or 0) from err
             ev.seq = own[0]
             return Appended(seq=own[0], duplicate=not (maybe_stored and own[1] == payload))
@@ -244,7 +254,8 @@ class EventStore:
                 info.config.allow_atomic = True
                 info = await self.js.update_stream(info.config)
             if info.config.allow_atomic:
-                group = GroupCommit(self.js._nc, name, after=self.group_commit_after, timeout_s=self.publish_timeout_s)
+                group = GroupCommit(self.js._nc, name, after=self.group_commit_after, timeout_s=self.publish_timeout_s,
+                                    metrics=self.metrics)
             else:
                 log.warning("stream %s takes no atomic batches (nats-server before 2.12?): group commit off",
                             name, extra={"project": project})
@@ -354,6 +365,7 @@ class Tail:
         self.on_skip = on_skip
         self._sub: JetStreamContext.PushSubscription | None = None
         self._task: asyncio.Task[None] | None = None
+        self.pending = 0  # messages the server had left to deliver after the last one (projection lag)
 
     async def start(self) -> None:
         # A subscription callback, not `async for sub.messages`: nats-py's iterator costs a task and
@@ -363,6 +375,7 @@ class Tail:
 
     async def _on_msg(self, msg: Msg) -> None:
         seq = _stream_seq(msg)
+        self.pending = _pending(msg)
         try:
             ev = decode(msg.data, seq)
         except Exception as err:
@@ -398,3 +411,12 @@ def _stream_seq(msg: Msg) -> int:
     # msg.metadata builds several objects per message on the replay hot path.
     tokens = msg.reply.split(".")
     return int(tokens[5] if len(tokens) == 9 else tokens[7])
+
+
+def _pending(msg: Msg) -> int:
+    # The ack subject's last token (v1, 9 tokens) or its 11th (v2): messages left after this one.
+    tokens = msg.reply.split(".")
+    try:
+        return int(tokens[8] if len(tokens) == 9 else tokens[10])
+    except (IndexError, ValueError):
+        return 0

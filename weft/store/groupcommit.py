@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import orjson
 from nats.aio.client import Client as NATS
 
+from weft.metrics import NOOP, Metrics
 from weft.stamps import new_id
 
 log = logging.getLogger("weft.store.groupcommit")
@@ -69,8 +70,10 @@ class GroupCommit:
     """The batcher of one stream. The store counts its single publishes in `inflight`."""
 
     def __init__(
-        self, nc: NATS, stream: str, *, after: int, min_batch: int = 16, max_batch: int = 256, timeout_s: float = 5.0
+        self, nc: NATS, stream: str, *, after: int, min_batch: int = 16, max_batch: int = 256, timeout_s: float = 5.0,
+        metrics: Metrics = NOOP,
     ) -> None:
+        self.metrics = metrics
         self.nc = nc
         self.stream = stream
         self.after = after
@@ -139,12 +142,14 @@ class GroupCommit:
                     log.info("batch of %d not committed, appending one by one: %s", len(batch), err,
                              extra={"stream": self.stream})
                     alone = ALONE if isinstance(err, BatchRejected) else ALONE_AFTER_LOST_BATCH
+                    self.metrics.batch(self.stream, len(batch), committed=False)
                     for p in batch:
                         self._release(p, alone)
                     batch = []
                     continue
                 self.batches += 1
                 self.batched += len(batch)
+                self.metrics.batch(self.stream, len(batch), committed=True)
                 # An atomic batch is stored contiguously, ending at `last`.
                 for i, p in enumerate(batch):
                     if not p.done.done():

@@ -1,0 +1,52 @@
+"""`GET /metrics`: this replica's metrics in the Prometheus text format (docs/metrics.md), and the
+middleware that counts every HTTP request by route template, method and status.
+
+Open like /health unless tokens are configured (API_TOKENS or WEFT_TOKENS_FILE); then it takes a
+token of role `read` (weft.api.auth). Each replica serves only its own numbers: scrape every one.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from weft.api.common import SERVICES
+from weft.api.errors import Handler
+from weft.metrics import CONTENT_TYPE, monotonic
+
+UNMATCHED = "unmatched"  # no route: never the raw path (a label per probe of a scanner)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    # On the loop, not in a thread: the observed gauges read the projections the loop folds.
+    body = request.app[SERVICES].metrics.render()
+    resp = web.Response(body=body)
+    resp.headers["Content-Type"] = CONTENT_TYPE
+    return resp
+
+
+def route_template(request: web.BaseRequest) -> str:
+    """The matched route's template (`/api/work/{id}`), or `unmatched`."""
+    match_info = getattr(request, "match_info", None)
+    route = getattr(match_info, "route", None)
+    resource = getattr(route, "resource", None)
+    canonical = getattr(resource, "canonical", None) if resource is not None else None
+    return canonical if isinstance(canonical, str) and canonical else UNMATCHED
+
+
+@web.middleware
+async def http_metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = monotonic()
+    status = 500
+    try:
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    except web.HTTPException as err:
+        status = err.status
+        raise
+    finally:
+        request.app[SERVICES].metrics.http(route_template(request), request.method, status, monotonic() - started)
+
+
+def routes() -> list[web.RouteDef]:
+    return [web.get("/metrics", metrics)]
