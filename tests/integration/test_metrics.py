@@ -42,15 +42,20 @@ def value(samples: list[Sample], name: str, **labels: str) -> float:
 
 
 async def scrape_until(api: Api, check: Callable[[list[Sample]], bool], timeout: float = 20.0) -> list[Sample]:
-    """Scrape until `check` holds: bounded polling on a condition (what a scraper sees)."""
+    """Scrape until `check` holds, scraping again after each folded event (the metrics follow the
+    stream), at least once a second for what a timer measures (event-loop lag)."""
+    assert api.service is not None and api.service.readmodel is not None
+    view = await api.service.readmodel.view(api.project, create=True)
+    assert view is not None
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
         samples = await scrape(api)
         if check(samples):
             return samples
-        assert loop.time() < deadline, "metrics never reached the expected values"
-        await asyncio.sleep(0.05)
+        remaining = deadline - loop.time()
+        assert remaining > 0, "metrics never reached the expected values"
+        await view.wait_for(view.state.seq + 1, min(remaining, 1.0))
 
 
 async def test_a_work_loop_moves_the_counters_with_bounded_labels(nats_server: EmbeddedNats | DockerNats, nc: NATS, project: str) -> None:
