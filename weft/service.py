@@ -40,6 +40,7 @@ from weft.settings import Settings, SettingsError
 from weft.spinup import Mechanism, build_mechanisms
 from weft.store import connection
 from weft.store.eventstore import EventStore
+from weft.store.natsauth import NatsAuth, redact_url, strip_url_credentials
 from weft.store.readmodel import ReadModel
 from weft.store.resources import JetStreamResources
 from weft.store.snapshots import SnapshotStore
@@ -53,6 +54,10 @@ HTTP_SHUTDOWN_TIMEOUT_S = 10.0  # how long in-flight requests may take to finish
 
 async def connect_nats(settings: Settings, url: str, *, connect_timeout_s: float = 30.0) -> NATS:
     """Connect, retrying until `connect_timeout_s`, then reconnect forever once connected."""
+    try:
+        auth = NatsAuth.from_env({**settings.nats_env, "NATS_URL": url})
+    except ValueError as err:
+        raise SettingsError(str(err)) from None
 
     conn: list[NATS] = []
 
@@ -75,6 +80,7 @@ async def connect_nats(settings: Settings, url: str, *, connect_timeout_s: float
         try:
             nc = await connection.connect(
                 url,
+                auth=auth,
                 user=settings.nats_user,
                 password=settings.nats_pass,
                 name=f"weft-{settings.replica_name}",
@@ -87,8 +93,8 @@ async def connect_nats(settings: Settings, url: str, *, connect_timeout_s: float
             return nc
         except (OSError, nats.errors.NoServersError, TimeoutError) as err:
             if loop.time() + delay > deadline:
-                raise ConnectionError(f"cannot reach NATS at {url}: {err}") from err
-            log.warning("NATS at %s not reachable yet (%s); retrying", url, err)
+                raise ConnectionError(f"cannot reach NATS at {redact_url(url)}: {err}") from err
+            log.warning("NATS at %s not reachable yet (%s); retrying", redact_url(url), err)
             await asyncio.sleep(delay)  # bounded backoff on startup only
             delay = min(delay * 2, 2.0)
 
@@ -175,7 +181,9 @@ class WeftService:
             replicas=self.settings.stream_replicas,
             mechanisms=self.mechanisms,
             fleet_config=FleetConfig(
-                agent_nats_url=self.settings.agent_nats_url or nats_url,  # the whole list: agents fail over too
+                # the whole list: agents fail over too; never weft's own user:pass@
+                agent_nats_url=self.settings.agent_nats_url or strip_url_credentials(nats_url),
+                agent_nats_env=NatsAuth.from_env({**self.settings.nats_env, "NATS_URL": nats_url}).agent_env(),
                 idle_timeout_ms=self.settings.idle_timeout_ms,
                 max_crashes=self.settings.max_spinup_crashes,
             ),

@@ -120,7 +120,9 @@ def is_loopback(host: str) -> bool:
 class Settings:
     nats_url: str | None = None  # None: `weft serve --embedded` starts the bundled server
     nats_user: str | None = None
-    nats_pass: str | None = None
+    nats_pass: str | None = field(default=None, repr=False)
+    # NATS_* and WEFT_AGENT_NATS_*: credentials and TLS, read by weft.store.natsauth.NatsAuth.
+    nats_env: Mapping[str, str] = field(default_factory=dict, repr=False)
     api_host: str = "127.0.0.1"  # 0.0.0.0 by default only when tokens are configured (exposure_problem)
     api_port: int = 3000
     api_tokens: tuple[str, ...] = ()
@@ -180,6 +182,7 @@ class Settings:
             nats_url=e.get("NATS_URL") or None,
             nats_user=e.get("NATS_USER") or None,
             nats_pass=e.get("NATS_PASS") or None,
+            nats_env={k: v for k, v in e.items() if k.startswith(("NATS_", "WEFT_AGENT_NATS_"))},
             api_host=e.get("API_HOST") or ("0.0.0.0" if tokens or e.get("WEFT_TOKENS_FILE") else "127.0.0.1"),
             api_port=_int(e, "API_PORT", 3000),
             api_tokens=tokens,

@@ -39,6 +39,7 @@ from nats.aio.subscription import Subscription
 from weft.core.protocol import heartbeat_subject, inbox_subject, request_subject
 from weft.stamps import utc_now
 from weft.store import connection
+from weft.store.connection import NatsAuth
 
 log = logging.getLogger("weft.agent.client")
 
@@ -237,8 +238,12 @@ class AgentClient:
         password: str | None = None,
         name: str | None = None,
         connect_timeout_s: float = 0.0,
+        auth: NatsAuth | None = None,
+        inbox_prefix: str | None = None,
     ) -> None:
-        """Connect, retrying until `connect_timeout_s` (0: forever); afterwards reconnect forever."""
+        """Connect, retrying until `connect_timeout_s` (0: forever); afterwards reconnect forever.
+        `auth`: credentials and TLS (`weft.store.natsauth`); `inbox_prefix`: where replies come
+        (`natsauth.agent_inbox_prefix`: per project, so NATS permissions can keep projects apart)."""
 
         async def on_disconnect() -> None:
             self._connected.clear()
@@ -255,6 +260,7 @@ class AgentClient:
 
         connecting = connection.connect(
             url,
+            auth=auth,
             user=user,
             password=password,
             name=name or f"weft-agent-{self.guid}",
@@ -262,6 +268,7 @@ class AgentClient:
             disconnected_cb=on_disconnect,
             reconnected_cb=on_reconnect,
             error_cb=on_error,
+            **({"inbox_prefix": inbox_prefix} if inbox_prefix else {}),
         )
         self._nc = await (asyncio.wait_for(connecting, connect_timeout_s) if connect_timeout_s > 0 else connecting)
         self._owns_nc = True

@@ -17,6 +17,7 @@ import sys
 
 from weft import aio, logs
 from weft.agent.settings import DEFAULT_RECOVERABLE_EXIT_CODES, AgentSettings, AgentSettingsError
+from weft.store.connection import agent_inbox_prefix, redact_secrets, redact_url
 
 log = logging.getLogger("weft.agent")
 
@@ -68,10 +69,12 @@ async def run_agent(settings: AgentSettings) -> int:
     try:
         await client.connect(
             settings.nats_url, user=settings.nats_user, password=settings.nats_pass,
-            connect_timeout_s=settings.connect_timeout_s,
+            connect_timeout_s=settings.connect_timeout_s, auth=settings.nats_auth,
+            inbox_prefix=agent_inbox_prefix(settings.project),
         )
     except Exception as err:
-        log.error("cannot connect to NATS at %s: %r", settings.nats_url, err)
+        log.error("cannot connect to NATS at %s: %s", redact_url(settings.nats_url),
+                  redact_secrets(repr(err), settings.nats_auth.secrets()))
         return 1
     runner = AgentRunner(settings, client)
     loop = asyncio.get_running_loop()

@@ -14,6 +14,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from weft.store.connection import SECRET_VARS, NatsAuth
+
 PROJECT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 GUID_RE = re.compile(r"^[A-Za-z0-9_:@+=-]{1,128}$")
 _GUID_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -103,7 +105,8 @@ class AgentSettings:
     sync_every_heartbeats: int = 3
     nats_url: str = DEFAULT_NATS_URL
     nats_user: str | None = None
-    nats_pass: str | None = None
+    nats_pass: str | None = field(default=None, repr=False)
+    nats_auth: NatsAuth = field(default_factory=NatsAuth)  # NATS_USER/PASS/TOKEN/NKEY_SEED/CREDS/TLS_*
     spin_up_id: str | None = None
     target_id: str | None = None
     hostname: str = ""
@@ -149,6 +152,10 @@ class AgentSettings:
         hostname = os.uname().nodename
         labels = parse_labels(args.label)
         target_id = e.get("WEFT_TARGET_ID") or None
+        try:
+            auth = NatsAuth.from_env(e)
+        except ValueError as err:
+            raise AgentSettingsError(str(err)) from None
         if target_id is not None:
             labels.setdefault("targetId", target_id)
         # A spun-up agent is one of possibly many on its host: its spin-up id makes its guid unique.
@@ -175,8 +182,9 @@ class AgentSettings:
             request_timeout_s=args.request_timeout,
             connect_timeout_s=args.connect_timeout,
             nats_url=e.get("NATS_URL") or DEFAULT_NATS_URL,
-            nats_user=e.get("NATS_USER") or None,
-            nats_pass=e.get("NATS_PASS") or None,
+            nats_user=auth.user,
+            nats_pass=auth.password,
+            nats_auth=auth,
             spin_up_id=spin_up_id,
             target_id=target_id,
             hostname=hostname,
@@ -185,5 +193,6 @@ class AgentSettings:
             log_level=e.get("LOG_LEVEL", "info").upper(),
             log_format=e.get("LOG_FORMAT", "text").lower(),
             uvloop=e.get("WEFT_UVLOOP", "1").lower() not in ("0", "false", "no", "off"),
-            child_env=e,
+            # The agent's NATS secrets stay with the agent: the commands it runs do not need them.
+            child_env={k: v for k, v in e.items() if k not in SECRET_VARS},
         )

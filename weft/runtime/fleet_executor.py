@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -35,6 +35,7 @@ log = logging.getLogger("weft.runtime.fleet_executor")
 @dataclass(frozen=True)
 class FleetConfig:
     agent_nats_url: str
+    agent_nats_env: Mapping[str, str] = field(default_factory=dict)  # NatsAuth.agent_env(): the agents' own credentials
     idle_timeout_ms: int = 300_000
     max_crashes: int = fleet_policy.DEFAULT_MAX_CRASHES
     health_checks: bool = True
@@ -105,7 +106,8 @@ class FleetManager:
             return
         op = t["activeSpinUps"][spin_up_id]
         work = state.work.get(op["workId"]) if op.get("workId") else None
-        req = SpinUpRequest(spin_up_id, self.project, dict(t), dict(work) if work else None, self.config.agent_nats_url)
+        req = SpinUpRequest(spin_up_id, self.project, dict(t), dict(work) if work else None, self.config.agent_nats_url,
+                           self.config.agent_nats_env)
         self._launching[spin_up_id] = self._tasks.spawn(self._run_launch(req, op["requestedAt"]))
 
     async def _run_launch(self, req: SpinUpRequest, requested_at: str) -> None:

@@ -41,6 +41,9 @@ class SpinUpRequest:
     target: dict[str, Any]  # the target record; its config is nested: target["config"][<mechanism key>]
     work: dict[str, Any] | None  # the waiting item that caused it, if any
     nats_url: str  # the NATS URL the agent must use (as reachable from where it runs)
+    # The agent's NATS credentials and TLS files (`NatsAuth.agent_env()`: NATS_USER, NATS_PASS,
+    # NATS_TOKEN, NATS_CREDS, NATS_NKEY_SEED, NATS_TLS_*), never weft's own.
+    nats_env: Mapping[str, str] = field(default_factory=dict)
 
     def agent_env(self) -> dict[str, str]:
         """What every spun-up agent receives, whatever the mechanism: enough for `weft agent` to
@@ -52,6 +55,7 @@ class SpinUpRequest:
             "WEFT_TARGET_NAME": t["name"],
             "LOOMINAL_PROJECT_ID": self.project,
             "NATS_URL": self.nats_url,
+            **self.nats_env,
             "WEFT_AGENT_TYPE": t["agentType"],
             "WEFT_AGENT_CAPABILITIES": ",".join(t["capabilities"]),
             "WEFT_AGENT_BOUNDARIES": ",".join(t["boundaries"]),

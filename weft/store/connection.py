@@ -7,6 +7,30 @@ from typing import Any
 
 from nats.aio.client import Client as _NatsClient
 
+# Re-exported: the reference agent may import this module only (tests/unit/test_layout.py).
+from weft.store.natsauth import (
+    SECRET_VARS,
+    NatsAuth,
+    agent_inbox_prefix,
+    redact_secrets,
+    redact_url,
+)
+
+__all__ = [
+    "RECONNECT_FOREVER",
+    "SECRET_VARS",
+    "Client",
+    "NatsAuth",
+    "TLSRequired",
+    "agent_inbox_prefix",
+    "auth_options",
+    "connect",
+    "parse_header_lines",
+    "redact_secrets",
+    "redact_url",
+    "servers",
+]
+
 # Reconnect forever, quickly: weft replicas and agents outlive NATS restarts and partitions.
 RECONNECT_FOREVER: dict[str, Any] = {
     "max_reconnect_attempts": -1,
@@ -62,8 +86,29 @@ class Client(_NatsClient):
     _parse_header_lines = staticmethod(parse_header_lines)
 
 
-async def connect(url: str | list[str], **options: Any) -> Client:
-    """`nats.connect`, returning weft's client class. `url` may be a comma-separated list."""
+class TLSRequired(ConnectionError):
+    """A tls:// URL (or NATS_TLS_*) and a server that did not ask for TLS: weft will not talk to it."""
+
+
+def auth_options(auth: NatsAuth | None, options: dict[str, Any]) -> dict[str, Any]:
+    """`auth`'s connect options under the explicit ones; an explicit None (`user=settings.nats_user`
+    when unset) does not hide what `auth` gives."""
+    merged = dict(auth.connect_options()) if auth is not None else {}
+    for key, value in options.items():
+        if value is None and key in merged:
+            continue
+        merged[key] = value
+    return merged
+
+
+async def connect(url: str | list[str], *, auth: NatsAuth | None = None, **options: Any) -> Client:
+    """`nats.connect`, returning weft's client class. `url` may be a comma-separated list. `auth`:
+    credentials and TLS (`weft.store.natsauth`); explicit `options` win over it."""
     nc = Client()
-    await nc.connect(servers(url) if isinstance(url, str) else url, **options)
+    await nc.connect(servers(url) if isinstance(url, str) else url, **auth_options(auth, options))
+    if auth is not None and auth.uses_tls and not nc._server_info.get("tls_required"):
+        # nats-py upgrades only when the server asks: refuse a server (or a man in the middle) that
+        # does not, rather than carry on in clear text.
+        await nc.close()
+        raise TLSRequired("NATS TLS is configured (tls:// or NATS_TLS_*) but the server did not offer TLS")
     return nc

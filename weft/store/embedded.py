@@ -70,6 +70,7 @@ class NatsServerConfig:
     routes: list[str] = field(default_factory=list)
     sync_always: bool = True
     max_payload: int = 8 * 1024 * 1024
+    extra: str = ""  # more server configuration, verbatim (tls {...}, authorization {...}, accounts {...})
 
     def render(self) -> str:
         lines = [
@@ -93,6 +94,8 @@ class NatsServerConfig:
                 f"  routes: [{routes}]",
                 "}",
             ]
+        if self.extra:
+            lines.append(self.extra)
         return "\n".join(lines) + "\n"
 
 
