@@ -31,6 +31,7 @@ from weft.api.httpserver import AppRunner
 from weft.commands import Commands, RetryPolicy
 from weft.core.access import TokenFileError
 from weft.core.routing import DEFAULT_POLICY, load_policy
+from weft.core.spinup_policy import PolicyFileError
 from weft.metrics import Metrics
 from weft.runtime.fleet_executor import FleetConfig
 from weft.runtime.gateway import AgentGateway, Liveness, Pusher
@@ -38,6 +39,7 @@ from weft.runtime.scheduler import SchedulerConfig, SchedulerHost
 from weft.runtime.warp_bridge import WarpBridge
 from weft.settings import Settings, SettingsError
 from weft.spinup import Mechanism, build_mechanisms
+from weft.spinup.policy import PolicyFile
 from weft.store import connection
 from weft.store.eventstore import EventStore
 from weft.store.natsauth import NatsAuth, redact_url, strip_url_credentials
@@ -131,6 +133,10 @@ class WeftService:
             tokens = TokenRegistry(self.settings.api_tokens, self.settings.tokens_file)
         except TokenFileError as err:
             raise SettingsError(f"WEFT_TOKENS_FILE: {err}") from None
+        try:
+            spinup_policy = PolicyFile(self.settings.spinup_policy_file)
+        except PolicyFileError as err:
+            raise SettingsError(f"WEFT_SPINUP_POLICY_FILE: {err}") from None
         self.nc = await connect_nats(self.settings, nats_url)
         self._fit_body_limit(self.nc.max_payload)
         self.resources = JetStreamResources(self.nc.jetstream())
@@ -145,7 +151,7 @@ class WeftService:
         self.readmodel = ReadModel(store, snapshots=snapshots, snapshot_every=self.settings.snapshot_every)
         self.readmodel.on_attach.append(self.metrics.listen)
         await self.readmodel.start()
-        self.commands = Commands(self.readmodel, store, metrics=self.metrics)
+        self.commands = Commands(self.readmodel, store, metrics=self.metrics, spinup_policy=spinup_policy)
         self.liveness = Liveness(self.nc)
         await self.liveness.start()
         retry = RetryPolicy(base_ms=self.settings.retry_base_ms)

@@ -128,6 +128,7 @@ class Settings:
     api_tokens: tuple[str, ...] = ()
     tokens_file: Path | None = None  # scoped tokens (README: Security); reloaded on change
     insecure: bool = False  # serve an open API on a non-loopback address (weft serve --insecure)
+    spinup_policy_file: Path | None = None  # the spin-up allow-list (weft.core.spinup_policy); reloaded on change
     limits: Limits = field(default_factory=Limits)  # input limits and the per-token rate (weft.core.limits)
     default_project: str = "default"
     idle_timeout_ms: int = 300_000
@@ -188,6 +189,7 @@ class Settings:
             api_tokens=tokens,
             tokens_file=Path(e["WEFT_TOKENS_FILE"]) if e.get("WEFT_TOKENS_FILE") else None,
             insecure=_bool(e, "WEFT_INSECURE", False),
+            spinup_policy_file=Path(e["WEFT_SPINUP_POLICY_FILE"]) if e.get("WEFT_SPINUP_POLICY_FILE") else None,
             limits=_limits(e),
             default_project=project,
             idle_timeout_ms=_int(e, "IDLE_TIMEOUT_MS", 300_000, 1),

@@ -166,6 +166,37 @@ async def test_metrics_needs_a_read_token_once_tokens_are_set(nats_server: Embed
             await scoped.close()
 
 
+async def test_a_token_scoped_to_projects_sees_only_their_series(
+    nats_server: EmbeddedNats | DockerNats, project: str, tmp_path: Path
+) -> None:
+    other = f"{project}-other"
+    async with own_replica(nats_server.url, project) as api:
+        assert api.service is not None
+        await api.ok("POST", "/api/work", WORK, status=201)
+        await api.ok("POST", "/api/work", WORK, status=201, headers={"X-Weft-Project": other})
+        everything = await scrape_until(api, lambda s: {project, other} <= {lab.get("project") for _, lab, _ in s})
+        mine, mine_entry = _entry("mine", Role.read, [project])
+        every, every_entry = _entry("every", Role.read, None)
+        path = tmp_path / "tokens.json"
+        path.write_bytes(TokenFile(PARAMS, (mine_entry, every_entry)).to_json())
+        client = await make_client(api.service, tokens_file=path)
+        try:
+            seen = {}
+            for name, token in (("mine", mine), ("every", every)):
+                resp = await client.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+                assert resp.status == 200
+                text = await resp.text()
+                seen[name] = [(s.name, dict(s.labels)) for f in text_string_to_metric_families(text) for s in f.samples]
+            projects = {n: {lab["project"] for _, lab in samples if "project" in lab} for n, samples in seen.items()}
+            assert projects["mine"] == {project}, "a scoped token saw another project's series"
+            assert {project, other} <= projects["every"]
+            # The replica's own series (no project label) stay visible to both.
+            assert any(n.startswith("weft_http_requests") for n, lab in seen["mine"] if "project" not in lab)
+            assert len(everything) >= len(seen["mine"])
+        finally:
+            await client.close()
+
+
 def test_a_metrics_without_a_meter_records_nothing_and_renders_nothing() -> None:
     noop = Metrics(enabled=False)
     noop.command("p", "submit_work", "appended")

@@ -2,23 +2,52 @@
 middleware that counts every HTTP request by route template, method and status.
 
 Open like /health unless tokens are configured (API_TOKENS or WEFT_TOKENS_FILE); then it takes a
-token of role `read` (weft.api.auth). Each replica serves only its own numbers: scrape every one.
+token of role `read` (weft.api.auth), and a token scoped to some projects sees only their series
+(and those of the replica itself, which carry no project). Each replica serves only its own
+numbers: scrape every one.
 """
 
 from __future__ import annotations
 
-from aiohttp import web
+from collections.abc import Iterator
 
-from weft.api.common import SERVICES
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from weft.api.common import SERVICES, principal_of
 from weft.api.errors import Handler
 from weft.metrics import CONTENT_TYPE, monotonic
 
 UNMATCHED = "unmatched"  # no route: never the raw path (a label per probe of a scanner)
 
 
+class ProjectScoped(Collector):
+    """A registry's families with only the samples of `projects` (or of no project)."""
+
+    def __init__(self, registry: CollectorRegistry, projects: frozenset[str]) -> None:
+        self.registry = registry
+        self.projects = projects
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            kept = [s for s in family.samples if "project" not in s.labels or s.labels["project"] in self.projects]
+            if kept or not family.samples:
+                family.samples = kept
+                yield family
+
+
 async def metrics(request: web.Request) -> web.Response:
     # On the loop, not in a thread: the observed gauges read the projections the loop folds.
-    body = request.app[SERVICES].metrics.render()
+    svc = request.app[SERVICES]
+    scope = principal_of(request).projects
+    if scope is None:
+        body = svc.metrics.render()
+    else:
+        scoped = CollectorRegistry(auto_describe=False)
+        scoped.register(ProjectScoped(svc.metrics.registry, scope))
+        body = generate_latest(scoped)
     resp = web.Response(body=body)
     resp.headers["Content-Type"] = CONTENT_TYPE
     return resp

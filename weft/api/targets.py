@@ -154,7 +154,8 @@ async def disable(request: web.Request) -> web.Response:
 async def test(request: web.Request) -> web.Response:
     """Run the mechanism's real probe now and record a health change as an event."""
     project, t = await _target(request)
-    result = await probe_target(t, services(request).mechanisms)
+    svc = services(request)
+    result = await probe_target(t, svc.mechanisms, project, svc.commands.spinup_policy.current())
     outcome = await services(request).commands.record_health(
         ctx_of(request, project), t["id"], result.status, result.latency_ms, result.error
     )

@@ -21,6 +21,7 @@ from projections.state import ProjectState
 from weft.core.decisions import Draft
 from weft.core.errors import Conflict, Fenced, InvalidInput, NotFound, OutcomeUnknown, Unavailable
 from weft.metrics import NOOP, Metrics, command_name
+from weft.spinup.policy import ALLOW_ALL_FILE, PolicyFile
 from weft.stamps import new_id, utc_now
 from weft.store.eventstore import AppendOutcomeUnknown, ConcurrencyConflict, EventStore
 from weft.store.readmodel import ProjectView, ReadModel
@@ -68,12 +69,19 @@ class CommandsBase:
     """The generic command loop every resource mixin builds on."""
 
     def __init__(
-        self, readmodel: ReadModel, store: EventStore, *, wait_s: float = 10.0, metrics: Metrics = NOOP
+        self,
+        readmodel: ReadModel,
+        store: EventStore,
+        *,
+        wait_s: float = 10.0,
+        metrics: Metrics = NOOP,
+        spinup_policy: PolicyFile = ALLOW_ALL_FILE,
     ) -> None:
         self.readmodel = readmodel
         self.store = store
         self.wait_s = wait_s
         self.metrics = metrics
+        self.spinup_policy = spinup_policy  # checked at registration here, at launch and probe in weft.runtime
 
     # --- the one loop ------------------------------------------------------------------------
 

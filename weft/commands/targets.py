@@ -25,6 +25,7 @@ __all__ = ["TargetCommands", "find_target"]
 class TargetCommands(CommandsBase):
     async def register_target(self, ctx: Ctx, body: Any) -> Outcome:
         definition = targets.validate_new_target(body, SCHEMAS)
+        self.spinup_policy.current().check(ctx.project, definition)
         # The id derives from the name, so two replicas registering one name contend on one subject
         # and optimistic concurrency lets exactly one win: names stay unique without a lock.
         target_id = decisions.target_id_for(ctx.project, definition["name"])
@@ -57,6 +58,7 @@ class TargetCommands(CommandsBase):
         def decide(state: ProjectState) -> Event | None:
             current = decisions.target_of(state, target_id)
             changes = targets.validate_update(current, updates, SCHEMAS)
+            self.spinup_policy.current().check(ctx.project, {**current, **changes})
             return self.emit(ctx, decisions.update_target(state, target_id, changes))
 
         return await self.execute(ctx, f"target.{target_id}", decide)

@@ -122,6 +122,10 @@ class FleetManager:
             try:
                 if mechanism is None:
                     raise SpinUpError(f"mechanism {t['mechanism']} is not available in this weft")
+                # Again at launch: the policy may have been tightened since the target was registered.
+                denied = self.commands.spinup_policy.current().problem(self.project, t)
+                if denied is not None:
+                    raise SpinUpError(f"denied: {denied[1]}")
                 launched = await asyncio.wait_for(mechanism.launch(req), t["spinUpTimeoutMs"] / 1000)
             except (SpinUpError, TimeoutError, OSError) as err:
                 await self._launch_failed(req, str(err) or type(err).__name__, started)
@@ -192,7 +196,7 @@ class FleetManager:
 
     async def _probe(self, t: dict[str, Any]) -> None:
         try:
-            result = await probe_target(t, self.mechanisms)
+            result = await probe_target(t, self.mechanisms, self.project, self.commands.spinup_policy.current())
             status, latency, error = result.status, result.latency_ms, result.error
         except Exception as err:
             status, latency, error = "unhealthy", None, f"health check failed: {err}"
