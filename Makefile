@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench install system-test-deps clean
+.PHONY: run test lint typecheck bench install system-test-deps clean fuzz
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -44,3 +44,7 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .weft-data .pytest_cache .mypy_cache .ruff_cache
+
+# Schemathesis against the served OpenAPI document, with and without tokens (tests/fuzz): >= 5,000 cases.
+fuzz: install
+	$(BIN)/python -m tests.fuzz --max-examples $${FUZZ_EXAMPLES:-40} --min-cases 5000 $${FUZZ_SEED:+--seed $$FUZZ_SEED}

@@ -128,9 +128,34 @@ async def read_json(request: web.Request) -> Any:
     return body
 
 
+# What orjson (hence an event) can encode; pydantic's parser keeps any integer.
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1
+
+
+def integer_out_of_range(value: Any, path: str) -> str | None:
+    """The path of the first integer under `value` outside orjson's 64-bit range, or None."""
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, BaseModel):
+            node = node.model_dump()
+        if isinstance(node, dict):
+            stack.extend((child, f"{where}.{key}") for key, child in node.items())
+        elif isinstance(node, list | tuple):
+            stack.extend((child, f"{where}[{i}]") for i, child in enumerate(node))
+        elif isinstance(node, int) and not isinstance(node, bool) and not INT_MIN <= node <= INT_MAX:
+            return where
+    return None
+
+
 async def parse_body(request: web.Request, model: type[M]) -> M:
     raw = await request.read()
-    return model.model_validate_json(raw or b"{}")
+    body = model.model_validate_json(raw or b"{}")
+    for name in type(body).model_fields:
+        where = integer_out_of_range(getattr(body, name), name)
+        if where is not None:
+            raise InvalidInput(f"{where[:200]}: integers must lie between -2**63 and 2**64-1", field=name)
+    return body
 
 
 def json_response(body: Any, status: int = 200, seq: int | None = None) -> web.Response:

@@ -63,6 +63,16 @@ def json_error(status: int, error: str, message: str, details: dict[str, Any] | 
     return resp
 
 
+def http_error(err: web.HTTPException) -> web.Response:
+    """An aiohttp 4xx exception as `{error, message, details}`, its own headers kept."""
+    name = "".join(word.capitalize() for word in (err.reason or "Error").replace("-", " ").split())
+    resp = json_error(err.status, name, (err.text or err.reason or "").strip()[:500] or name, {"field": None})
+    for key, value in err.headers.items():
+        if key.lower() not in ("content-type", "content-length"):
+            resp.headers[key] = value
+    return resp
+
+
 def stored_not_folded(project: str, entity: str, entity_id: str, seq: int, *, replayed: bool = False) -> web.Response:
     """202 for a command whose event is in the stream at `seq` but not yet in this replica's view,
     so the usual body cannot be built: the entity id and `seq` to read it with (`min_seq`)."""
@@ -115,6 +125,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         resp.headers["Allow"] = ", ".join(sorted(err.allowed_methods))
         return resp
     except web.HTTPException as err:
+        if 400 <= err.status < 500:  # aiohttp's own (a plain GET of /api/ws, say): the JSON error shape too
+            return http_error(err)
         if err.status == 503:
             err.headers.setdefault("Retry-After", RETRY_AFTER_S)
         raise

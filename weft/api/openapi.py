@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from weft.api import schemas
+from weft.api import responses, schemas
 from weft.api.common import json_response
 from weft.core import protocol
 from weft.core.live_events import ALL_EVENTS, FILTER_KEYS, TOPICS
@@ -135,6 +135,8 @@ def websocket_operation() -> dict[str, Any]:
         "parameters": [{"name": "token", "in": "query", "schema": {"type": "string"},
                         "description": "bearer token, for clients that cannot set headers"}],
         "responses": {"101": {"description": "switching protocols"},
+                      "400": {"description": "not a WebSocket upgrade request",
+                              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
                       "401": {"description": "missing or invalid token",
                               "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
                       "default": {"description": "error",
@@ -143,26 +145,80 @@ def websocket_operation() -> dict[str, Any]:
     }
 
 
+# Error statuses every route may answer, besides its own (auth ones only with tokens configured).
+COMMON_ERRORS = {"400": "invalid input (a field, projectId, min_seq, cursor...)",
+                 "401": "missing or invalid token (tokens configured)",
+                 "403": "the token's role or projects do not allow this",
+                 "404": "no such entity", "429": "the token is over its request rate",
+                 "503": "the store or the projection is unavailable now; nothing was stored, retry (Retry-After)"}
+COMMAND_ERRORS = {"409": "the entity's state does not allow this command",
+                  "413": "request body too large", "422": "Idempotency-Key reused with another body",
+                  "504": "OutcomeUnknown: the append may or may not have landed (the body says how to look)"}
+OPEN_ERRORS = {"/health": {"503": responses.HEALTH}, "/health/ready": {"503": responses.READY},
+               "/health/live": {}, "/api/openapi.json": {}, "/api/docs": {}}
+
+
+def error_ref(description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def responses_of(method: str, path: str) -> dict[str, Any]:
+    """The documented answers of one route: its 2xx (and 304) bodies, then its error statuses."""
+    out: dict[str, Any] = {}
+    for status, content in responses.SUCCESS[(method, path)].items():
+        out[status] = {"description": "not modified" if status == "304" else "success"}
+        if content:
+            out[status]["content"] = content
+    if path in OPEN_ERRORS:
+        for status, schema in OPEN_ERRORS[path].items():
+            out[status] = {"description": "not ready", "content": responses.json_body(schema)}
+        return out
+    errors = dict(COMMON_ERRORS)
+    if method != "get":
+        errors.update(COMMAND_ERRORS)
+    for status in sorted(errors):
+        out[status] = error_ref(errors[status])
+    return out
+
+
+def request_schema(model: type[BaseModel], components: dict[str, Any]) -> dict[str, Any]:
+    """The model's JSON Schema (its definitions moved to components), with its "exactly one of"
+    rule (`SELECTORS`) as a oneOf, so a generated client knows it too."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, sub in schema.pop("$defs", {}).items():
+        components[name] = sub
+    choices = SELECTORS.get(model)
+    if choices is not None:
+        schema["oneOf"] = [{"required": [a], "not": {"required": [b]}} for a, b in (choices, choices[::-1])]
+        for name in choices:  # null means absent to the model, but then neither is given: not documented
+            schema["properties"][name] = next(
+                (alt for alt in schema["properties"][name].get("anyOf", []) if alt.get("type") != "null"),
+                schema["properties"][name])
+    return schema
+
+
+# Request models whose validator demands exactly one of two fields (weft.api.schemas).
+SELECTORS: dict[type[BaseModel], tuple[str, str]] = {
+    schemas.CancelBatch: ("workItemIds", "filter"),
+    schemas.ShutdownBatch: ("agentGuids", "filter"),
+    schemas.DisableBatch: ("targetIds", "filter"),
+}
+
+
 def document() -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
-    components: dict[str, Any] = {"Error": ERROR}
-    for method, path, summary, params, model, status in OPERATIONS + EXTRA:
-        op: dict[str, Any] = {
-            "summary": summary,
-            "parameters": params,
-            "responses": {
-                str(status): {"description": "success", "content": {"application/json": {}}},
-                "default": {"description": "error",
-                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
-            },
-        }
+    components: dict[str, Any] = {"Error": ERROR, **responses.COMPONENTS}
+    for method, path, summary, params, model, _status in OPERATIONS + EXTRA:
+        op: dict[str, Any] = {"summary": summary, "parameters": params}
+        if path != "/api/ws":
+            op["responses"] = responses_of(method, path)
+        if path in OPEN_ERRORS:
+            op["security"] = []  # open without a token (weft.api.auth.OPEN_PATHS)
         if model is not None:
-            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            for name, sub in schema.pop("$defs", {}).items():
-                components[name] = sub
-            components[model.__name__] = schema
+            components[model.__name__] = request_schema(model, components)
             op["requestBody"] = {
-                "required": method == "post" and status == 201,
+                "required": model in (schemas.WorkSubmit, schemas.TargetRegister) or model in SELECTORS,
                 "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
             }
         paths.setdefault(path, {})[method] = op

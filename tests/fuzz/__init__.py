@@ -1,0 +1,1 @@
+"""Schemathesis fuzzing of the REST API against its own OpenAPI document (`make fuzz`)."""
