@@ -157,6 +157,20 @@ async def test_a_command_that_fails_at_once_raises_with_exit_code_and_log_tail(t
     assert "tok-s3cret" not in str(err.value) and "<env:WEFT_TEST_TOKEN>" in str(err.value)
 
 
+async def test_the_agents_nats_password_is_masked_in_the_tail_of_a_crash(tmp_path: Path) -> None:
+    """Found by the secrets hygiene review: a crashing agent that prints its environment put the
+    agent's NATS password (weft's WEFT_AGENT_NATS_PASS) into the spin-up failure event."""
+    mech = LocalMechanism(log_dir=tmp_path, startup_window_s=60)
+    code = 'import os, sys; print("env", os.environ["NATS_PASS"], os.environ["NATS_USER"]); sys.exit(3)'
+    req = request(target(f"{PY} -c {shlex.quote(code)}"))
+    req = SpinUpRequest(req.spin_up_id, req.project, req.target, req.work, req.nats_url,
+                        {"NATS_USER": "agent-user", "NATS_PASS": "nats-s3cret-pw"})
+    with pytest.raises(SpinUpError) as err:
+        await mech.launch(req)
+    assert "nats-s3cret-pw" not in str(err.value) and "<NATS_PASS>" in str(err.value)
+    assert "agent-user" in str(err.value)  # a user name is not a secret
+
+
 @pytest.mark.parametrize(
     ("local", "message"),
     [

@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from weft.core.credentials import secret_named
 from weft.core.targets import ConfigSchema, check_process_fields, opt_bool
 from weft.spinup.base import (
     Launched,
@@ -333,6 +334,8 @@ class LocalMechanism:
         if done and waiter.result() != 0:
             code = waiter.result()
             tail = redact_env(_log_tail(log_path), cfg.get("env"), env)
+            # The agent's own NATS password or token, which a crashing agent may print, too.
+            tail = redact(tail, {v: f"<{k}>" for k, v in req.nats_env.items() if secret_named(k) and len(v) >= 4})
             raise SpinUpError(
                 f"local command {argv[0]} {_describe_exit(code)} right after start (log {log_path})"
                 + (f":\n{tail}" if tail else "")
