@@ -183,6 +183,27 @@ async def test_kubernetes_launch_creates_the_job_field_by_field(server: Recordin
     no_secrets(launched.handle, job)
 
 
+async def test_kubernetes_agent_nats_password_can_stay_in_a_kubernetes_secret(
+    server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stands in for the Kubernetes API server. Found by the secrets hygiene review: weft's value of
+    the agent's NATS password always overrode the target's `secret:` reference, so it was written
+    into the Job spec in clear. With the reference, the spec holds only the secretKeyRef."""
+    monkeypatch.setenv("WEFT_TEST_K8S_TOKEN", K8S_TOKEN)
+    server.on("POST", jobs_path(), created_job)
+    target = k8s_target(server, env={"NATS_PASS": "secret:weft-agent-nats/password"})
+    base = request_for(target)
+    req = SpinUpRequest(base.spin_up_id, base.project, target, base.work, base.nats_url,
+                        {"NATS_USER": "agents", "NATS_PASS": "nats-agent-s3cret"})
+    await KubernetesMechanism().launch(req)
+    [post] = server.of("POST", jobs_path())
+    assert b"nats-agent-s3cret" not in post.body
+    env = {e["name"]: e for e in post.json()["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["NATS_PASS"] == {"name": "NATS_PASS",
+                                "valueFrom": {"secretKeyRef": {"name": "weft-agent-nats", "key": "password"}}}
+    assert env["NATS_USER"] == {"name": "NATS_USER", "value": "agents"}
+
+
 async def test_kubernetes_relaunch_of_the_same_spin_up_adopts_its_job(server: RecordingServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Stands in for the Kubernetes API server (none can run here): 409 on create, then the GET."""
     monkeypatch.setenv("WEFT_TEST_K8S_TOKEN", K8S_TOKEN)

@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from weft.core.credentials import secret_named
 from weft.core.errors import invalid_field
 from weft.core.targets import (
     ConfigSchema,
@@ -174,6 +175,10 @@ def container_env(configured: dict[str, Any], agent: dict[str, str], secrets: li
     for name, value in configured.items():
         merged[name] = env_entry(name, value, secrets)
     for name, value in agent.items():
+        # The agent's NATS password or token stays out of the Job spec when the target names a
+        # Kubernetes secret for it; otherwise weft's value is what the agent must use.
+        if secret_named(name) and "valueFrom" in merged.get(name, {}):
+            continue
         merged[name] = {"name": name, "value": value}
     return list(merged.values())
 
