@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import re
 import ssl
 import uuid
@@ -202,6 +203,34 @@ async def test_kubernetes_agent_nats_password_can_stay_in_a_kubernetes_secret(
     assert env["NATS_PASS"] == {"name": "NATS_PASS",
                                 "valueFrom": {"secretKeyRef": {"name": "weft-agent-nats", "key": "password"}}}
     assert env["NATS_USER"] == {"name": "NATS_USER", "value": "agents"}
+
+
+@pytest.mark.parametrize("reference", ["file", "env"])
+async def test_kubernetes_kubeconfig_reference_connects_and_its_token_never_reaches_an_error(
+    server: RecordingServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, reference: str
+) -> None:
+    """Stands in for the Kubernetes API server. Found by the secrets hygiene review: `kubeconfig`
+    had to be a reference (it holds credentials), yet `file:PATH` was handed to the client as is and
+    failed; and a kubeconfig's token was not masked in API errors the server quotes it in."""
+    kubeconfig = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "weft",
+        "clusters": [{"name": "c", "cluster": {"server": server.url}}],
+        "users": [{"name": "u", "user": {"token": "kc-s3cret-token"}}],
+        "contexts": [{"name": "weft", "context": {"cluster": "c", "user": "u"}}],
+    }
+    path = tmp_path / "kubeconfig"
+    path.write_text(json.dumps(kubeconfig))
+    monkeypatch.setenv("WEFT_TEST_KUBECONFIG", json.dumps(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    ref = f"file:{path}" if reference == "file" else "env:WEFT_TEST_KUBECONFIG"
+    target = k8s_target(server, apiServer=None, tokenRef=None, kubeconfig=ref)
+    server.reply("POST", jobs_path(), 403, {"kind": "Status", "code": 403, "reason": "Forbidden",
+                                            "message": "token kc-s3cret-token may not create jobs"})
+    with pytest.raises(SpinUpError) as err:
+        await KubernetesMechanism().launch(request_for(target))
+    [post] = server.of("POST", jobs_path())
+    assert post.headers["Authorization"] == "Bearer kc-s3cret-token"
+    assert "kc-s3cret-token" not in str(err.value) and "403" in str(err.value)
 
 
 async def test_kubernetes_relaunch_of_the_same_spin_up_adopts_its_job(server: RecordingServer, monkeypatch: pytest.MonkeyPatch) -> None:

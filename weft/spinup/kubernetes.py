@@ -268,12 +268,23 @@ def client_configuration(cfg: dict[str, Any]) -> k8s.Configuration:
             k8s_config.load_incluster_config(client_configuration=conf)  # type: ignore[no-untyped-call]
         except k8s_config.ConfigException:
             try:
-                k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
-                    config_file=cfg.get("kubeconfig"),
-                    context=cfg.get("context"),
-                    client_configuration=conf,
-                    persist_config=False,
-                )
+                kubeconfig = cfg.get("kubeconfig")
+                if isinstance(kubeconfig, str) and kubeconfig.startswith("env:"):
+                    # The variable holds the kubeconfig itself (its credentials): never a file of ours.
+                    import yaml
+
+                    k8s_config.load_kube_config_from_dict(  # type: ignore[no-untyped-call]
+                        yaml.safe_load(resolve_secret(kubeconfig)), context=cfg.get("context"),
+                        client_configuration=conf, persist_config=False,
+                    )
+                else:
+                    k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+                        # `file:PATH` (the field holds credentials, so it is a reference) is that path.
+                        config_file=kubeconfig.removeprefix("file:") if isinstance(kubeconfig, str) else None,
+                        context=cfg.get("context"),
+                        client_configuration=conf,
+                        persist_config=False,
+                    )
             except Exception as err:  # missing file, bad YAML, failing exec plugin: all "no kubeconfig"
                 raise SpinUpError(
                     f"no Kubernetes connection: not running in a cluster, and the kubeconfig failed ({err}); "
@@ -319,8 +330,8 @@ class KubernetesMechanism:
 
         def run() -> T:
             conf = client_configuration(cfg)
-            if conf.api_key.get("BearerToken"):
-                secrets.append(str(conf.api_key["BearerToken"]))
+            for value in conf.api_key.values():  # tokenRef's, or a kubeconfig's (as "Bearer <token>")
+                secrets.extend([str(value), str(value).removeprefix("Bearer ")])
             with k8s.ApiClient(conf) as api:
                 return fn(k8s.BatchV1Api(api))
 
