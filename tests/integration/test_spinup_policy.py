@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
-import weft.spinup.policy
+import weft.watched_file
 from tests.servers import RecordingServer
 from tests.support import Api, own_replica, until
 from weft.service import WeftService
@@ -48,7 +48,7 @@ async def refused(api: Api, method: str, path: str, body: Any, field: str) -> No
 async def test_registration_update_launch_and_probe_obey_the_policy(
     nats_server: Any, project: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(weft.spinup.policy, "RELOAD_CHECK_S", 0.0)  # re-read on every use, not once a second
+    monkeypatch.setattr(weft.watched_file, "CHECK_S", 0.0)  # re-read on every use, not once a second
     policy = tmp_path / "policy.json"
     write(policy, **{"*": {"mechanisms": ["local", "webhook"], "commands": [PY], "hosts": ["127.0.0.1"]}})
     marker = tmp_path / "started"

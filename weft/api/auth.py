@@ -32,12 +32,12 @@ from weft.core.access import (
     required_role,
 )
 from weft.core.limits import RateLimiter
+from weft.watched_file import WatchedFile
 
 log = logging.getLogger("weft.auth")
 
 METRICS_PATH = "/metrics"  # not under /api, yet a read token's once tokens are configured
 OPEN_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/api/openapi.json", "/api/docs"})
-RELOAD_CHECK_S = 1.0  # how often the token file's mtime is looked at (on a request, never by a timer)
 MAX_MISSES = 4096  # recently refused tokens remembered, so a repeated bad token costs no scrypt
 MAX_TOKEN_CHARS = 512
 
@@ -58,9 +58,8 @@ class TokenRegistry:
     def __init__(self, legacy: tuple[str, ...] = (), path: Path | None = None):
         self._legacy = [(t.encode(), Principal(legacy_actor(t), Role.admin, None)) for t in legacy]
         self._path = path
-        self._file: TokenFile | None = read_token_file(path) if path is not None else None
-        self._stamp = self._stat()
-        self._checked = time.monotonic()
+        self._watched = WatchedFile(path, read_token_file, TokenFileError, "token file") if path else None
+        self._file: TokenFile | None = self._watched.current() if self._watched is not None else None
         self._key = os.urandom(32)
         self._hits: dict[bytes, Principal] = {}
         self._misses: OrderedDict[bytes, None] = OrderedDict()
@@ -69,36 +68,17 @@ class TokenRegistry:
     def enabled(self) -> bool:
         return bool(self._legacy) or self._path is not None
 
-    def _stat(self) -> tuple[int, int] | None:
-        if self._path is None:
-            return None
-        try:
-            st = self._path.stat()
-        except OSError:
-            return None
-        return st.st_mtime_ns, st.st_size
-
     def _maybe_reload(self) -> None:
-        if self._path is None or time.monotonic() - self._checked < RELOAD_CHECK_S:
-            return
-        self._checked = time.monotonic()
-        stamp = self._stat()
-        if stamp == self._stamp:
-            return
-        self._stamp = stamp
-        try:
-            self._file = read_token_file(self._path)
-        except TokenFileError as err:
-            # Keep serving with the last good file: a typo must not lock every client out.
-            log.error("token file not reloaded; the previous one stays in force", extra={"error": str(err)})
-            return
-        self._hits.clear()
-        self._misses.clear()
-        log.info("token file reloaded", extra={"tokens": len(self._file.entries)})
+        file = self._watched.current() if self._watched is not None else None
+        if file is not self._file:  # a new file: what was cached was checked against the old one
+            self._file = file
+            self._hits.clear()
+            self._misses.clear()
 
     def force_reload_check(self) -> None:
         """Look at the file on the next request whatever the interval (tests, SIGHUP)."""
-        self._checked = 0.0
+        if self._watched is not None:
+            self._watched.force_check()
 
     async def principal(self, token: str) -> Principal | None:
         self._maybe_reload()
