@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 import weft.watched_file
-from tests.servers import RecordingServer
+from tests.servers import RecordingServer, own_nats_server
 from tests.support import Api, own_replica, until
 from weft.service import WeftService
 from weft.settings import Settings, SettingsError
@@ -46,15 +46,18 @@ async def refused(api: Api, method: str, path: str, body: Any, field: str) -> No
 
 
 async def test_registration_update_launch_and_probe_obey_the_policy(
-    nats_server: Any, project: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path_factory: pytest.TempPathFactory, project: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """On a nats-server of its own: the session's replica, which has no policy, must not be the one
+    that leads the project and launches."""
     monkeypatch.setattr(weft.watched_file, "CHECK_S", 0.0)  # re-read on every use, not once a second
     policy = tmp_path / "policy.json"
     write(policy, **{"*": {"mechanisms": ["local", "webhook"], "commands": [PY], "hosts": ["127.0.0.1"]}})
     marker = tmp_path / "started"
     peer = RecordingServer()
     await peer.server.start_server()
-    async with own_replica(nats_server.url, project, spinup_policy_file=policy) as api:
+    async with own_nats_server(tmp_path_factory, "policy") as server, \
+            own_replica(server.url, project, spinup_policy_file=policy) as api:
         await api.ok("POST", "/api/targets", local("laptop", shlex.join([PY, "-c", f"open({str(marker)!r}, 'w')"])),
                      status=201)
         await until(api, lambda s: s.leader)  # the scheduler's own first event is not a refused request's
