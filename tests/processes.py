@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Mapping
@@ -12,18 +13,23 @@ from typing import Any
 
 import aiohttp
 
-from weft.store.embedded import die_with_parent, free_port
+from weft.store.embedded import die_with_parent
 
 WEFT = str(Path(sys.executable).parent / "weft")
 # Every process a test starts, so a failing test cannot leave one behind (see conftest).
 LIVE: set[Any] = set()
+READY = re.compile(r"weft ready on http://[^:]+:(?P<port>\d+) ")
 
 
 class WeftProcess:
     def __init__(self, nats_url: str, project: str, env: Mapping[str, str] | None = None) -> None:
         self.nats_url = nats_url
         self.project = project
-        self.port = free_port()
+        # 0 until the first start: `weft serve` binds port 0 and names the port it got in its ready
+        # line. A port picked here and bound later can be taken meanwhile by any connect()'s
+        # ephemeral port (EADDRINUSE in CI). A restart binds the same port again, since a load
+        # balancer's config names it.
+        self.port = 0
         self.extra_env = dict(env or {})
         self.proc: asyncio.subprocess.Process | None = None
         self.output: list[str] = []
@@ -72,7 +78,8 @@ class WeftProcess:
         while line := await self.proc.stdout.readline():
             text = line.decode(errors="replace").rstrip()
             self.output.append(text)
-            if "weft ready on" in text and not ready.done():
+            if (found := READY.search(text)) and not ready.done():
+                self.port = int(found["port"])
                 ready.set_result(None)
             for predicate, waiter in self._waiters:
                 if not waiter.done() and predicate(text):

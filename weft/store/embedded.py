@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import shutil
 import signal
 import socket
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger("weft.store.embedded")
+# Not the module-level generator: a test seeding `random` must not make every pick the same port.
+_RANDOM = random.SystemRandom()
 
 
 class NatsServerNotFound(RuntimeError):
@@ -52,7 +55,26 @@ def die_with_parent() -> None:
         pass
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default range starts here
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now, for a server started next that cannot bind port 0 itself. Picked below the
+    kernel's ephemeral range, so no connect() can take it as its local port before the server
+    binds it (binding port 0 here and releasing it raced exactly that way)."""
+    low = _ephemeral_low()
+    for _ in range(100 if low > 11024 else 0):  # bounded: then fall back to the kernel's choice
+        port = _RANDOM.randrange(10240, low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
