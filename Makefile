@@ -45,6 +45,6 @@ bench: install
 clean:
 	rm -rf $(VENV) .weft-data .pytest_cache .mypy_cache .ruff_cache
 
-# Schemathesis against the served OpenAPI document, with and without tokens (tests/fuzz): >= 5,000 cases.
+# Schemathesis against the served OpenAPI document: no tokens, API_TOKENS, scoped tokens (tests/fuzz): >= 5,000 cases.
 fuzz: install
 	$(BIN)/python -m tests.fuzz --max-examples $${FUZZ_EXAMPLES:-40} --min-cases 5000 $${FUZZ_SEED:+--seed $$FUZZ_SEED}

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from weft.core.limits import ENV as LIMIT_ENV
 from weft.core.limits import Limits
@@ -105,6 +106,16 @@ def _limits(env: Mapping[str, str]) -> Limits:
     if values["ws_messages_per_s"] <= 0:
         raise SettingsError(f"{LIMIT_ENV['ws_messages_per_s']} must be > 0")
     return Limits(**values)
+
+
+def _agent_nats_url(url: str | None) -> str | None:
+    """The URL spun-up agents get travels in the clear (a GitHub workflow input, a webhook body, a
+    Job spec), so it must not carry credentials: those go in WEFT_AGENT_NATS_USER/PASS/TOKEN."""
+    for server in (url or "").split(","):
+        if "@" in urlsplit(server.strip()).netloc:
+            raise SettingsError("WEFT_AGENT_NATS_URL must not hold credentials (user:pass@): agents get it in "
+                                "the clear; set WEFT_AGENT_NATS_USER and WEFT_AGENT_NATS_PASS (or _TOKEN) instead")
+    return url
 
 
 def is_loopback(host: str) -> bool:
@@ -212,7 +223,7 @@ class Settings:
             publish_timeout_s=_positive(e, "WEFT_PUBLISH_TIMEOUT_S", 5.0),
             retry_base_ms=_int(e, "WEFT_RETRY_BASE_MS", 2_000, 0),
             routing_policy=_policy_text(e.get("WEFT_ROUTING_POLICY")),
-            agent_nats_url=e.get("WEFT_AGENT_NATS_URL") or None,
+            agent_nats_url=_agent_nats_url(e.get("WEFT_AGENT_NATS_URL") or None),
             max_spinup_crashes=_int(e, "WEFT_MAX_SPINUP_CRASHES", 5, 1),
             uvloop=_bool(e, "WEFT_UVLOOP", True),
             warp_bridge=_bool(e, "WEFT_WARP_BRIDGE", True),

@@ -1,4 +1,4 @@
-"""`python -m tests.fuzz [--seed N] [--max-examples N] [--min-cases N]`: both configurations, then
+"""`python -m tests.fuzz [--seed N] [--max-examples N] [--min-cases N]`: all three configurations, then
 cases, failures and the seed; exit 1 on any failure or fewer cases than `--min-cases`."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import logging
 import random
 import sys
 
-from tests.fuzz.runner import fuzz_both, report
+from tests.fuzz.runner import fuzz_all, report
 
 
 def main() -> int:
@@ -20,7 +20,7 @@ def main() -> int:
     logging.basicConfig(level=logging.ERROR)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     print(f"fuzz: seed {seed}, max-examples {args.max_examples} per operation and phase", flush=True)
-    results = fuzz_both(seed, args.max_examples)
+    results = fuzz_all(seed, args.max_examples)
     print(report(results), flush=True)
     cases = sum(r.cases for r in results)
     if cases < args.min_cases:

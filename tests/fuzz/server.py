@@ -42,8 +42,9 @@ class FuzzServer:
     """`start()` returns the base URL; `last_seq` and `events_after` read the stream (from the
     caller's thread); `stop()` stops everything it started."""
 
-    def __init__(self, *, tokens: tuple[str, ...] = ()) -> None:
+    def __init__(self, *, tokens: tuple[str, ...] = (), tokens_file: bytes | None = None) -> None:
         self.tokens = tokens
+        self.tokens_file = tokens_file  # the JSON of a WEFT_TOKENS_FILE (scoped tokens)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="fuzz-weft", daemon=True)
         self.tmp = tempfile.TemporaryDirectory(prefix="weft-fuzz-")
@@ -61,8 +62,12 @@ class FuzzServer:
         self.nats = EmbeddedNats(NatsServerConfig(store_dir=Path(self.tmp.name), port=free_port(),
                                                   server_name="weft-fuzz"))
         await self.nats.start()
+        tokens_path = None
+        if self.tokens_file is not None:
+            tokens_path = Path(self.tmp.name) / "tokens.json"
+            tokens_path.write_bytes(self.tokens_file)
         settings = replace(Settings.from_env({}), api_host="127.0.0.1", api_port=0, api_tokens=self.tokens,
-                           replica_name="fuzz", snapshot_every=0, warp_bridge=False, min_seq_wait_ms=500)
+                           tokens_file=tokens_path, replica_name="fuzz", snapshot_every=0, warp_bridge=False, min_seq_wait_ms=500)
         self.service = WeftService(settings, mechanisms={name: InertMechanism(name) for name in SCHEMAS})
         await self.service.start(self.nats.url)
         return f"http://127.0.0.1:{self.service.port}"

@@ -6,6 +6,7 @@ appends nothing. Real nats-servers (one with a small max payload), real HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from tests.support import Api, make_client, own_replica
@@ -174,3 +176,36 @@ async def test_a_url_over_the_parsers_limit_gets_the_json_error_shape(nats_serve
                 assert body["message"].startswith("request refused before routing")
     finally:
         await service.stop()
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /api/work HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Bad: a\x00b\r\n\r\n",  # a NUL in a header value
+    b"GET /api/work HTTP/1.1\r\nHost: 127.0.0.1\r\nX Bad: b\r\n\r\n",  # a space in a header name
+    b"GET /api/\x00work HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",  # a NUL in the path
+    b"GET /api/work HTTP/9.9\r\nHost: 127.0.0.1\r\n\r\n",  # an unknown version
+    # a good request, then a bad one on the same keep-alive connection
+    b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /api/work HTTP/1.1\r\nX-Bad: \x00\r\n\r\n",
+])
+async def test_a_request_the_parser_refuses_gets_the_json_error_shape(
+    nats_server: EmbeddedNats, project: str, request_bytes: bytes
+) -> None:
+    """Raw bytes on a real socket, since no HTTP client sends these."""
+    settings = replace(Settings.from_env({}), api_host="127.0.0.1", api_port=0, snapshot_every=0, warp_bridge=False,
+                       replica_name=f"raw-{project}")
+    service = WeftService(settings)
+    await service.start(nats_server.url)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+        writer.write(request_bytes)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)  # the server closes after a parser error
+        writer.close()
+    finally:
+        await service.stop()
+    if answer.startswith(b"HTTP/1.1 200"):  # the good request's answer comes first
+        length = int(answer.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        answer = answer[answer.index(b"\r\n\r\n") + 4 + length:]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith((b"HTTP/1.0 400", b"HTTP/1.1 400")), answer
+    assert b"Content-Type: application/json" in head, answer
+    assert orjson.loads(body)["details"] == {"field": "request"}, answer
