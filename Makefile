@@ -21,8 +21,9 @@ run: install
 
 # Debian packages some tests need, installed only as root with apt (as CI runs); elsewhere those
 # tests skip and name the package. SSH tests run a real asyncssh server (no package needed);
-# nginx and haproxy: tests/integration/test_load_balancer.py runs ops/nginx and ops/haproxy.
-SYSTEM_PACKAGES ?= nginx haproxy
+# nginx and haproxy: tests/integration/test_load_balancer.py runs ops/nginx and ops/haproxy;
+# prometheus: tests/integration/test_dashboards_live.py evaluates every dashboard panel's query.
+SYSTEM_PACKAGES ?= nginx haproxy prometheus
 system-test-deps:
 	@if [ -n "$(SYSTEM_PACKAGES)" ] && [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
 		missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
