@@ -7,7 +7,8 @@ Shutdown (`WeftService.shutdown`, what SIGTERM runs):
    going-away), in-flight requests finish (bounded by `HTTP_SHUTDOWN_TIMEOUT_S`);
 4. the schedulers stop deciding and the leases this replica holds are released (a CAS delete of
    its own revision), so another replica's elector, watching the bucket, takes over at once;
-5. the rest stops: Warp bridge, agent gateway, liveness, projections, the NATS connection.
+5. the rest stops: Warp bridge, agent gateway, liveness, projections, the NATS connection; the last
+   spans are flushed to the OTLP endpoint (weft.tracing), if one is set.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from weft.store.natsauth import NatsAuth, redact_url, strip_url_credentials
 from weft.store.readmodel import ReadModel
 from weft.store.resources import JetStreamResources
 from weft.store.snapshots import SnapshotStore
+from weft.tracing import Tracing
 
 log = logging.getLogger("weft.service")
 
@@ -120,6 +122,8 @@ class WeftService:
         self.lifecycle = Lifecycle()
         self.released: list[str] = []  # projects whose leases the last stop() released
         self.metrics = Metrics(replica=settings.replica_name)  # this replica's own registry (GET /metrics)
+        # OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set, else OpenTelemetry's no-op
+        self.tracing = Tracing(replica=settings.replica_name, endpoint=settings.otlp_traces_endpoint)
 
     async def start(self, nats_url: str, *, serve_http: bool = True) -> None:
         if serve_http:
@@ -151,7 +155,8 @@ class WeftService:
         self.readmodel = ReadModel(store, snapshots=snapshots, snapshot_every=self.settings.snapshot_every)
         self.readmodel.on_attach.append(self.metrics.listen)
         await self.readmodel.start()
-        self.commands = Commands(self.readmodel, store, metrics=self.metrics, spinup_policy=spinup_policy)
+        self.commands = Commands(self.readmodel, store, metrics=self.metrics, spinup_policy=spinup_policy,
+                                 tracing=self.tracing)
         self.liveness = Liveness(self.nc)
         await self.liveness.start()
         retry = RetryPolicy(base_ms=self.settings.retry_base_ms)
@@ -210,6 +215,7 @@ class WeftService:
                 mechanisms=self.mechanisms,
                 leading=self.scheduler.leading,
                 metrics=self.metrics,
+                tracing=self.tracing,
             ),
             self.lifecycle,
             tokens=tokens,
@@ -279,3 +285,4 @@ class WeftService:
             except Exception:
                 await self.nc.close()
         await self.metrics.stop()
+        await asyncio.to_thread(self.tracing.shutdown)  # the last spans, flushed (bounded)

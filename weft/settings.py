@@ -108,6 +108,17 @@ def _limits(env: Mapping[str, str]) -> Limits:
     return Limits(**values)
 
 
+def _otlp_traces_endpoint(env: Mapping[str, str]) -> str | None:
+    """The OTLP/HTTP traces URL, as the SDK resolves it: the signal's own variable as is, else the
+    base endpoint with `/v1/traces`; None when neither is set (or `OTEL_SDK_DISABLED` is true)."""
+    if _bool(env, "OTEL_SDK_DISABLED", False):
+        return None
+    if env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        return env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    return f"{base.removesuffix('/')}/v1/traces" if base else None
+
+
 def _agent_nats_url(url: str | None) -> str | None:
     """The URL spun-up agents get travels in the clear (a GitHub workflow input, a webhook body, a
     Job spec), so it must not carry credentials: those go in WEFT_AGENT_NATS_USER/PASS/TOKEN."""
@@ -167,6 +178,7 @@ class Settings:
     routing_policy: str | None = None  # JSON text (from WEFT_ROUTING_POLICY: a file path or inline JSON)
     warp_bridge: bool = True  # import Warp's agent-registry and offer their work on Warp's queues
     warp_project_map: tuple[tuple[str, str], ...] = ()  # Warp projectId -> weft project
+    otlp_traces_endpoint: str | None = None  # where traces go (weft.tracing); None: no tracing
 
     @property
     def auth_enabled(self) -> bool:
@@ -228,4 +240,5 @@ class Settings:
             uvloop=_bool(e, "WEFT_UVLOOP", True),
             warp_bridge=_bool(e, "WEFT_WARP_BRIDGE", True),
             warp_project_map=_project_map(e.get("WEFT_WARP_PROJECT_MAP")),
+            otlp_traces_endpoint=_otlp_traces_endpoint(e),
         )

@@ -11,6 +11,7 @@ from weft.api.auth import TokenRegistry, make_auth_middleware
 from weft.api.common import SERVICES, TOKENS, Services
 from weft.api.errors import error_middleware
 from weft.api.health import LIFECYCLE, Lifecycle
+from weft.api.tracing import http_tracing_middleware
 from weft.core.limits import RateLimiter
 
 
@@ -23,11 +24,11 @@ def create_app(
     `tokens` decides who may call (default: from the settings' API_TOKENS and WEFT_TOKENS_FILE)."""
     if tokens is None:
         tokens = TokenRegistry(svc.settings.api_tokens, svc.settings.tokens_file)
-    app = web.Application(
-        client_max_size=svc.settings.max_body_bytes,
-        middlewares=[metrics.http_metrics_middleware, error_middleware, make_auth_middleware(
-            tokens, RateLimiter(svc.settings.limits.requests_per_s, svc.settings.limits.burst))],
-    )
+    middlewares = [metrics.http_metrics_middleware, error_middleware, make_auth_middleware(
+        tokens, RateLimiter(svc.settings.limits.requests_per_s, svc.settings.limits.burst))]
+    if svc.tracing.enabled:  # off: not a single call per request
+        middlewares.insert(0, http_tracing_middleware)
+    app = web.Application(client_max_size=svc.settings.max_body_bytes, middlewares=middlewares)
     app[TOKENS] = tokens
     app[SERVICES] = svc
     replica = svc.settings.replica_name

@@ -22,6 +22,8 @@ from weft.settings import Settings
 from weft.spinup.base import Mechanism
 from weft.stamps import new_id
 from weft.store.readmodel import ProjectView, ReadModel
+from weft.tracing import NOOP as NO_TRACING
+from weft.tracing import Tracing
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -38,6 +40,7 @@ class Services:
     mechanisms: dict[str, Mechanism] = field(default_factory=dict)
     leading: Callable[[], dict[str, int]] = field(default=lambda: {})  # project -> epoch led here
     metrics: Metrics = NOOP  # GET /metrics and the HTTP middleware (weft.api.metrics)
+    tracing: Tracing = NO_TRACING  # a server span per request when on (weft.api.tracing)
 
 
 SERVICES = web.AppKey("services", Services)

@@ -25,6 +25,8 @@ from weft.spinup.policy import ALLOW_ALL_FILE, PolicyFile
 from weft.stamps import new_id, utc_now
 from weft.store.eventstore import AppendOutcomeUnknown, ConcurrencyConflict, EventStore
 from weft.store.readmodel import ProjectView, ReadModel
+from weft.tracing import NOOP as NO_TRACING
+from weft.tracing import SpanKind, Tracing
 
 MAX_ATTEMPTS = 8
 BATCH_CONCURRENCY = 32
@@ -76,11 +78,13 @@ class CommandsBase:
         wait_s: float = 10.0,
         metrics: Metrics = NOOP,
         spinup_policy: PolicyFile = ALLOW_ALL_FILE,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.readmodel = readmodel
         self.store = store
         self.wait_s = wait_s
         self.metrics = metrics
+        self.tracing = tracing  # spans of each attempt: decide, append, fold (weft.tracing)
         self.spinup_policy = spinup_policy  # checked at registration here, at launch and probe in weft.runtime
 
     # --- the one loop ------------------------------------------------------------------------
@@ -131,8 +135,19 @@ class CommandsBase:
         )
 
     async def execute(self, ctx: Ctx, entity_key: str, decide: Decide) -> Outcome:
-        """`_execute`, counted by command and outcome (weft_commands_total)."""
+        """`_execute`, counted by command and outcome (weft_commands_total); traced under the
+        current span (a request's, an assignment's), else under a root span of its own."""
         name = command_name(decide)
+        if self.tracing.enabled and not self.tracing.in_live_span():
+            with self.tracing.span(f"command {name}", self._span_attrs(ctx, name), root=True):
+                return await self._counted(ctx, entity_key, decide, name)
+        return await self._counted(ctx, entity_key, decide, name)
+
+    @staticmethod
+    def _span_attrs(ctx: Ctx, name: str) -> dict[str, Any]:
+        return {"weft.project": ctx.project, "weft.command": name, "weft.correlation_id": ctx.correlation_id}
+
+    async def _counted(self, ctx: Ctx, entity_key: str, decide: Decide, name: str) -> Outcome:
         outcome = "error"
         try:
             result = await self._execute(ctx, entity_key, decide, name)
@@ -159,13 +174,17 @@ class CommandsBase:
         # A no-op or a rejection is an answer too: give it from the stream's latest state, not a
         # view that may lag (another replica's write). Nothing to catch up on an unknown project.
         latest = not ctx.fresh_answers or not self._attached(view)
+        span = self.tracing.span
+        attrs = self._span_attrs(ctx, name) if self.tracing.enabled else {}
         for attempt in range(MAX_ATTEMPTS):
             if attempt:
                 self.metrics.command_retry(ctx.project, name)
             if view.halted is not None:
                 raise Unavailable(f"project {ctx.project} cannot be served by this weft: {view.halted[1]}")
             try:
-                ev = decide(view.state)
+                with span("decide", {**attrs, "weft.attempt": attempt}) as decided:
+                    ev = decide(view.state)
+                    decided.set_attribute("weft.noop", ev is None)
             except (NotFound, Conflict):
                 if latest:
                     raise
@@ -182,13 +201,20 @@ class CommandsBase:
                 # The fold would ignore it: a newer leader announced itself. Never append (or retry).
                 raise Fenced(f"{ev.type} of epoch {ev.epoch} is fenced by epoch {view.state.epoch}")
             try:
-                appended = await self.store.append(ev, view.state.entity_seq.get(entity_key, 0))
+                with span("append", {
+                    **attrs, "weft.event_type": ev.type, "messaging.system": "nats",
+                    "messaging.destination.name": ev.subject,
+                }, kind=SpanKind.PRODUCER) as appending:
+                    appended = await self.store.append(ev, view.state.entity_seq.get(entity_key, 0))
+                    appending.set_attributes({"weft.stream_seq": appended.seq, "weft.duplicate": appended.duplicate})
             except ConcurrencyConflict:
                 latest = await self._catch_up(ctx.project)  # after a concurrent write
                 continue
             except AppendOutcomeUnknown as err:
                 raise outcome_unknown(ctx, ev) from err
-            folded = await view.wait_for(appended.seq, self.wait_s)
+            with span("fold", {**attrs, "weft.stream_seq": appended.seq}) as folding:
+                folded = await view.wait_for(appended.seq, self.wait_s)
+                folding.set_attribute("weft.folded", folded)
             return Outcome(seq=appended.seq, entity_id=entity_id, created=not appended.duplicate, folded=folded)
         raise Conflict(f"{entity_key} is changing too fast; retry")
 

@@ -28,6 +28,7 @@ from weft.core import fleet_policy
 from weft.core.fleet_policy import FleetSnapshot
 from weft.runtime.probes import probe_target
 from weft.spinup.base import Mechanism, SpinUpError, SpinUpRequest
+from weft.tracing import Span, failed
 
 log = logging.getLogger("weft.runtime.fleet_executor")
 
@@ -118,30 +119,40 @@ class FleetManager:
         t = req.target
         started = time.perf_counter()
         mechanism = self.mechanisms.get(t["mechanism"])
-        try:
+        with self.commands.tracing.span("spinup", {
+            "weft.project": self.project, "weft.spin_up_id": req.spin_up_id, "weft.target_id": t["id"],
+            "weft.target": t["name"], "weft.mechanism": t["mechanism"],
+            "weft.work_id": req.work["id"] if req.work else None,
+            "weft.correlation_id": req.work.get("correlationId") if req.work else None,
+        }, root=True) as span:
             try:
-                if mechanism is None:
-                    raise SpinUpError(f"mechanism {t['mechanism']} is not available in this weft")
-                # Again at launch: the policy may have been tightened since the target was registered.
-                denied = self.commands.spinup_policy.current().problem(self.project, t)
-                if denied is not None:
-                    raise SpinUpError(f"denied: {denied[1]}")
-                launched = await asyncio.wait_for(mechanism.launch(req), t["spinUpTimeoutMs"] / 1000)
-            except (SpinUpError, TimeoutError, OSError) as err:
-                await self._launch_failed(req, str(err) or type(err).__name__, started)
-                return
-            except Exception as err:  # a mechanism's bug is still a failed spin-up, not a stuck one
-                log.exception("spin-up raised", extra={"project": self.project, "target": t["name"]})
-                await self._launch_failed(req, f"{type(err).__name__}: {err}", started)
-                return
-            log.info("agent launched", extra={"project": self.project, "target": t["name"], "spin_up_id": req.spin_up_id})
-            await self._record(t["id"], req.spin_up_id, "spinup.started", {"mechanismResult": launched.handle})
-        finally:
-            self._launching.pop(req.spin_up_id, None)
+                try:
+                    if mechanism is None:
+                        raise SpinUpError(f"mechanism {t['mechanism']} is not available in this weft")
+                    # Again at launch: the policy may have been tightened since the target was registered.
+                    denied = self.commands.spinup_policy.current().problem(self.project, t)
+                    if denied is not None:
+                        raise SpinUpError(f"denied: {denied[1]}")
+                    launched = await asyncio.wait_for(mechanism.launch(req), t["spinUpTimeoutMs"] / 1000)
+                except (SpinUpError, TimeoutError, OSError) as err:
+                    await self._launch_failed(req, str(err) or type(err).__name__, started, span)
+                    return
+                except Exception as err:  # a mechanism's bug is still a failed spin-up, not a stuck one
+                    log.exception("spin-up raised", extra={"project": self.project, "target": t["name"]})
+                    await self._launch_failed(req, f"{type(err).__name__}: {err}", started, span)
+                    return
+                log.info("agent launched",
+                         extra={"project": self.project, "target": t["name"], "spin_up_id": req.spin_up_id})
+                span.set_attribute("weft.outcome", "started")
+                await self._record(t["id"], req.spin_up_id, "spinup.started", {"mechanismResult": launched.handle})
+            finally:
+                self._launching.pop(req.spin_up_id, None)
 
-    async def _launch_failed(self, req: SpinUpRequest, reason: str, started: float) -> None:
+    async def _launch_failed(self, req: SpinUpRequest, reason: str, started: float, span: Span) -> None:
         t = req.target
         log.warning("spin-up failed: %s", reason, extra={"project": self.project, "target": t["name"]})
+        span.set_attribute("weft.outcome", "failed")
+        failed(span, reason)
         data = {"error": reason, "durationMs": round((time.perf_counter() - started) * 1000, 3)}
         await self._record(t["id"], req.spin_up_id, "spinup.failed", data)
 

@@ -24,7 +24,7 @@ from weft.aio import cancel_and_wait, wait_event
 from weft.commands import Commands, Ctx, Outcome
 from weft.core import plan, retention
 from weft.core.errors import Unavailable, WeftError
-from weft.core.plan import SchedulerConfig, TickPlan
+from weft.core.plan import Assignment, SchedulerConfig, TickPlan
 from weft.core.routing import Plan, RoutingPolicy
 from weft.logs import project_var
 from weft.runtime.fleet_executor import FleetConfig, FleetManager
@@ -210,8 +210,7 @@ class ProjectScheduler:
                 ctx, w.work_id, w.reason, epoch, self.config.max_withdrawals,
                 guid=w.guid, attempt=w.attempt, cause=w.cause,
             ))
-        for a in tick.assignments:
-            out.append(commands.assign_work(ctx, a.work_id, a.guid, epoch, a.accept_by))
+        out += [self._assign(state, a) for a in tick.assignments]
         if self.fleet is not None:
             self.fleet.blocked = tick.spin_up_blocked
             for d in tick.spin_ups:
@@ -227,6 +226,19 @@ class ProjectScheduler:
         if before is not None:
             out += [commands.purge_work(ctx, wid, before, epoch) for wid in tick.purges.work_ids]
         return out
+
+    async def _assign(self, state: ProjectState, a: Assignment) -> Outcome:
+        """One assignment, traced as the root of its own trace (with the item's correlation id and
+        the sequence of its last event, so it can be found from the submit's)."""
+        item = state.work.get(a.work_id)
+        with self.commands.tracing.span("assign", {
+            "weft.project": self.project, "weft.work_id": a.work_id, "weft.agent_guid": a.guid, "weft.epoch": self.epoch,
+            "weft.correlation_id": item["correlationId"] if item else None,
+            "weft.work_seq": state.entity_seq.get(f"work.{a.work_id}"),
+        }, root=True) as span:
+            outcome = await self.commands.assign_work(self.ctx, a.work_id, a.guid, self.epoch, a.accept_by)
+            span.set_attributes({"weft.stream_seq": outcome.seq, "weft.noop": outcome.noop})
+            return outcome
 
     async def _request_spin_up(self, target_id: str, work_id: str) -> Outcome:
         outcome, _ = await self.commands.request_spin_up(self.ctx, target_id, work_id, "waiting work", self.epoch)
