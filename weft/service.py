@@ -121,7 +121,7 @@ class WeftService:
         self.port: int | None = None
         self.lifecycle = Lifecycle()
         self.released: list[str] = []  # projects whose leases the last stop() released
-        self.metrics = Metrics(replica=settings.replica_name)  # this replica's own registry (GET /metrics)
+        self.metrics = Metrics(replica=settings.replica_name, enabled=settings.metrics)  # this replica's own registry (GET /metrics)
         # OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set, else OpenTelemetry's no-op
         self.tracing = Tracing(replica=settings.replica_name, endpoint=settings.otlp_traces_endpoint)
 

@@ -175,6 +175,7 @@ class Settings:
     agent_nats_url: str | None = None  # NATS URL handed to spun-up agents (default: weft's own)
     max_spinup_crashes: int = 5
     uvloop: bool = True
+    metrics: bool = True  # off: no instruments, no HTTP middleware, /metrics is a 404
     routing_policy: str | None = None  # JSON text (from WEFT_ROUTING_POLICY: a file path or inline JSON)
     warp_bridge: bool = True  # import Warp's agent-registry and offer their work on Warp's queues
     warp_project_map: tuple[tuple[str, str], ...] = ()  # Warp projectId -> weft project
@@ -238,6 +239,7 @@ class Settings:
             agent_nats_url=_agent_nats_url(e.get("WEFT_AGENT_NATS_URL") or None),
             max_spinup_crashes=_int(e, "WEFT_MAX_SPINUP_CRASHES", 5, 1),
             uvloop=_bool(e, "WEFT_UVLOOP", True),
+            metrics=_bool(e, "WEFT_METRICS", True),
             warp_bridge=_bool(e, "WEFT_WARP_BRIDGE", True),
             warp_project_map=_project_map(e.get("WEFT_WARP_PROJECT_MAP")),
             otlp_traces_endpoint=_otlp_traces_endpoint(e),

@@ -209,3 +209,14 @@ def test_replicas_in_one_process_keep_their_own_registries() -> None:
     a.command("p", "submit_work", "appended")
     assert b"weft_commands_total{" in a.render()
     assert b"weft_commands_total{" not in b.render()
+
+
+async def test_metrics_off_records_nothing_and_metrics_is_a_404(nats_server: EmbeddedNats | DockerNats, project: str) -> None:
+    async with own_replica(nats_server.url, project, metrics=False) as api:
+        assert api.service is not None and not api.service.metrics.enabled
+        await api.ok("POST", "/api/work", {"capability": "python", "boundary": "personal",
+                                           "description": "unmeasured"}, status=201)
+        resp = await api.client.get("/metrics")
+        assert resp.status == 404
+        assert (await resp.json())["details"] == {"field": "path"}
+        assert api.service.metrics.render() == b""  # the no-op meter: no series at all

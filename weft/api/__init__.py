@@ -24,8 +24,10 @@ def create_app(
     `tokens` decides who may call (default: from the settings' API_TOKENS and WEFT_TOKENS_FILE)."""
     if tokens is None:
         tokens = TokenRegistry(svc.settings.api_tokens, svc.settings.tokens_file)
-    middlewares = [metrics.http_metrics_middleware, error_middleware, make_auth_middleware(
+    middlewares = [error_middleware, make_auth_middleware(
         tokens, RateLimiter(svc.settings.limits.requests_per_s, svc.settings.limits.burst))]
+    if svc.metrics.enabled:
+        middlewares.insert(0, metrics.http_metrics_middleware)
     if svc.tracing.enabled:  # off: not a single call per request
         middlewares.insert(0, http_tracing_middleware)
     app = web.Application(client_max_size=svc.settings.max_body_bytes, middlewares=middlewares)

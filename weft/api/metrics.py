@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from weft.api.common import SERVICES, principal_of
 from weft.api.errors import Handler
+from weft.core.errors import NotFound
 from weft.metrics import CONTENT_TYPE, monotonic
 
 UNMATCHED = "unmatched"  # no route: never the raw path (a label per probe of a scanner)
@@ -41,6 +42,8 @@ class ProjectScoped(Collector):
 async def metrics(request: web.Request) -> web.Response:
     # On the loop, not in a thread: the observed gauges read the projections the loop folds.
     svc = request.app[SERVICES]
+    if not svc.metrics.enabled:
+        raise NotFound("metrics are off on this replica (WEFT_METRICS=off)", field="path")
     scope = principal_of(request).projects
     if scope is None:
         body = svc.metrics.render()
