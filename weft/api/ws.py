@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -62,6 +63,38 @@ def health(app: web.Application) -> dict[str, Any]:
     return hub.health()
 
 
+WRITE_NOW_MAX_BUFFER = 64 * 1024  # above this, messages wait in the client's queue (and may drop it)
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One unfragmented, unmasked (server-to-client) WebSocket text frame (RFC 6455 §5.2)."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x81, n))
+    elif n < 1 << 16:
+        head = bytes((0x81, 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x81, 127)) + n.to_bytes(8, "big")
+    return head + payload
+
+
+def frame_writer(ws: web.WebSocketResponse, transport: Any) -> Callable[[bytes], bool] | None:
+    """Writes a text message straight to the socket while the connection is open and its write
+    buffer is small; the hub falls back to `ws.send_str` (its queue) otherwise. Frames are whole,
+    so they interleave safely with aiohttp's own (pings, close)."""
+    # Duck-typed: uvloop's transports are not asyncio.WriteTransport subclasses.
+    if not all(hasattr(transport, name) for name in ("write", "is_closing", "get_write_buffer_size")):
+        return None
+
+    def write(payload: bytes) -> bool:
+        if ws.closed or transport.is_closing() or transport.get_write_buffer_size() > WRITE_NOW_MAX_BUFFER:
+            return False
+        transport.write(text_frame(payload))
+        return True
+
+    return write
+
+
 def _error(text: str) -> dict[str, Any]:
     return {"type": "error", "error": text, "timestamp": utc_now()}
 
@@ -71,9 +104,12 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     config = request.app[WS_CONFIG]
     limits = request.app[SERVICES].settings.limits
     protocols = (BEARER,) if BEARER in [p.lower() for p in offered_protocols(request)] else ()
+    # No permessage-deflate: it would compress every event once per client (small JSON, many
+    # clients: CPU for little), and an uncompressed frame can be written to every client as is.
     ws = web.WebSocketResponse(
         heartbeat=config["heartbeat_s"] or None, protocols=protocols, timeout=config["close_timeout_s"],
         max_msg_size=limits.ws_message_bytes,  # above it aiohttp closes with 1009 (message too big)
+        compress=False,
     )
     await ws.prepare(request)
 
@@ -85,7 +121,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             if request.transport is not None:
                 request.transport.abort()  # a client that reads nothing cannot take the close frame
 
-    client = hub.connect(ws.send_str, close)
+    client = hub.connect(ws.send_str, close, frame_writer(ws, request.transport))
     principal = principal_of(request)
     default_project = principal.default_project(request.app[SERVICES].settings.default_project)
     # A client's messages cost work here (a subscribe with fromSeq reads the stream): at most
