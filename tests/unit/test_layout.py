@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS: list[tuple[str, ...]] = [
     ("projections",),
     ("weft.core",),
-    ("weft.stamps", "weft.aio", "weft.logs", "weft.settings", "weft.metrics", "weft.tracing", "weft.watched_file"),
+    ("weft.stamps", "weft.aio", "weft.logs", "weft.settings", "weft.metrics", "weft.tracing", "weft.watched_file",
+     "weft.token_file"),
     ("weft.store",),
     ("weft.spinup",),
     ("weft.commands",),

@@ -28,10 +28,10 @@ from weft.core.access import (
     TokenFile,
     TokenFileError,
     legacy_actor,
-    parse_token_file,
     required_role,
 )
 from weft.core.limits import RateLimiter
+from weft.token_file import read_token_file
 from weft.watched_file import WatchedFile
 
 log = logging.getLogger("weft.auth")
@@ -40,15 +40,6 @@ METRICS_PATH = "/metrics"  # not under /api, yet a read token's once tokens are 
 OPEN_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/api/openapi.json", "/api/docs"})
 MAX_MISSES = 4096  # recently refused tokens remembered, so a repeated bad token costs no scrypt
 MAX_TOKEN_CHARS = 512
-
-
-def read_token_file(path: Path) -> TokenFile:
-    try:
-        return parse_token_file(path.read_bytes())
-    except OSError as err:
-        raise TokenFileError(f"cannot read {path}: {err.strerror}") from None
-    except TokenFileError as err:
-        raise TokenFileError(f"{path}: {err}") from None
 
 
 class TokenRegistry:

@@ -1,5 +1,6 @@
-"""The `weft` command: `weft serve [--embedded] [--demo-agent]`, `weft agent`, `weft replay`, and the
-fleet commands (submit, work, agents, targets, stats, dlq, watch) over the REST API."""
+"""The `weft` command: `weft serve [--embedded] [--demo-agent]`, `weft agent`, `weft replay`, the
+fleet commands (submit, work, agents, targets, stats, dlq, watch) over the REST API, and
+`weft completion bash|zsh` (argcomplete)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ from pathlib import Path
 import orjson
 
 from weft import aio, logs
-from weft.api.auth import read_token_file
 from weft.cli.rest_commands import FLEET_COMMANDS, add_fleet_commands, run_fleet
 from weft.cli.tokens import add_token_commands, run_tokens
 from weft.core.access import TokenFileError
 from weft.settings import Settings, SettingsError
 from weft.store.embedded import EmbeddedNats, NatsServerConfig, die_with_parent
+from weft.token_file import read_token_file
 
 log = logging.getLogger("weft.cli.main")
 
@@ -154,11 +155,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_agent_arguments(sub.add_parser("agent", help="run the reference agent: run a command per work item"))
     add_fleet_commands(sub)
     add_token_commands(sub)
+    completion = sub.add_parser("completion", help="print the shell completion script (bash or zsh)",
+                                description='bash: eval "$(weft completion bash)" in ~/.bashrc; '
+                                            'zsh: eval "$(weft completion zsh)" in ~/.zshrc')
+    completion.add_argument("shell", choices=["bash", "zsh"])
     return parser
 
 
+def completion_script(shell: str) -> str:
+    """argcomplete's registration of `weft` for the shell (its `shellcode`)."""
+    from argcomplete.shell_integration import shellcode
+
+    return str(shellcode(["weft"], shell=shell))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if argv is None and "_ARGCOMPLETE" in os.environ:  # a shell asking for completions: answer, exit
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
+    args = parser.parse_args(argv)
+    if args.command == "completion":
+        sys.stdout.write(completion_script(args.shell))
+        return 0
     if args.command == "agent":  # a separate program with its own settings (weft/agent/settings.py)
         from weft.agent.main import run as run_agent
 
@@ -166,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "tokens":
         return run_tokens(args)
     if args.command in FLEET_COMMANDS:  # clients of the REST API: no server settings needed
-        return asyncio.run(run_fleet(args, os.environ))
+        try:
+            return asyncio.run(run_fleet(args, os.environ))
+        except KeyboardInterrupt:  # Ctrl-C: the way to leave `weft watch`
+            return 0 if args.command == "watch" else 130
     try:
         settings = Settings.from_env()
     except SettingsError as err:

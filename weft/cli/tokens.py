@@ -12,7 +12,6 @@ import secrets
 import sys
 from pathlib import Path
 
-from weft.api.auth import read_token_file
 from weft.core.access import (
     Principal,
     Role,
@@ -22,6 +21,7 @@ from weft.core.access import (
     TokenFileError,
     parse_token_file,
 )
+from weft.token_file import read_token_file
 
 
 def add_token_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

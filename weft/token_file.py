@@ -1,0 +1,18 @@
+"""Reading the scoped token file (WEFT_TOKENS_FILE) from disk; the format and its checks are
+weft.core.access's. Its own module so the CLI (`weft tokens`, `weft serve`'s start-up check) reads
+the file without importing the HTTP API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from weft.core.access import TokenFile, TokenFileError, parse_token_file
+
+
+def read_token_file(path: Path) -> TokenFile:
+    try:
+        return parse_token_file(path.read_bytes())
+    except OSError as err:
+        raise TokenFileError(f"cannot read {path}: {err.strerror}") from None
+    except TokenFileError as err:
+        raise TokenFileError(f"{path}: {err}") from None
