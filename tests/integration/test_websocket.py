@@ -283,3 +283,68 @@ async def test_the_openapi_document_describes_the_websocket_the_server_speaks(ws
             await sock.send_json({"type": "subscribe", "topic": topic, "projectId": project,
                                   "filter": {"undocumented": "x"}})
             assert (await recv(sock))["type"] == "error", topic
+
+
+class FlakyReads:
+    """The store's reads of one project fail (as a read does when a NATS node goes mid-read):
+    `fail_after` events into each of the first `failures` reads, then they work again."""
+
+    def __init__(self, store: Any, project: str, failures: int, fail_after: int) -> None:
+        self.store, self.project, self.failures, self.fail_after = store, project, failures, fail_after
+        self.real = store.read_range
+        self.calls: list[int] = []
+
+    async def read_range(self, project: str, start: int = 1, end: int | None = None) -> AsyncIterator[Any]:
+        failing = project == self.project and len(self.calls) < self.failures
+        if project == self.project:
+            self.calls.append(start)
+        n = 0
+        async for ev in self.real(project, start, end):
+            if failing and n == self.fail_after:
+                raise TimeoutError("nats: timeout")
+            n += 1
+            yield ev
+
+
+async def test_a_replay_whose_read_fails_resumes_where_it_stopped(
+    ws_app: Factory, project: str, weft_service: WeftService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the chaos suite: the replay skipped ahead to the live state after a failed read
+    (an `error` message, then a silent gap of the events it had not sent yet)."""
+    client = await ws_app()
+    api = Api(client, project)
+    ids = [(await api.ok("POST", "/api/work", WORK, status=201))["id"] for _ in range(6)]
+    assert weft_service.readmodel is not None
+    flaky = FlakyReads(weft_service.readmodel.store, project, failures=2, fail_after=2)
+    monkeypatch.setattr(weft_service.readmodel.store, "read_range", flaky.read_range)
+    async with client.ws_connect("/api/ws") as sock:
+        await subscribe(sock, "work", projectId=project, fromSeq=1)
+        got = [await next_event(sock, "work:submitted") for _ in ids]
+        assert [g["data"]["workId"] for g in got] == ids  # every one, in order, once
+        await api.ok("POST", "/api/work", WORK, status=201)
+        assert (await next_event(sock))["event"] == "work:submitted"  # then live
+    assert flaky.calls[0] == 1 and any(start > 1 for start in flaky.calls[1:])  # resumed, not restarted
+
+
+async def test_a_replay_that_keeps_failing_closes_the_connection_instead_of_skipping(
+    ws_app: Factory, project: str, weft_service: WeftService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from weft.runtime import live_hub
+
+    client = await ws_app()
+    api = Api(client, project)
+    for _ in range(3):
+        await api.ok("POST", "/api/work", WORK, status=201)
+    assert weft_service.readmodel is not None
+    flaky = FlakyReads(weft_service.readmodel.store, project, failures=10**6, fail_after=0)
+    monkeypatch.setattr(weft_service.readmodel.store, "read_range", flaky.read_range)
+    monkeypatch.setattr(live_hub, "REPLAY_RETRY_S", (0.01, 0.01))
+    async with client.ws_connect("/api/ws") as sock:
+        await subscribe(sock, "work", projectId=project, fromSeq=1)
+        await api.ok("POST", "/api/work", WORK, status=201)  # a live event must not jump the gap
+        msg = await sock.receive(timeout=10)
+        while msg.type == aiohttp.WSMsgType.TEXT:
+            assert msg.json()["type"] != "event", msg.data
+            msg = await sock.receive(timeout=10)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1011, msg
+        assert "replay of" in msg.extra

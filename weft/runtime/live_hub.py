@@ -34,6 +34,10 @@ log = logging.getLogger("weft.runtime.live_hub")
 
 SLOW_CONSUMER_CODE = 1008  # policy violation
 GOING_AWAY_CODE = 1001
+INTERNAL_ERROR_CODE = 1011
+# A replay whose stream read fails (a NATS node lost mid-read) is resumed where it stopped, after
+# these pauses; then the client is closed, so it reconnects with its own fromSeq: never a gap.
+REPLAY_RETRY_S = (0.2, 0.5, 1.0, 2.0)
 
 Send = Callable[[str], Awaitable[None]]
 Close = Callable[[int, str], Awaitable[None]]
@@ -205,15 +209,15 @@ class LiveHub:
         for p in projects:
             self._forget_if_unused(p)
 
-    def drop(self, client: Client, reason: str) -> None:
-        """Close a client that cannot keep up, without waiting for it."""
+    def drop(self, client: Client, reason: str, code: int = SLOW_CONSUMER_CODE) -> None:
+        """Close a client that cannot keep up (or be served), without waiting for it."""
         if client.closed:
             return
         client.closed = True
-        self.dropped += 1
+        self.dropped += code == SLOW_CONSUMER_CODE
         self.clients.discard(client)
         log.warning("websocket client dropped: %s", reason, extra={"client": client.id})
-        self._tasks.spawn(client.close(SLOW_CONSUMER_CODE, reason))
+        self._tasks.spawn(client.close(code, reason))
 
     def subscribe(self, client: Client, topic: str, project: str, filter_: dict[str, Any] | None,
                   from_seq: int | None) -> None:
@@ -311,30 +315,36 @@ class LiveHub:
 
     async def _replay(self, client: Client, sub: Subscription, from_seq: int) -> None:
         project = sub.project
-        last = from_seq - 1
-        try:
-            end = await self.readmodel.store.last_seq(project)
-            if end >= from_seq and project in self.readmodel.views:
-                # Each old event is translated against the state right after it, as it was live
-                # (an agent summary shows the agent as it was then, not as it is now).
-                state = await self.readmodel.state_before(project, from_seq)
-                tr = Translator(project)
-                tr.seed(state)
-                async for ev in self.readmodel.store.read_range(project, from_seq, end):
-                    apply(state, ev)
-                    for le in tr.translate(ev, state):
-                        if le.topic == sub.topic and matches(sub.filter, le.facets):
-                            await client.put(orjson.dumps(le.message()).decode())
-                    if client.closed or client.subs.get(sub.topic) is not sub:
-                        return
-                last = end
-        except asyncio.CancelledError:
-            raise
-        except Exception as err:
-            log.warning("websocket replay failed: %s", err, extra={"project": project})
-            client.send_json({"type": "error", "error": f"Replay of {project} from {from_seq} failed: {err}",
-                              "timestamp": utc_now()})
-            last = max(last, self.readmodel.views[project].state.seq if project in self.readmodel.views else last)
+        last = from_seq - 1  # every matching event up to here has been sent
+        for pause in (*REPLAY_RETRY_S, None):
+            try:
+                end = await self.readmodel.store.last_seq(project)
+                if end > last and project in self.readmodel.views:
+                    # Each old event is translated against the state right after it, as it was live
+                    # (an agent summary shows the agent as it was then, not as it is now).
+                    state = await self.readmodel.state_before(project, last + 1)
+                    tr = Translator(project)
+                    tr.seed(state)
+                    async for ev in self.readmodel.store.read_range(project, last + 1, end):
+                        apply(state, ev)
+                        for le in tr.translate(ev, state):
+                            if le.topic == sub.topic and matches(sub.filter, le.facets):
+                                await client.put(orjson.dumps(le.message()).decode())
+                        if client.closed or client.subs.get(sub.topic) is not sub:
+                            return
+                        last = ev.seq
+                    last = end
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                if pause is None:
+                    self.drop(client, f"replay of {project} failed from seq {last + 1}: {err}"[:120],
+                              INTERNAL_ERROR_CODE)
+                    return
+                log.warning("websocket replay failed at seq %s (%s); resuming in %.1f s", last + 1, err, pause,
+                            extra={"project": project})
+                await asyncio.sleep(pause)  # a bounded back-off before reading again, not synchronisation
         # Hand over to live, synchronously (no event can slip in between): buffered events above the
         # last replayed sequence, then live ones as they come.
         sub.cutoff = last
