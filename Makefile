@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench install system-test-deps clean fuzz
+.PHONY: run test lint typecheck bench install system-test-deps clean fuzz chaos
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -49,3 +49,9 @@ clean:
 # Schemathesis against the served OpenAPI document: no tokens, API_TOKENS, scoped tokens (tests/fuzz): >= 5,000 cases.
 fuzz: install
 	$(BIN)/python -m tests.fuzz --max-examples $${FUZZ_EXAMPLES:-40} --min-cases 5000 $${FUZZ_SEED:+--seed $$FUZZ_SEED}
+
+# Chaos (tests/chaos): nginx + 3 replicas + a 3-node NATS cluster + agents under >= 50 fault rounds
+# (kill -9 of replicas, the leader, NATS nodes, agents; connection cuts), then the invariant table.
+# The reduced run is tests/integration/test_chaos.py, inside `make test`. Needs nginx.
+chaos: install
+	$(BIN)/python -m tests.chaos --rounds $${CHAOS_ROUNDS:-50} $${CHAOS_SEED:+--seed $$CHAOS_SEED}
