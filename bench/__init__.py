@@ -17,5 +17,8 @@ Run as `python -m bench`. Knobs (environment):
                                (the server is then restarted with sync_interval always to measure)
   WEFT_BENCH_PROFILE           1: cProfile the rebuild and restart replicas and `weft serve`, print the
                                top functions to stderr (numbers are then slower: for diagnosis only)
-  WEFT_BENCH_ONLY              comma list of sections to run: raw, rebuild, rest, restart (default all)
+  WEFT_BENCH_WS_CLIENTS        WebSocket clients of the fan-out row (default 500)
+  WEFT_BENCH_HA_REQUESTS       POST /api/work per run of the nginx, R3/R1 and overhead rows (default 4,000)
+  WEFT_BENCH_ONLY              comma list of sections to run: raw, rebuild, rest, workloop, ha, restart
+                               (default all)
 """

@@ -29,6 +29,8 @@ class BenchConfig:
     profile: bool
     only: frozenset[str]
     rounds: int = 5
+    ws_clients: int = 500
+    ha_requests: int = 4_000
     no_snapshot_limit_s: float = 120.0
     restart_limit_s: float = 180.0
 
@@ -47,6 +49,8 @@ class BenchConfig:
             profile=_flag("WEFT_BENCH_PROFILE"),
             only=frozenset(x.strip() for x in os.environ.get("WEFT_BENCH_ONLY", "").split(",") if x.strip()),
             rounds=max(1, _int("WEFT_BENCH_ROUNDS", 5)),
+            ws_clients=max(2, _int("WEFT_BENCH_WS_CLIENTS", 500)),
+            ha_requests=max(100, _int("WEFT_BENCH_HA_REQUESTS", 4_000)),
         )
 
     def runs(self, section: str) -> bool:

@@ -126,7 +126,7 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
             await proc.wait()
 
 
-async def fire(base: str, n: int, concurrency: int, *, time_limit_s: float = 45.0) -> RestResult:
+async def fire(base: str, n: int, concurrency: int, *, time_limit_s: float = 45.0, project: str = PROJECT) -> RestResult:
     """n requests from `concurrency` keep-alive connections (bench.httpload, so the load generator
     takes little CPU from the weft process it measures); workers stop taking new ones after
     `time_limit_s` (`res.time_bounded` then says so and the rate is over the requests that finished)."""
@@ -134,7 +134,7 @@ async def fire(base: str, n: int, concurrency: int, *, time_limit_s: float = 45.
     host, port = url.hostname or "127.0.0.1", url.port or 80
     request = httpload.build_request(
         "POST", host, port, "/api/work", orjson.dumps(BODY),
-        {"X-Weft-Project": PROJECT, "Content-Type": "application/json"},
+        {"X-Weft-Project": project, "Content-Type": "application/json"},
     )
     try:
         out, seconds, bounded = await httpload.run(

@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench import eventgen, rebuild, rest, workloop
+from bench import eventgen, ha, rebuild, rest, workloop
 from bench.config import BenchConfig
 from bench.raw import fresh_stream, publish_awaited, publish_pipelined, replay_ordered, replay_ordered_iter
 from bench.report import Row, render, write_json
@@ -22,6 +22,10 @@ RAW_PAYLOAD = (b'{"bench":"raw","pad":"' + b"x" * 300)[:298] + b'"}'  # 300 byte
 SUBMIT_TARGET = 0.5
 REBUILD_TARGET = 0.5
 RESTART_TARGET_S = 5.0
+WS_P99_TARGET_MS = 10.0
+KILL_FAILOVER_TARGET_S = 3.0
+TERM_FAILOVER_TARGET_S = 0.5
+OBS_OVERHEAD_TARGET = 0.05
 
 
 def progress(msg: str) -> None:
@@ -299,6 +303,63 @@ class Bench:
         if ws.profile:
             self.profiles["restart_snapshot"] = ws.profile
 
+    # --- 7: high availability, live events, observability overhead ---------------------------------
+
+    async def ha(self, url: str) -> None:
+        clients = self.cfg.ws_clients
+        progress(f"ha: WebSocket fan-out to {clients} clients on one replica")
+        ws = await ha.ws_latency(url, self.root, clients=clients, events=100)
+        note = f"{len(ws.latencies_ms):,} deliveries, {ws.missing} missing"
+        self.row(Row("ws_p50", f"WebSocket event -> client, {clients} clients, p50 (from the publish reaching NATS)",
+                     ha.pct(ws.latencies_ms, 50), "ms", ratio=note,
+                     extra={"from_post_p50_ms": ha.pct(ws.from_post_ms, 50), "missing": ws.missing}))
+        p99 = ha.pct(ws.latencies_ms, 99)
+        self.row(Row("ws_p99", "  p99", p99, "ms", ratio=f"<= {WS_P99_TARGET_MS:.0f} ms; from the POST: p50 "
+                     f"{ha.pct(ws.from_post_ms, 50):.1f}, p99 {ha.pct(ws.from_post_ms, 99):.1f} ms",
+                     verdict=verdict(p99 <= WS_P99_TARGET_MS and ws.missing == 0)))
+        progress("ha: leader failover, kill -9 and SIGTERM (3 each)")
+        fo = await ha.failover(url, rounds=3)
+        kill, term = ha.median(fo["kill"]), ha.median(fo["term"])
+        self.row(Row("failover_kill", "kill -9 of the scheduling leader -> next assignment (median of 3)", kill, "s",
+                     ratio=f"<= {KILL_FAILOVER_TARGET_S:.0f} s; runs " + ", ".join(f"{x:.2f}" for x in fo["kill"]),
+                     verdict=verdict(kill <= KILL_FAILOVER_TARGET_S), extra=fo))
+        self.row(Row("failover_term", "SIGTERM of the scheduling leader -> next assignment (median of 3)", term, "s",
+                     ratio=f"<= {TERM_FAILOVER_TARGET_S} s; runs " + ", ".join(f"{x:.3f}" for x in fo["term"]),
+                     verdict=verdict(term <= TERM_FAILOVER_TARGET_S)))
+        n, c = self.cfg.ha_requests, self.cfg.rest_concurrency
+        if ha.available("nginx"):
+            progress("ha: REST submit through nginx, 1 then 3 replicas")
+            lb = await ha.through_nginx(url, self.root, n, c)
+            for count, res in lb.items():
+                self.row(Row(f"nginx_{count}", f"REST submit through nginx, {count} replica{'s' * (count > 1)} "
+                             f"({n:,} req, C={c})", res.rate, "req/s",
+                             ratio=f"p99 {res.pct(99):.0f} ms, errors {res.errors}"))
+        else:
+            self.row(Row("nginx_1", "REST submit through nginx", None, "req/s", note="n/a (needs Debian nginx)"))
+        progress("ha: R3 cluster against R1: submit throughput and restart to ready")
+        stores = await ha.r3_vs_r1(self.root, n, c)
+        for name, store in stores.items():
+            self.row(Row(f"{name.lower()}_submit", f"REST submit on {name} ({'3-node cluster' if name == 'R3' else '1 node'})",
+                         store.submit.rate, "req/s", ratio=f"p99 {store.submit.pct(99):.0f} ms"))
+            self.row(Row(f"{name.lower()}_restart", f"  restart to ready on {name} ({store.events:,} events, no snapshot)",
+                         store.restart_s, "s"))
+        rounds = self.cfg.rounds
+        progress(f"ha: metrics and tracing overhead, {rounds} rounds of 4 variants")
+        obs = await ha.overhead(url, rounds, n, c)
+        off = obs["off"]
+        for name, rates in obs.items():
+            if name == "off":
+                self.row(Row("obs_off", f"REST submit, metrics and tracing off (median of {rounds})",
+                             ha.median(rates), "req/s", extra=obs))
+                continue
+            ratios = [r / o for r, o in zip(rates, off, strict=True)]
+            cost = 1 - ha.median(ratios)
+            target = name in ("metrics", "metrics+tracing")
+            self.row(Row(f"obs_{name}", f"  {name} on", ha.median(rates), "req/s",
+                         ratio=f"overhead {cost:+.0%} (rounds " + ", ".join(f"{1 - x:+.0%}" for x in ratios) + ")"
+                               + (f"; <= {OBS_OVERHEAD_TARGET:.0%}" if target else ""),
+                         verdict=verdict(cost <= OBS_OVERHEAD_TARGET) if target else ""))
+
     # --- all ---------------------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -319,6 +380,8 @@ class Bench:
             if self.cfg.runs("workloop"):
                 await self.guarded("workloop", [("loop_p50", "submit -> assignment latency", "ms")],
                                    self.workloop(srv.url))
+            if self.cfg.runs("ha"):
+                await self.guarded("ha", [("ws_p99", "WebSocket fan-out", "ms")], self.ha(srv.url))
         if self.cfg.runs("restart"):
             await self.guarded("restart", [("restart_snapshot", "restart to ready with snapshot", "s")],
                                self.restart())
@@ -331,7 +394,9 @@ class Bench:
                  "restart_snapshot_decode",
                  "restart_tail", "restart_snapshot_size", "restart_snapshot_write", "restart_snapshot_encode",
                  "restart_no_snapshot", "restart_load", "rest_submit", "rest_raw_paired", "rest_p50", "rest_p99", "rest_errors",
-                 "loop_p50", "loop_p95", "loop_p99", "loop_throughput"]
+                 "loop_p50", "loop_p95", "loop_p99", "loop_throughput", "ws_p50", "ws_p99", "failover_kill",
+                 "failover_term", "nginx_1", "nginx_3", "r1_submit", "r1_restart", "r3_submit", "r3_restart",
+                 "obs_off", "obs_metrics", "obs_metrics+tracing", "obs_metrics+tracing 10%"]
         rows = [self.rows[k] for k in order if k in self.rows]
         rows += [r for k, r in self.rows.items() if k not in order]
         return rows
