@@ -146,15 +146,8 @@ class LoadBalancer:
         return path.read_text(errors="replace") if path.exists() else ""
 
     async def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.returncode is None:
-            self.proc.terminate()
-        try:
-            await asyncio.wait_for(self.proc.wait(), 10)
-        except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
+        if self.proc is not None:
+            await terminate(self.proc)
         self.proc = None
 
     def server_id(self, index: int, port: int) -> str:
@@ -170,6 +163,17 @@ class LoadBalancer:
             return [line for line in self.output_text().splitlines() if " weft_http " in line]
         path = self.workdir / "access.log"
         return path.read_text().splitlines() if path.exists() else []
+
+
+async def terminate(proc: asyncio.subprocess.Process, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it is still there after `timeout` seconds; reaped either way."""
+    if proc.returncode is None:
+        proc.terminate()
+    try:
+        await asyncio.wait_for(proc.wait(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
 
 
 def _append(path: Path) -> BinaryIO:

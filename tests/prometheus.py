@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import yaml
 
+from tests.lb import terminate
 from weft.store.embedded import die_with_parent, free_port
 
 OPS_CONFIG = Path(__file__).resolve().parent.parent / "ops" / "prometheus" / "prometheus.yml"
@@ -91,13 +92,8 @@ class Prometheus:
         if self.http is not None:
             await self.http.close()
             self.http = None
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 10)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
+        if self.proc is not None:
+            await terminate(self.proc)
         self.proc = None
 
     def output(self) -> str:

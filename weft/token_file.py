@@ -7,12 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from weft.core.access import TokenFile, TokenFileError, parse_token_file
+from weft.watched_file import read_parsed
 
 
 def read_token_file(path: Path) -> TokenFile:
-    try:
-        return parse_token_file(path.read_bytes())
-    except OSError as err:
-        raise TokenFileError(f"cannot read {path}: {err.strerror}") from None
-    except TokenFileError as err:
-        raise TokenFileError(f"{path}: {err}") from None
+    return read_parsed(path, parse_token_file, TokenFileError)

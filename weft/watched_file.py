@@ -17,6 +17,16 @@ T = TypeVar("T")
 CHECK_S = 1.0
 
 
+def read_parsed(path: Path, parse: Callable[[bytes], T], error: type[Exception]) -> T:
+    """`parse` of the file's bytes; an unreadable file or a parse error is `error`, naming the path."""
+    try:
+        return parse(path.read_bytes())
+    except OSError as err:
+        raise error(f"cannot read {path}: {err.strerror}") from None
+    except error as err:
+        raise error(f"{path}: {err}") from None
+
+
 class WatchedFile(Generic[T]):
     def __init__(self, path: Path, read: Callable[[Path], T], error: type[Exception], what: str) -> None:
         """`read` parses the file, raising `error` (which, at start, propagates)."""

@@ -6,16 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from weft.core.spinup_policy import ALLOW_ALL, PolicyFileError, SpinUpPolicy, parse_policy
-from weft.watched_file import WatchedFile
+from weft.watched_file import WatchedFile, read_parsed
 
 
 def read_policy(path: Path) -> SpinUpPolicy:
-    try:
-        return parse_policy(path.read_bytes())
-    except OSError as err:
-        raise PolicyFileError(f"cannot read {path}: {err.strerror}") from None
-    except PolicyFileError as err:
-        raise PolicyFileError(f"{path}: {err}") from None
+    return read_parsed(path, parse_policy, PolicyFileError)
 
 
 class PolicyFile:
