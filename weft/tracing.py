@@ -65,9 +65,14 @@ class Tracing:
         if the block raises) on leaving it. `root`: the start of a new trace whatever is current
         (a task may have inherited a long-ended request's context), unless `headers` carry a
         caller's trace context (W3C `traceparent`). Attributes that are None are left out.
-        Disabled: the invalid span, on which every call does nothing, and nothing else."""
+        Disabled, or under a span the sampler left out: the invalid span, on which every call does
+        nothing, and nothing else (no SDK span object, no context switch)."""
         if not self.enabled:
             return NO_SPAN
+        if not root and headers is None:
+            ctx = trace.get_current_span().get_span_context()
+            if ctx.is_valid and not ctx.trace_flags.sampled:
+                return NO_SPAN  # under a span the sampler left out: its children stay out, for free
         return self._started(name, kind, root, headers, attributes or {})
 
     @contextlib.contextmanager

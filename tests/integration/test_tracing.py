@@ -229,6 +229,28 @@ async def test_a_failed_request_is_an_error_span_and_a_caller_trace_context_is_i
         assert bad.attributes["http.response.status_code"] == 400
 
 
+async def test_a_request_the_caller_left_unsampled_creates_no_spans_at_all(
+    trace_nats: EmbeddedNats, collector: Collector
+) -> None:
+    """A `traceparent` with the sampled flag off: the request span is not recorded (parent-based
+    sampling) and its decide/append/fold children are not even created, so unsampled requests
+    cost next to nothing. A sampled request after it is exported with all of them."""
+    project = "trace" + uuid.uuid4().hex[:8]
+    unsampled, sampled = "1af7651916cd43dd8448eb211c80319c", "2af7651916cd43dd8448eb211c80319c"
+    async with own_replica(trace_nats.url, project, otlp_traces_endpoint=f"{collector.base}/v1/traces") as api:
+        assert api.service is not None
+        for trace_id, flags in ((unsampled, "00"), (sampled, "01")):
+            await api.ok("POST", "/api/work", WORK, status=201,
+                         headers={"traceparent": f"00-{trace_id}-b7ad6b7169203331-{flags}"})
+        await asyncio.to_thread(api.service.tracing.flush)
+        def whole(got: list[Received]) -> list[Received] | None:
+            found = [s for s in got if s.trace_id.hex() == sampled]
+            return found if {s.name for s in found} >= {"POST /api/work", "decide", "append", "fold"} else None
+
+        spans = await collector.until(whole)
+    assert spans and not [s for s in collector.spans if s.trace_id.hex() == unsampled]
+
+
 async def test_a_failed_spin_up_is_an_error_span_with_its_mechanism_target_and_outcome(
     trace_nats: EmbeddedNats, collector: Collector
 ) -> None:
