@@ -195,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as err:
         print(f"weft: configuration error: {err}", file=sys.stderr)
         return 2
-    logs.configure(settings.log_level, settings.log_format)
+    # A server logs at LOG_LEVEL (info by default); a one-shot command's output is its answer, so
+    # it logs warnings and worse unless LOG_LEVEL asks for more.
+    level = settings.log_level if args.command == "serve" or os.environ.get("LOG_LEVEL") else "warning"
+    logs.configure(level, settings.log_format)
     if args.command == "serve":
         if args.insecure:
             settings = dataclasses.replace(settings, insecure=True)
