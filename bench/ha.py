@@ -274,8 +274,10 @@ async def overhead(nats_url: str, rounds: int, n: int, concurrency: int) -> dict
     base = f"http://127.0.0.1:{port}"
     out: dict[str, list[float]] = {v: [] for v in VARIANTS}
     try:
-        for _ in range(rounds):
-            for name, env in VARIANTS.items():
+        for rnd in range(rounds):
+            names = list(VARIANTS)
+            for name in names[rnd % len(names):] + names[:rnd % len(names)]:  # no variant always first
+                env = VARIANTS[name]
                 project = f"benchobs{uuid.uuid4().hex[:6]}"
                 async with replicas(nats_url, project, 1, **env(base)) as [weft]:
                     scraper = asyncio.create_task(_scrape(weft.base)) if name != "off" else None
