@@ -29,6 +29,10 @@ LIVE_ASSIGNMENT = frozenset({"assigned", "in-progress"})
 SETTLED_WORK = frozenset({"completed", "cancelled"})
 
 
+def pending_key(item: Record) -> tuple[str, str, int]:
+    return (str(item["capability"]), str(item["boundary"]), int(item["priority"]))
+
+
 @dataclass(slots=True)
 class ProjectState:
     project: str
@@ -60,6 +64,10 @@ class ProjectState:
     work_by_status: dict[str, dict[str, None]] = field(
         default_factory=lambda: {s: {} for s in WORK_STATUSES}, compare=False, repr=False
     )
+    # Derived, never hashed nor snapshotted: pending items by (capability, boundary, priority),
+    # kept by the fold once `pending_counts` computed it (None until then, e.g. after a restart), so
+    # reading queue depth (a metrics scrape) costs O(keys), not O(pending items).
+    pending_keys: dict[tuple[str, str, int], int] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         work: object = self.work  # typed WorkTable, but callers may pass a plain dict
@@ -72,6 +80,18 @@ class ProjectState:
         for wid, item in self.work.items():
             index[item["status"]][wid] = None
         self.work_by_status = index
+        self.pending_keys = None
+
+    def pending_counts(self) -> dict[tuple[str, str, int], int]:
+        """Pending items by (capability, boundary, priority). The first call decodes the pending
+        items once; from then on the fold keeps the counts."""
+        if self.pending_keys is None:
+            counts: dict[tuple[str, str, int], int] = {}
+            for item in self.work_in("pending"):
+                key = pending_key(item)
+                counts[key] = counts.get(key, 0) + 1
+            self.pending_keys = counts
+        return self.pending_keys
 
     def work_in(self, status: str) -> list[Record]:
         """The items in `status` (a snapshot list: the caller may fold while iterating)."""

@@ -12,7 +12,7 @@ from typing import Any
 
 from projections.agents import mark_unresponsive, seen
 from projections.events import Event
-from projections.state import LIVE_ASSIGNMENT, TERMINAL_WORK, ProjectState, Record
+from projections.state import LIVE_ASSIGNMENT, TERMINAL_WORK, ProjectState, Record, pending_key
 
 # `cause` of a `work.requeued` / `work.dead_lettered` that withdrew an assignment its agent did not
 # accept in time: the agent is marked unresponsive (`projections.agents.mark_unresponsive`).
@@ -64,6 +64,13 @@ def new_work(ev: Event) -> Record:
 def set_status(state: ProjectState, item: Record, status: str) -> None:
     """The one place an item changes status: counts and the status index move with it."""
     old = item["status"]
+    if state.pending_keys is not None and (old == "pending") != (status == "pending"):
+        key = pending_key(item)
+        n = state.pending_keys.get(key, 0) + (1 if status == "pending" else -1)
+        if n > 0:
+            state.pending_keys[key] = n
+        else:
+            state.pending_keys.pop(key, None)
     state.work_counts[old] -= 1
     state.work_counts[status] += 1
     state.work_by_status[old].pop(item["id"], None)
@@ -86,7 +93,10 @@ def release_agent(state: ProjectState, item: Record, ts: str) -> None:
 def _submitted(state: ProjectState, item: Record | None, ev: Event) -> bool:
     if item is not None:
         return False
-    state.work[ev.entity_id] = new_work(ev)
+    state.work[ev.entity_id] = item = new_work(ev)
+    if state.pending_keys is not None:
+        key = pending_key(item)
+        state.pending_keys[key] = state.pending_keys.get(key, 0) + 1
     state.work_counts["pending"] += 1
     state.work_by_status["pending"][ev.entity_id] = None
     return True

@@ -338,9 +338,9 @@ class Metrics:
             counts: dict[tuple[str, str, str], int] = {}
             caps: dict[str, None] = {}
             bounds: dict[str, None] = {}
-            for item in view.state.work_in("pending"):
-                key = (_capped(caps, item["capability"]), _capped(bounds, item["boundary"]), str(item["priority"]))
-                counts[key] = counts.get(key, 0) + 1
+            for (capability, boundary, priority), n in view.state.pending_counts().items():
+                key = (_capped(caps, capability), _capped(bounds, boundary), str(priority))
+                counts[key] = counts.get(key, 0) + n
             for (cap, boundary, priority), n in counts.items():
                 out.append(Observation(n, {"project": project, "capability": cap, "boundary": boundary,
                                            "priority": priority}))
