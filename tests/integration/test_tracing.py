@@ -301,3 +301,29 @@ async def test_without_an_endpoint_nothing_is_traced_and_no_exporter_exists(trac
 ])
 def test_the_traces_endpoint_is_resolved_as_the_sdk_does(env: dict[str, str], endpoint: str | None) -> None:
     assert Settings.from_env(env).otlp_traces_endpoint == endpoint
+
+
+async def test_a_ratio_sampler_of_zero_makes_no_span_but_a_sampled_caller_still_gets_its_trace(
+    trace_nats: EmbeddedNats, collector: Collector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `parentbased_traceidratio` at 0, weft's own head sampling leaves every new trace out
+    (requests, the assignment, an agent's reports: no root at all), while a caller's sampled
+    `traceparent` keeps its request's whole trace."""
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")
+    project = "trace" + uuid.uuid4().hex[:8]
+    kept = "3af7651916cd43dd8448eb211c80319c"
+    async with own_replica(trace_nats.url, project, otlp_traces_endpoint=f"{collector.base}/v1/traces") as api:
+        assert api.service is not None
+        for _ in range(5):
+            await api.ok("POST", "/api/work", WORK, status=201)
+        await api.ok("POST", "/api/work", WORK, status=201,
+                     headers={"traceparent": f"00-{kept}-b7ad6b7169203331-01"})
+        await asyncio.to_thread(api.service.tracing.flush)
+
+        def whole(got: list[Received]) -> list[Received] | None:
+            found = [s for s in got if s.trace_id.hex() == kept]
+            return found if {s.name for s in found} >= {"POST /api/work", "decide", "append", "fold"} else None
+
+        await collector.until(whole)
+    assert {s.trace_id.hex() for s in collector.spans} == {kept}, {s.name for s in collector.spans}
