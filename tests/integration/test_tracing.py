@@ -229,6 +229,15 @@ async def test_a_failed_request_is_an_error_span_and_a_caller_trace_context_is_i
         assert bad.attributes["http.response.status_code"] == 400
 
 
+def whole_submit(trace_id: str) -> Callable[[list[Received]], list[Received] | None]:
+    """The spans of trace `trace_id` once its submit's request, decide, append and fold arrived."""
+    def check(got: list[Received]) -> list[Received] | None:
+        found = [s for s in got if s.trace_id.hex() == trace_id]
+        return found if {s.name for s in found} >= {"POST /api/work", "decide", "append", "fold"} else None
+
+    return check
+
+
 async def test_a_request_the_caller_left_unsampled_creates_no_spans_at_all(
     trace_nats: EmbeddedNats, collector: Collector
 ) -> None:
@@ -243,11 +252,7 @@ async def test_a_request_the_caller_left_unsampled_creates_no_spans_at_all(
             await api.ok("POST", "/api/work", WORK, status=201,
                          headers={"traceparent": f"00-{trace_id}-b7ad6b7169203331-{flags}"})
         await asyncio.to_thread(api.service.tracing.flush)
-        def whole(got: list[Received]) -> list[Received] | None:
-            found = [s for s in got if s.trace_id.hex() == sampled]
-            return found if {s.name for s in found} >= {"POST /api/work", "decide", "append", "fold"} else None
-
-        spans = await collector.until(whole)
+        spans = await collector.until(whole_submit(sampled))
     assert spans and not [s for s in collector.spans if s.trace_id.hex() == unsampled]
 
 
@@ -321,9 +326,5 @@ async def test_a_ratio_sampler_of_zero_makes_no_span_but_a_sampled_caller_still_
                      headers={"traceparent": f"00-{kept}-b7ad6b7169203331-01"})
         await asyncio.to_thread(api.service.tracing.flush)
 
-        def whole(got: list[Received]) -> list[Received] | None:
-            found = [s for s in got if s.trace_id.hex() == kept]
-            return found if {s.name for s in found} >= {"POST /api/work", "decide", "append", "fold"} else None
-
-        await collector.until(whole)
+        await collector.until(whole_submit(kept))
     assert {s.trace_id.hex() for s in collector.spans} == {kept}, {s.name for s in collector.spans}
