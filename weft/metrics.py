@@ -104,37 +104,38 @@ def _seconds_between(start: str | None, end: str | None) -> float | None:
         return None
 
 
-class _HotCounter:
-    """A prometheus_client counter with its children cached per label values (the hot path)."""
+class _Hot:
+    """A prometheus_client metric with its children cached per label values (the hot path);
+    without a registry (metrics off) it records nothing."""
 
-    def __init__(self, name: str, doc: str, labels: tuple[str, ...], registry: CollectorRegistry | None) -> None:
-        self._metric = Counter(name, doc, labels, registry=registry) if registry is not None else None
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
         self._children: dict[tuple[str, ...], Any] = {}
+
+    def _child(self, values: tuple[str, ...]) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
+class _HotCounter(_Hot):
+    def __init__(self, name: str, doc: str, labels: tuple[str, ...], registry: CollectorRegistry | None) -> None:
+        super().__init__(Counter(name, doc, labels, registry=registry) if registry is not None else None)
 
     def add(self, amount: float, *values: str) -> None:
-        if self._metric is None:
-            return
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = self._metric.labels(*values)
-        child.inc(amount)
+        if self._metric is not None:
+            self._child(values).inc(amount)
 
 
-class _HotHistogram:
-    """A prometheus_client histogram with its children cached per label values (the hot path)."""
-
+class _HotHistogram(_Hot):
     def __init__(self, name: str, doc: str, labels: tuple[str, ...], buckets: Sequence[float],
                  registry: CollectorRegistry | None) -> None:
-        self._metric = Histogram(name, doc, labels, buckets=buckets, registry=registry) if registry is not None else None
-        self._children: dict[tuple[str, ...], Any] = {}
+        super().__init__(Histogram(name, doc, labels, buckets=buckets, registry=registry) if registry is not None else None)
 
     def record(self, value: float, *values: str) -> None:
-        if self._metric is None:
-            return
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = self._metric.labels(*values)
-        child.observe(value)
+        if self._metric is not None:
+            self._child(values).observe(value)
 
 
 class Metrics:

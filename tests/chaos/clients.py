@@ -68,6 +68,22 @@ async def _post(http: aiohttp.ClientSession, url: str, params: dict[str, str], b
         return 0, None
 
 
+async def _post_until_known(http: aiohttp.ClientSession, url: str, params: dict[str, str], body: Any,
+                            headers: dict[str, str], statuses: list[int], retry_for_s: float) -> tuple[int, Any] | None:
+    """The same request again while its outcome is unknown (UNKNOWN), every status noted in
+    `statuses`; the first known answer, or None once `retry_for_s` is over."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + retry_for_s
+    while True:
+        status, answer = await _post(http, url, params, body, headers)
+        statuses.append(status)
+        if status not in UNKNOWN:
+            return status, answer
+        if loop.time() >= deadline:
+            return None
+        await asyncio.sleep(0.2)  # back off before the retry (Retry-After is 1 s; be quicker)
+
+
 class Submitter:
     def __init__(self, base: str, project: str, tag: str, workers: int = 2, pause_s: float = 0.4,
                  retry_for_s: float = 90.0, seed: int = 0) -> None:
@@ -89,22 +105,16 @@ class Submitter:
         self.records.append(rec)
         body = {**WORK, "description": rec.description}
         headers = {"Idempotency-Key": rec.key, "X-Correlation-Id": rec.correlation}
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.retry_for_s
-        while True:
-            status, answer = await _post(http, self.base + "/api/work", {"projectId": self.project}, body, headers)
-            rec.statuses.append(status)
-            if status in (200, 201, 202) and isinstance(answer, dict):
-                rec.work_id, rec.seq = str(answer["id"]), answer.get("seq")
-                self.acked_event.set()
-                return rec
-            if status not in UNKNOWN:
-                rec.unexpected = f"{status} {str(answer)[:300]}"
-                return rec
-            if loop.time() >= deadline:
-                rec.unexpected = f"no 2xx in {self.retry_for_s}s: {rec.statuses[-10:]}"
-                return rec
-            await asyncio.sleep(0.2)  # back off before the retry (Retry-After is 1 s; be quicker)
+        known = await _post_until_known(http, self.base + "/api/work", {"projectId": self.project}, body, headers,
+                                        rec.statuses, self.retry_for_s)
+        if known is None:
+            rec.unexpected = f"no 2xx in {self.retry_for_s}s: {rec.statuses[-10:]}"
+        elif known[0] in (200, 201, 202) and isinstance(known[1], dict):
+            rec.work_id, rec.seq = str(known[1]["id"]), known[1].get("seq")
+            self.acked_event.set()
+        else:
+            rec.unexpected = f"{known[0]} {str(known[1])[:300]}"
+        return rec
 
     async def run(self, http: aiohttp.ClientSession) -> None:
         async def worker() -> None:
@@ -143,25 +153,17 @@ class Canceller:
         if sub.seq:
             params["min_seq"] = str(sub.seq)  # whichever replica answers has folded the submit
         headers = {"X-Correlation-Id": rec.correlation}
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.retry_for_s
-        while True:
-            status, answer = await _post(http, f"{self.base}/api/work/{sub.work_id}/cancel", params,
-                                         {"reason": "chaos"}, headers)
-            rec.statuses.append(status)
-            if status == 200 and isinstance(answer, dict):
-                rec.status, rec.already, rec.seq = 200, bool(answer.get("alreadyCancelled")), answer.get("seq")
-                return rec
-            if status == 409:
-                rec.status = 409
-                return rec
-            if status not in UNKNOWN:
-                rec.unexpected = f"{status} {str(answer)[:300]}"
-                return rec
-            if loop.time() >= deadline:
-                rec.unexpected = f"no final answer in {self.retry_for_s}s: {rec.statuses[-10:]}"
-                return rec
-            await asyncio.sleep(0.2)
+        known = await _post_until_known(http, f"{self.base}/api/work/{sub.work_id}/cancel", params,
+                                        {"reason": "chaos"}, headers, rec.statuses, self.retry_for_s)
+        if known is None:
+            rec.unexpected = f"no final answer in {self.retry_for_s}s: {rec.statuses[-10:]}"
+        elif known[0] == 200 and isinstance(known[1], dict):
+            rec.status, rec.already, rec.seq = 200, bool(known[1].get("alreadyCancelled")), known[1].get("seq")
+        elif known[0] == 409:
+            rec.status = 409
+        else:
+            rec.unexpected = f"{known[0]} {str(known[1])[:300]}"
+        return rec
 
     async def run(self, http: aiohttp.ClientSession) -> None:
         while not self.stop.is_set():

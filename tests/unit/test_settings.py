@@ -18,7 +18,7 @@ def test_a_publish_timeout_that_is_not_a_positive_number_is_refused_by_name(raw:
         Settings.from_env({"WEFT_PUBLISH_TIMEOUT_S": raw})
 
 
-@pytest.mark.parametrize("url", ["nats://agent:s3cret@10.0.0.5:4222", "nats://a:4222,tls://tok@b:4222"])
+@pytest.mark.parametrize("url", ["nats://agent:s3cret@127.0.0.1:4222", "nats://a:4222,tls://tok@b:4222"])
 def test_an_agent_nats_url_with_credentials_is_refused(url: str) -> None:
     # It travels in the clear (a GitHub workflow input, a webhook body, a Job spec).
     with pytest.raises(SettingsError, match="WEFT_AGENT_NATS_URL must not hold credentials"):

@@ -44,11 +44,13 @@ def cell(value: Any) -> str:
     return str(value)
 
 
-def plain_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Columns padded to their widest cell, two spaces apart; the header in upper case."""
-    head = [c.upper() for c in columns]
+def plain_table(columns: Sequence[str], rows: Sequence[Sequence[str]], *, upper: bool = True, indent: str = "") -> str:
+    """Columns padded to their widest cell, two spaces apart; the header in upper case unless not
+    `upper`; every line after `indent`."""
+    head = [c.upper() for c in columns] if upper else list(columns)
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in [head, *rows]]
+    lines = [(indent + "  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True))).rstrip()
+             for line in [head, *rows]]
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ import orjson
 from projections import ProjectState, apply, decode_state, encode_state, state_hash
 from projections.diff import StateDiff, diff_states
 from projections.events import Event, parse_ts
+from weft.cli.output import plain_table
 from weft.store.eventstore import EventStore
 
 # --- progress (stderr, TTY only) -------------------------------------------------------------------
@@ -178,11 +179,7 @@ def _tables(title_rows: list[tuple[str, list[str], list[list[str]]]], stream: IO
             console.print(table)
         return
     for title, header, rows in title_rows:
-        stream.write(f"{title}\n")
-        widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
-        for row in [header, *rows]:
-            stream.write("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
-        stream.write("\n")
+        stream.write(f"{title}\n{plain_table(header, rows, upper=False, indent='  ')}\n\n")
 
 
 def _s(value: Any) -> str:

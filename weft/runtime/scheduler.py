@@ -210,7 +210,10 @@ class ProjectScheduler:
                 ctx, w.work_id, w.reason, epoch, self.config.max_withdrawals,
                 guid=w.guid, attempt=w.attempt, cause=w.cause,
             ))
-        out += [self._assign(state, a) for a in tick.assignments]
+        if commands.tracing.enabled:
+            out += [self._traced_assign(state, a, epoch) for a in tick.assignments]
+        else:  # no span: nothing to look up in the item
+            out += [commands.assign_work(ctx, a.work_id, a.guid, epoch, a.accept_by) for a in tick.assignments]
         if self.fleet is not None:
             self.fleet.blocked = tick.spin_up_blocked
             for d in tick.spin_ups:
@@ -227,16 +230,17 @@ class ProjectScheduler:
             out += [commands.purge_work(ctx, wid, before, epoch) for wid in tick.purges.work_ids]
         return out
 
-    async def _assign(self, state: ProjectState, a: Assignment) -> Outcome:
+    async def _traced_assign(self, state: ProjectState, a: Assignment, epoch: int) -> Outcome:
         """One assignment, traced as the root of its own trace (with the item's correlation id and
-        the sequence of its last event, so it can be found from the submit's)."""
+        the sequence of its last event, so it can be found from the submit's). `epoch` is the
+        tick's, like every other decision of it."""
         item = state.work.get(a.work_id)
         with self.commands.tracing.span("assign", {
-            "weft.project": self.project, "weft.work_id": a.work_id, "weft.agent_guid": a.guid, "weft.epoch": self.epoch,
+            "weft.project": self.project, "weft.work_id": a.work_id, "weft.agent_guid": a.guid, "weft.epoch": epoch,
             "weft.correlation_id": item["correlationId"] if item else None,
             "weft.work_seq": state.entity_seq.get(f"work.{a.work_id}"),
         }, root=True) as span:
-            outcome = await self.commands.assign_work(self.ctx, a.work_id, a.guid, self.epoch, a.accept_by)
+            outcome = await self.commands.assign_work(self.ctx, a.work_id, a.guid, epoch, a.accept_by)
             span.set_attributes({"weft.stream_seq": outcome.seq, "weft.noop": outcome.noop})
             return outcome
 
