@@ -7,12 +7,13 @@ need no mapping layer. Field lists live in the docstrings of `new_work`, `new_ag
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
-from projections.worktable import Encoded, WorkTable
+from projections.worktable import Cut, Encoded, WorkTable, pack_index, unpack_index
 from projections.worktable import Record as Record  # re-exported: the one record type
 
 # Bump when the folded shape changes: snapshots of another schema are ignored and state is rebuilt.
@@ -170,6 +171,43 @@ def encode_state(state: ProjectState, *, settle: bool = False) -> bytearray:
     if settle:
         state.work.rebase(memoryview(out)[:items_end], enc, SETTLED_WORK)
     return out
+
+
+class SnapshotCut(NamedTuple):
+    """A point of a project's state that an encoding taken there can later be adopted from."""
+
+    seq: int
+    work: Cut
+
+
+def snapshot_cut(state: ProjectState) -> SnapshotCut:
+    """Mark the state's present for `adopt_snapshot` (until it, or `release_cut`)."""
+    return SnapshotCut(state.seq, state.work.cut(SETTLED_WORK))
+
+
+def release_cut(state: ProjectState) -> None:
+    """Give up a cut whose encoding will never be adopted."""
+    state.work.release_cut()
+
+
+def encode_snapshot(state: ProjectState) -> tuple[bytearray, int, bytes]:
+    """`encode_state`'s payload, where its items end, and their packed index: all a process that
+    did not do the encoding (the parent of a forked encoder) needs to adopt it."""
+    enc = state.work.encoded()
+    index = pack_index(enc, state.work.adoptable(enc.ids, SETTLED_WORK))
+    out = enc.items
+    items_end = len(out)
+    out += _footer(state, enc, derived=True)
+    return out, items_end, index
+
+
+def adopt_snapshot(
+    state: ProjectState, payload: memoryview, items_end: int, index: bytes | memoryview, cut: SnapshotCut
+) -> Generator[None, None, int]:
+    """Settle (see `encode_state`) what is unchanged since `cut` onto an encoding of the state
+    taken there, which `payload` holds: a generator (`WorkTable.adoption`) returning how many
+    items were settled (-1: none could be)."""
+    return state.work.adoption(payload[:items_end], unpack_index(index), cut.work)
 
 
 def decode_state(raw: bytes | bytearray) -> ProjectState:

@@ -10,7 +10,7 @@ mutable dict, like the ones the fold creates.
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterator
+from collections.abc import Container, Generator, Iterable, Iterator
 from itertools import accumulate, repeat
 from operator import add
 from typing import Any, NamedTuple
@@ -30,12 +30,62 @@ class Encoded(NamedTuple):
     items: bytearray  # the JSON array of the items, in `ids` order
 
 
+class Cut(NamedTuple):
+    """A point in a table's life that an encoding taken there can be adopted from (`adoption`)."""
+
+    generation: int
+    settled: dict[str, Record]  # finished items decoded at that point: the objects, not copies
+
+
+class IndexChunk(NamedTuple):
+    """Part of the index of an `Encoded` (`pack_index`): its items' ids, lengths and list keys,
+    and the positions (within the chunk) of the items an `adoption` may hold encoded."""
+
+    ids: list[str]
+    lengths: list[int]
+    priorities: list[int]
+    offered: list[str]
+    adopt: list[int]
+
+
+INDEX_CHUNK = 4096  # items per chunk: each unpacks and is adopted in a few ms
+
+
+def pack_index(enc: Encoded, adopt: list[int]) -> bytes:
+    """An `Encoded`'s index without its items, in chunks that unpack one at a time (a process
+    that did not encode the items adopts them by it; see `weft.store.snapshot_child`)."""
+    parts: list[bytes] = []
+    marks = iter(adopt)
+    mark = next(marks, None)
+    for lo in range(0, len(enc.ids), INDEX_CHUNK):
+        hi = min(lo + INDEX_CHUNK, len(enc.ids))
+        rel: list[int] = []
+        while mark is not None and mark < hi:
+            rel.append(mark - lo)
+            mark = next(marks, None)
+        raw = orjson.dumps([enc.ids[lo:hi], enc.lengths[lo:hi], enc.priorities[lo:hi], enc.offered[lo:hi], rel])
+        parts += (len(raw).to_bytes(8, "little"), raw)
+    return b"".join(parts)
+
+
+def unpack_index(raw: bytes | memoryview) -> Iterator[IndexChunk]:
+    """`pack_index`'s chunks, each decoded when it is reached."""
+    view, at = memoryview(raw), 0
+    while at < len(view):
+        n = int.from_bytes(view[at : at + 8], "little")
+        ids, lengths, priorities, offered, adopt = orjson.loads(view[at + 8 : at + 8 + n])
+        if not len(ids) == len(lengths) == len(priorities) == len(offered):
+            raise ValueError("work index: ids, lengths and list keys disagree")
+        yield IndexChunk(ids, lengths, priorities, offered, adopt)
+        at += 8 + n
+
+
 class WorkTable:
     """A mapping of work id -> item (dict). `get`, `[]`, `in`, `del` and assignment behave as on
     a dict; the first read of an encoded item decodes it and keeps the dict, so the fold may
     mutate what it reads. Iteration order is not meaningful (the status index keeps order)."""
 
-    __slots__ = ("_blob", "_ends", "_frozen", "_live", "_offered", "_priorities", "_starts")
+    __slots__ = ("_blob", "_ends", "_frozen", "_generation", "_live", "_offered", "_priorities", "_starts", "_unfrozen")
 
     def __init__(self, items: dict[str, Record] | None = None) -> None:
         self._live: dict[str, Record] = items if items is not None else {}
@@ -47,6 +97,8 @@ class WorkTable:
         self._ends: list[int] = []
         self._priorities: list[int] = []
         self._offered: list[str] = []
+        self._generation = 0  # bumped whenever the encoded items are re-pointed (see `adoption`)
+        self._unfrozen: set[str] | None = None  # ids that stopped being encoded, while tracked
 
     @classmethod
     def from_encoded(
@@ -67,6 +119,7 @@ class WorkTable:
         return table
 
     def _point_at(self, section: memoryview, lengths: list[int], priorities: list[int], offered: list[str]) -> None:
+        self._generation += 1
         self._blob = section
         # "[" item0 "," item1 ... "]": item i starts after i+1 separators and the items before it
         # (map/accumulate keep the per-item work in C).
@@ -91,11 +144,76 @@ class WorkTable:
         self._frozen = frozen
         return settled
 
+    # --- adopting an encoding made elsewhere (a forked child), while the table goes on changing ---
+
+    def cut(self, settle: Container[str]) -> Cut:
+        """Mark this point for a later `adoption` of an encoding of the table as it is now: from
+        here on the table notes which encoded items stop being encoded."""
+        self._unfrozen = set()
+        settled = {wid: item for wid, item in self._live.items() if item["status"] in settle}
+        return Cut(self._generation, settled)
+
+    def adoptable(self, ids: list[str], settle: Container[str]) -> list[int]:
+        """Positions in `ids` (this table's `encoded().ids`) of the items an `adoption` may hold
+        encoded: those encoded now, and the decoded ones whose status is in `settle`."""
+        frozen, live = self._frozen, self._live
+        return [i for i, wid in enumerate(ids) if wid in frozen or live[wid]["status"] in settle]
+
+    def release_cut(self) -> None:
+        self._unfrozen = None
+
+    def adoption(self, section: memoryview, chunks: Iterable[IndexChunk], cut: Cut) -> Generator[None, None, int]:
+        """`rebase` onto an encoding of this table taken at `cut` (`section` is its items, `chunks`
+        its `pack_index`), though the table changed since: the items encoded then and still, and
+        those of `cut.settled` (finished items, which never change again) that are still the same
+        objects, stop being dicts; everything else stays as it is. A generator that yields after
+        each chunk, so a caller on an event loop can let others run between; it returns how many
+        items were settled, or -1 (changing nothing) if the table was re-pointed since the cut."""
+        frozen: dict[str, int] = {}
+        starts: list[int] = []
+        ends: list[int] = []
+        priorities: list[int] = []
+        offered: list[str] = []
+        at, base = 1, 0  # the next item's offset in `section` ("[" item "," item ... "]"), its position
+        for chunk in chunks:
+            ids = chunk.ids
+            frozen.update((ids[i], base + i) for i in chunk.adopt)
+            chunk_starts = list(accumulate(map(add, chunk.lengths, repeat(1)), initial=at))
+            at = chunk_starts.pop()
+            starts += chunk_starts
+            ends += map(add, chunk_starts, chunk.lengths)
+            priorities += chunk.priorities
+            offered += chunk.offered
+            base += len(ids)
+            yield
+        if cut.generation != self._generation or self._unfrozen is None:
+            self._unfrozen = None
+            return -1
+        for wid in self._unfrozen:
+            frozen.pop(wid, None)
+        live, settled = self._live, 0
+        for wid, item in cut.settled.items():
+            if live.get(wid) is item:
+                del live[wid]
+                settled += 1
+            else:
+                frozen.pop(wid, None)
+        self._generation += 1
+        self._blob, self._starts, self._ends = section, starts, ends
+        self._priorities, self._offered, self._frozen, self._unfrozen = priorities, offered, frozen, None
+        return settled
+
     def _span(self, pos: int) -> memoryview:
         return self._blob[self._starts[pos] : self._ends[pos]]
 
-    def _thaw(self, wid: str) -> Record | None:
+    def _unfreeze(self, wid: str) -> int | None:
         pos = self._frozen.pop(wid, None)
+        if pos is not None and self._unfrozen is not None:
+            self._unfrozen.add(wid)
+        return pos
+
+    def _thaw(self, wid: str) -> Record | None:
+        pos = self._unfreeze(wid)
         if pos is None:
             return None
         item: Record = orjson.loads(self._span(pos))
@@ -132,11 +250,11 @@ class WorkTable:
         return item
 
     def __setitem__(self, wid: str, item: Record) -> None:
-        self._frozen.pop(wid, None)
+        self._unfreeze(wid)
         self._live[wid] = item
 
     def __delitem__(self, wid: str) -> None:
-        if self._live.pop(wid, None) is None and self._frozen.pop(wid, None) is None:
+        if self._live.pop(wid, None) is None and self._unfreeze(wid) is None:
             raise KeyError(wid)
 
     def __contains__(self, wid: object) -> bool:

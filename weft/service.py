@@ -152,7 +152,8 @@ class WeftService:
             metrics=self.metrics,
         )
         snapshots = SnapshotStore(self.resources, replicas=self.settings.stream_replicas)
-        self.readmodel = ReadModel(store, snapshots=snapshots, snapshot_every=self.settings.snapshot_every)
+        self.readmodel = ReadModel(store, snapshots=snapshots, snapshot_every=self.settings.snapshot_every,
+                                   snapshot_encode=self.settings.snapshot_encode)
         self.readmodel.on_attach.append(self.metrics.listen)
         await self.readmodel.start()
         self.commands = Commands(self.readmodel, store, metrics=self.metrics, spinup_policy=spinup_policy,

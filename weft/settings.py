@@ -64,6 +64,13 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name} must be true or false, got {raw!r}")
 
 
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = (env.get(name) or default).strip().lower()
+    if value not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {env.get(name)!r}")
+    return value
+
+
 def _project_map(raw: str | None) -> tuple[tuple[str, str], ...]:
     """WEFT_WARP_PROJECT_MAP: `warpProjectId=weftProject,...` (Warp's ids are 16 hex characters)."""
     from projections.events import is_valid_project_id
@@ -164,6 +171,7 @@ class Settings:
     group_commit_after: int = 16  # appends in flight per stream before others share an atomic batch
     max_body_bytes: int = 1024 * 1024
     snapshot_every: int = 50_000
+    snapshot_encode: str = "fork"  # "fork": in a child process (Linux), "loop": on the event loop
     min_seq_wait_ms: int = 5_000
     replica_name: str = ""
     heartbeat_ms: int = 10_000
@@ -227,6 +235,7 @@ class Settings:
             retain_done_s=_float(e, "WEFT_RETAIN_DONE_S", 7 * 24 * 3600.0),
             max_body_bytes=_int(e, "WEFT_MAX_BODY_BYTES", 1024 * 1024, 1024),
             snapshot_every=_int(e, "WEFT_SNAPSHOT_EVERY", 50_000, 0),
+            snapshot_encode=_choice(e, "WEFT_SNAPSHOT_ENCODE", "fork", ("fork", "loop")),
             min_seq_wait_ms=_int(e, "WEFT_MIN_SEQ_WAIT_MS", 5_000, 0),
             replica_name=e.get("WEFT_REPLICA_NAME", "") or os.uname().nodename + f"-{os.getpid()}",
             heartbeat_ms=_int(e, "WEFT_HEARTBEAT_MS", 10_000, 50),

@@ -8,6 +8,8 @@ term (`leader.elected`) in them.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import nats
@@ -21,6 +23,7 @@ from projections.state import STATE_SCHEMA
 from tests.integration.test_eventstore import read_all, target_registered, target_updated, work_submitted
 from tests.servers import own_nats_server
 from tests.support import own_replica
+from weft.store import readmodel as readmodel_module
 from weft.store.embedded import EmbeddedNats
 from weft.store.eventstore import ConcurrencyConflict, EventStore
 from weft.store.readmodel import ProjectView, ReadModel
@@ -43,9 +46,10 @@ async def replicas(nats_server: EmbeddedNats) -> AsyncIterator[ReplicaFactory]:
     """Makes replicas, each on its own connection (as separate processes would be); stops them all."""
     made: list[tuple[ReadModel, NATS]] = []
 
-    async def make(*, snapshot_every: int = 0, start: bool = False) -> ReadModel:
+    async def make(*, snapshot_every: int = 0, start: bool = False, encode: str = "loop") -> ReadModel:
+        """`encode`: "loop" (the default here) takes each snapshot at exactly every Nth event."""
         conn = await nats.connect(nats_server.url)
-        replica = ReadModel(EventStore(conn.jetstream()), snapshot_every=snapshot_every)
+        replica = ReadModel(EventStore(conn.jetstream()), snapshot_every=snapshot_every, snapshot_encode=encode)
         made.append((replica, conn))
         if start:
             await replica.start()
@@ -281,6 +285,67 @@ async def test_snapshots_settle_finished_items_and_a_restart_from_one_matches_a_
     assert restarted.state.work.encoded_count() == 5, "w0, w2-w5 untouched since the snapshot"
     assert state_hash(restarted.state) == state_hash(await full_replay(store, project))
     assert list(restarted.state.work_by_status["cancelled"]) == ["w0", "w2", "w3"]
+    await snapshots.delete_snapshot(project)
+
+
+async def test_a_snapshot_encoded_in_a_child_settles_items_and_a_restart_from_it_matches_a_replay(
+    store: EventStore, snapshots: SnapshotStore, project: str, replicas: ReplicaFactory
+) -> None:
+    """As above, with the encoding in a forked child while the fold goes on: a snapshot that falls
+    due while one is encoded is taken when it ends, so the last one has w0, w2, w3 cancelled."""
+    writer = await replicas(snapshot_every=5, encode="fork")
+    view = await writer.attach(project)
+
+    async def append(ev: Event) -> int:
+        seq = (await store.append(ev, view.state.entity_seq.get(f"work.{ev.entity_id}", 0))).seq
+        assert await view.wait_for(seq, WAIT)
+        return seq
+
+    await append_work(store, project, 6)
+    for i in range(4):
+        await append(Event(type="work.cancelled", entity_id=f"w{i}", data={"reason": None}, project=project))
+    await append(Event(type="work.purged", entity_id="w1", data={"reason": "retention"}, project=project))
+    seq = await append(work_submitted(project, "w6"))
+    await writer.stop()  # waits for the children, their adoption and the writes
+    assert view.snapshot_child is None and not view.snapshot_deferred
+    assert view.state.work.encoded_count() == 3, "w0, w2, w3 settled; w1 purged; pending items stay dicts"
+    assert state_hash(view.state) == state_hash(await full_replay(store, project))
+
+    raw = await snapshots.load_snapshot(project)
+    assert raw is not None and 10 <= decode_state(raw).seq <= seq
+    restarted = await attached(await replicas(), project, seq)
+    assert restarted.tail is not None and restarted.tail.from_seq == decode_state(raw).seq + 1
+    assert state_hash(restarted.state) == state_hash(await full_replay(store, project))
+    await snapshots.delete_snapshot(project)
+
+
+async def test_a_killed_snapshot_child_skips_that_snapshot_and_the_replica_goes_on(
+    store: EventStore, snapshots: SnapshotStore, project: str, replicas: ReplicaFactory,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A real child process, stuck in its encoder, killed with SIGKILL: the parent logs the
+    snapshot as skipped, keeps folding, and the next snapshot is written."""
+    real = readmodel_module.ForkedEncoder
+
+    def stuck(state: ProjectState) -> tuple[bytearray, int, bytes]:
+        signal.pause()  # in the child; only a signal ends it
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(readmodel_module, "ForkedEncoder", lambda state: real(state, stuck))
+    writer = await replicas(snapshot_every=3, encode="fork")
+    view = await writer.attach(project)
+    assert await view.wait_for(await append_work(store, project, 3), WAIT)
+    child = view.snapshot_child
+    assert child is not None and child.pid > 0
+    monkeypatch.setattr(readmodel_module, "ForkedEncoder", real)
+    os.kill(child.pid, signal.SIGKILL)
+    seq = await append_work(store, project, 3, prefix="more")  # falls due while the dead one is reaped
+    assert await view.wait_for(seq, WAIT)
+    await writer.stop()
+    assert "snapshot skipped: snapshot child exited with -9" in caplog.text
+    raw = await snapshots.load_snapshot(project)
+    assert raw is not None and decode_state(raw).seq == seq
+    assert state_hash(decode_state(raw)) == state_hash(await full_replay(store, project))
     await snapshots.delete_snapshot(project)
 
 

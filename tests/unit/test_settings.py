@@ -25,3 +25,10 @@ def test_an_agent_nats_url_with_credentials_is_refused(url: str) -> None:
         Settings.from_env({"WEFT_AGENT_NATS_URL": url})
     assert Settings.from_env({"WEFT_AGENT_NATS_URL": "nats://a:4222,nats://b:4222"}).agent_nats_url == (
         "nats://a:4222,nats://b:4222")
+
+
+def test_snapshot_encoding_is_fork_by_default_and_names_its_choices() -> None:
+    assert Settings.from_env({}).snapshot_encode == "fork"
+    assert Settings.from_env({"WEFT_SNAPSHOT_ENCODE": "Loop"}).snapshot_encode == "loop"
+    with pytest.raises(SettingsError, match="WEFT_SNAPSHOT_ENCODE must be one of fork, loop, got 'thread'"):
+        Settings.from_env({"WEFT_SNAPSHOT_ENCODE": "thread"})

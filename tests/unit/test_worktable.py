@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from projections import ProjectState, apply, decode_state, encode_state, fold, state_hash
 from projections.events import Event
-from projections.state import STATE_SCHEMA
+from projections.state import STATE_SCHEMA, SnapshotCut, adopt_snapshot, encode_snapshot, snapshot_cut
 from projections.worktable import WorkTable
 from tests.strategies import PROJECT, event_sequences
 from tests.unit.test_projections import PROPERTY, Stream
@@ -195,3 +195,89 @@ def test_reading_any_items_of_a_loaded_state_changes_nothing(
     for wid in data.draw(st.lists(st.sampled_from(ids), unique=True) if ids else st.just([]), label="read"):
         assert back.work[wid] == state.work[wid]
     assert encode_state(back) == encode_state(state)
+
+
+# --- adopting an encoding taken at an earlier point (a forked child's), while the fold went on ------
+
+
+def adopt_all(state: ProjectState, encoding: tuple[bytearray, int, bytes], cut: SnapshotCut) -> int:
+    payload, items_end, index = encoding
+    adoption = adopt_snapshot(state, memoryview(payload), items_end, index, cut)
+    while True:
+        try:
+            next(adoption)
+        except StopIteration as done:
+            return int(done.value)
+
+
+def test_an_encoding_taken_earlier_is_adopted_for_what_did_not_change_since() -> None:
+    s = history()
+    s.ev("work.cancelled", "w0", reason=None)
+    _, state = loaded()  # w0-w4 encoded
+    for ev in s.events[len(history().events):]:
+        apply(state, ev)  # w0 (cancelled) is decoded now
+    assert state.work["w2"]  # w2 read: decoded
+    cut = snapshot_cut(state)
+    encoding = encode_snapshot(state)
+    assert decode_state(encoding[0]) == state and encoding[0] == encode_state(state)
+    # The fold goes on while the encoding is made elsewhere.
+    for ev in (s.ev("work.purged", "w0", reason="retention"),  # settled at the cut, gone now
+               s.ev("work.purged", "w3", reason="retention"),  # encoded at the cut, gone now
+               s.ev("work.completed", "w1", agentGuid="a1", result=None)):  # finished after the cut
+        apply(state, ev)
+    assert state.work["w4"]["status"] == "pending"  # encoded at the cut, decoded since
+    apply(state, s.submit("w9"))
+    digest = state_hash(state)
+    assert adopt_all(state, encoding, cut) == 0, "w0 was the only settled one, and it is gone"
+    assert state.work.encoded_count() == 0, "w3 gone; w4 decoded since; w1, w2, w9 were decoded then"
+    assert state_hash(state) == digest == state_hash(s.state())
+    assert sorted(state.work) == ["w1", "w2", "w4", "w9"]
+
+
+def test_settled_and_still_encoded_items_move_onto_the_adopted_encoding() -> None:
+    s = history()
+    _, state = loaded()
+    assert state.work["w3"]["status"] == "completed"  # decoded, settled
+    cut = snapshot_cut(state)
+    encoding = encode_snapshot(state)
+    apply(state, s.submit("w7"))
+    assert adopt_all(state, encoding, cut) == 1
+    assert state.work.encoded_count() == 5, "w0, w1, w2, w4 still encoded, w3 settled; w7 decoded"
+    assert state_hash(state) == state_hash(s.state())
+    assert state.work["w3"] == s.state().work["w3"] and state.work["w1"]["assignedTo"] == "a1"
+
+
+def test_an_encoding_is_not_adopted_after_the_table_was_re_pointed() -> None:
+    _, state = loaded()
+    assert state.work["w3"]  # decodes it
+    cut = snapshot_cut(state)
+    encoding = encode_snapshot(state)
+    encode_state(state, settle=True)  # a snapshot taken on the loop in between
+    before = encode_state(state)
+    assert adopt_all(state, encoding, cut) == -1
+    assert encode_state(state) == before and state.work.encoded_count() == 5
+
+
+@PROPERTY
+@given(event_sequences(), st.data())
+def test_adopting_an_encoding_from_any_earlier_point_changes_no_state(
+    events: list[Event], data: st.DataObject
+) -> None:
+    """Cut anywhere (on a loaded state or not), fold on (purges, completions, reads, new items),
+    then adopt: the state is the one a plain fold reaches, and so is a reload of the encoding."""
+    at = data.draw(st.integers(0, len(events)), label="cut at")
+    state = fold(events[:at], project=PROJECT)
+    if data.draw(st.booleans(), label="loaded"):
+        state = decode_state(encode_state(state))
+    ids = sorted(state.work)
+    for wid in data.draw(st.lists(st.sampled_from(ids), unique=True) if ids else st.just([]), label="read"):
+        state.work.get(wid)
+    cut = snapshot_cut(state)
+    encoding = encode_snapshot(state)
+    at_cut = state_hash(state)
+    for ev in events[at:]:
+        apply(state, ev)
+    adopt_all(state, encoding, cut)
+    assert state_hash(state) == state_hash(fold(events, project=PROJECT))
+    assert encode_state(state) == encode_state(fold(events, project=PROJECT))
+    assert state_hash(decode_state(encoding[0])) == at_cut

@@ -18,9 +18,11 @@ import orjson
 
 from projections import ProjectState, apply, decode_state, encode_state
 from projections.events import Event, UnsupportedEvent, is_valid_project_id
+from projections.state import adopt_snapshot, release_cut
 from weft.aio import TaskSet
 from weft.store import gcpause
 from weft.store.eventstore import EventStore, Tail
+from weft.store.snapshot_child import FORK_AVAILABLE, ChildFailed, ForkedEncoder
 from weft.store.snapshots import SnapshotStore
 
 log = logging.getLogger("weft.store.readmodel")
@@ -44,6 +46,8 @@ class ProjectView:
         self.events_since_snapshot = 0
         self.snapshot_every = 0
         self.on_snapshot_due: Callable[[ProjectView], None] | None = None
+        self.snapshot_child: ForkedEncoder | None = None  # the snapshot being encoded, if any
+        self.snapshot_deferred = False  # one fell due while it was
         self.gc_pause: gcpause.Pause | None = None  # held while folding the backlog found at attach
         # (seq, reason) of an event this weft cannot read: the projection stops before it.
         self.halted: tuple[int, str] | None = None
@@ -135,12 +139,15 @@ class ProjectView:
 
 class ReadModel:
     def __init__(
-        self, store: EventStore, *, snapshots: SnapshotStore | None = None, snapshot_every: int = 50_000
+        self, store: EventStore, *, snapshots: SnapshotStore | None = None, snapshot_every: int = 50_000,
+        snapshot_encode: str = "fork",
     ) -> None:
         self.store = store
         # By default on the store's resources, with its replicas (as when the store kept snapshots).
         self.snapshots = snapshots or SnapshotStore(store.resources, replicas=store.replicas)
         self.snapshot_every = snapshot_every
+        # "fork": snapshots are encoded in a child process (`weft.store.snapshot_child`); "loop": on the event loop.
+        self.snapshot_encode = snapshot_encode if FORK_AVAILABLE else "loop"
         self.views: dict[str, ProjectView] = {}
         self._attach_lock = asyncio.Lock()
         self._tasks = TaskSet()  # attaches of new projects and snapshot writes
@@ -269,15 +276,59 @@ class ReadModel:
 
     def _snapshot_due(self, view: ProjectView) -> None:
         view.events_since_snapshot = 0
-        # Encode now, on the loop, so the snapshot is exactly the state at this sequence.
         state = view.state
+        if self.snapshot_encode == "fork":
+            if view.snapshot_child is not None:
+                view.snapshot_deferred = True  # one at a time: the next starts when this one ends
+                return
+            try:
+                view.snapshot_child = ForkedEncoder(state)
+            except OSError:
+                log.exception("snapshot child could not start; encoding on the event loop",
+                              extra={"project": state.project})
+            else:
+                self._tasks.spawn(self._adopt_forked(view, view.snapshot_child))
+                return
+        # Encode now, on the loop, so the snapshot is exactly the state at this sequence.
         payload = encode_state(state, settle=True)
         self._tasks.spawn(self._write_snapshot(state.project, payload, state.seq))
 
-    async def _write_snapshot(self, project: str, payload: bytearray, seq: int) -> None:
+    async def _adopt_forked(self, view: ProjectView, child: ForkedEncoder) -> None:
+        """Wait for the child, settle finished items onto what it encoded, write it; then the next
+        snapshot if one fell due meanwhile (never two writes of a project's snapshot at once)."""
+        project, seq = view.project, child.cut.seq
+        try:
+            try:
+                enc = await child.result()
+                adoption = adopt_snapshot(view.state, enc.payload, enc.items_end, enc.index, enc.cut)
+                while True:  # a chunk at a time, letting requests and folds run between
+                    try:
+                        next(adoption)
+                    except StopIteration as done:
+                        settled = done.value
+                        break
+                    await asyncio.sleep(0)
+            finally:
+                release_cut(view.state)
+            # fork_ms: the loop's share of this snapshot (the cut and the fork)
+            await self._write_snapshot(project, enc.payload, seq,
+                                       {"settled": settled, "fork_ms": round(child.stalled_s * 1000, 1)})
+        except ChildFailed as err:
+            log.error("snapshot skipped: %s", err, extra={"project": project, "seq": seq})
+        except Exception:  # a snapshot only shortens a rebuild: never let it take the replica down
+            log.exception("snapshot skipped", extra={"project": project, "seq": seq})
+        finally:
+            view.snapshot_child = None
+        if view.snapshot_deferred:
+            view.snapshot_deferred = False
+            self._snapshot_due(view)
+
+    async def _write_snapshot(
+        self, project: str, payload: bytes | bytearray | memoryview, seq: int, details: dict[str, object] | None = None
+    ) -> None:
         try:
             await self.snapshots.save_snapshot(project, payload)
-            log.info("snapshot written", extra={"project": project, "seq": seq, "bytes": len(payload)})
+            log.info("snapshot written", extra={"project": project, "seq": seq, "bytes": len(payload), **(details or {})})
         except Exception:
             log.exception("snapshot write failed", extra={"project": project})
 

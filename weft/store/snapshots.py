@@ -37,7 +37,7 @@ class SnapshotStore:
             api.ObjectStoreConfig(bucket=SNAPSHOT_BUCKET, storage=api.StorageType.FILE, replicas=self.replicas)
         )
 
-    async def save_snapshot(self, project: str, payload: bytes | bytearray) -> None:
+    async def save_snapshot(self, project: str, payload: bytes | bytearray | memoryview) -> None:
         store = await self._snapshot_store()
         await store.put(project, _ChunkReader(payload))
 
@@ -105,7 +105,7 @@ class _ChunkReader(io.BufferedIOBase):
     would copy the whole payload on the event loop: ~240 MB, and as much fresh memory, for a
     200,000-item snapshot."""
 
-    def __init__(self, payload: bytes | bytearray) -> None:
+    def __init__(self, payload: bytes | bytearray | memoryview) -> None:
         super().__init__()
         self._view = memoryview(payload)
         self._at = 0
