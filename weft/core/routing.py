@@ -20,6 +20,7 @@ A boundary rule comes from the `RoutingPolicy`; boundaries without a rule accept
 from __future__ import annotations
 
 import functools
+import heapq
 import math
 from collections import defaultdict
 from collections.abc import Collection, Container, Iterable, Mapping, Sequence
@@ -474,41 +475,63 @@ def plan_assignments(
         for cap in set(agent["capabilities"]):
             by_capability[cap].append((agent, slot))
 
-    candidates: list[tuple[float, datetime, str, Record]] = []
-    aging = policy.aging_per_minute
+    # Items by class first: a class no agent can serve, or whose agents are all full (capacity
+    # only shrinks within a plan), gives each of its items its reason without ordering them. Only
+    # the rest are ordered, lazily (a heap), and only until every class among them is full: a
+    # backlog of 30,000 items no agent can take costs a pass (~55 ms here), not a sort (130-200 ms).
+    by_class: dict[tuple[str, str, str | None, str | None], list[Record]] = defaultdict(list)
     for item in state.work_in("pending"):
-        wid = item["id"]
         retry_at = item.get("retryAt")
         if retry_at and _parse_ts(retry_at) > now:
+            wid = item["id"]
             plan.waiting[wid] = f"retry backoff until {retry_at}"
             plan.codes[wid] = "backoff"
             continue
-        offered = _parse_ts(item["offeredAt"])
-        waited_min = max(0.0, (now - offered).total_seconds() / 60.0)
-        candidates.append((-(float(item["priority"]) + waited_min * aging), offered, wid, item))
-    candidates.sort(key=lambda c: (c[0], c[1], c[2]))
-
-    classes: dict[tuple[str, str, str | None, str | None], _Class] = {}
-    for _neg, _offered, wid, item in candidates:
         ckey = (item["capability"], item["boundary"], item.get("requiredAgentType") or None,
                 item.get("preferredAgentType") or None)
-        cls = classes.get(ckey)
-        if cls is None:
-            cls = classes[ckey] = _build_class(ckey, by_capability, policy, unresponsive_caps)
-        chosen = None if cls.reason is not None or cls.exhausted else _best(cls)
+        by_class[ckey].append(item)
+
+    aging = policy.aging_per_minute
+    heap: list[tuple[float, datetime, str, Record, _Class]] = []
+    open_classes = 0
+    for ckey, items in by_class.items():
+        cls = _build_class(ckey, by_capability, policy, unresponsive_caps)
+        if cls.reason is None and _best(cls) is None:
+            cls.exhausted = True
+        if cls.reason is not None or cls.exhausted:
+            for item in items:
+                _wait(plan, item["id"], cls, spinning)
+            continue
+        open_classes += 1
+        for item in items:
+            offered = _parse_ts(item["offeredAt"])
+            waited_min = max(0.0, (now - offered).total_seconds() / 60.0)
+            heap.append((-(float(item["priority"]) + waited_min * aging), offered, item["id"], item, cls))
+    heapq.heapify(heap)  # (effective priority, offeredAt, id): ids are unique, so nothing ties
+
+    while heap and open_classes:
+        _neg, _offered, wid, item, cls = heapq.heappop(heap)
+        chosen = None if cls.exhausted else _best(cls)
         if chosen is not None:
             chosen.load += 1
             plan.assignments.append((wid, chosen.guid))
             continue
-        if cls.reason is None:
+        if not cls.exhausted:
             cls.exhausted = True
-        if wid in spinning:
-            plan.waiting[wid] = "spin-up in progress"
-            plan.codes[wid] = "spin-up"
-        else:
-            plan.waiting[wid] = cls.reason or "all eligible agents busy"
-            plan.codes[wid] = cls.code or "busy"
+            open_classes -= 1
+        _wait(plan, wid, cls, spinning)
+    for _neg, _offered, wid, _item, cls in heap:  # every class is full now
+        _wait(plan, wid, cls, spinning)
     return plan
+
+
+def _wait(plan: Plan, wid: str, cls: _Class, spinning: Container[str]) -> None:
+    if wid in spinning:
+        plan.waiting[wid] = "spin-up in progress"
+        plan.codes[wid] = "spin-up"
+    else:
+        plan.waiting[wid] = cls.reason or "all eligible agents busy"
+        plan.codes[wid] = cls.code or "busy"
 
 
 def _build_class(
