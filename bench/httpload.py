@@ -10,9 +10,13 @@ responses with a Content-Length (aiohttp's `web.Response` always sends one).
 from __future__ import annotations
 
 import asyncio
+import base64
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import orjson
 
 
 class HttpLoadError(RuntimeError):
@@ -157,3 +161,44 @@ async def run(
         for c in conns:
             if c.transport is not None:
                 c.transport.close()
+
+
+async def run_in_process(
+    host: str, port: int, request: bytes, n: int, concurrency: int, *, time_limit_s: float, warmup: int = 0,
+) -> tuple[Outcome, float, bool]:
+    """`run` in a process of its own (`python -m bench.httpload`), so the load generator takes no
+    time from the event loop of the process that measures (nor shares its GIL)."""
+    job = {"host": host, "port": port, "request": base64.b64encode(request).decode(), "n": n,
+           "concurrency": concurrency, "time_limit_s": time_limit_s, "warmup": warmup}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.httpload", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out_b, err_b = await asyncio.wait_for(proc.communicate(orjson.dumps(job)), time_limit_s + 120)
+    if proc.returncode != 0:
+        raise HttpLoadError(f"load generator exited with {proc.returncode}: {err_b.decode(errors='replace')[-300:]}")
+    res = orjson.loads(out_b)
+    outcome = Outcome(res["latencies_ms"], {int(k): v for k, v in res["statuses"].items()}, res["first_error"],
+                      res["done"])
+    return outcome, res["seconds"], res["time_bounded"]
+
+
+def main() -> int:
+    job = orjson.loads(sys.stdin.buffer.read())
+    try:
+        out, seconds, bounded = asyncio.run(run(
+            job["host"], job["port"], base64.b64decode(job["request"]), job["n"], job["concurrency"],
+            time_limit_s=job["time_limit_s"], warmup=job["warmup"],
+        ))
+    except (OSError, HttpLoadError) as err:
+        print(f"{type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    sys.stdout.buffer.write(orjson.dumps({
+        "latencies_ms": out.latencies_ms, "statuses": {str(k): v for k, v in out.statuses.items()},
+        "first_error": out.first_error, "done": out.done, "seconds": seconds, "time_bounded": bounded,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,8 +33,10 @@ async def publish_pipelined(
     messages: Iterable[tuple[str, bytes, dict[str, str] | None]],
     *,
     time_limit_s: float,
+    in_flight: int | None = None,
 ) -> Timed:
-    """publish_async every message, then publish_async_completed; failed acks are counted.
+    """publish_async every message, then publish_async_completed; failed acks are counted. With
+    `in_flight`, at most that many await their acks (the oldest is awaited before the next send).
 
     nats-py 2.16 raises (instead of setting the future's exception) when an ack carries an API
     error, so a rejected message leaves its future pending forever: that surfaces here as the
@@ -56,9 +59,14 @@ async def publish_pipelined(
         # No wait_stall: with one, every publish_async awaits a timed semaphore acquire, yielding to
         # the flusher, which then writes one message per socket send (~10x slower client side).
         async with asyncio.timeout(time_limit_s):
+            window: collections.deque[asyncio.Future[api.PubAck]] = collections.deque()
             for subject, payload, headers in messages:
+                if in_flight is not None and len(window) >= in_flight:
+                    await asyncio.wait([window.popleft()])
                 fut = await js.publish_async(subject, payload, headers=headers)
                 fut.add_done_callback(on_done)
+                if in_flight is not None:
+                    window.append(fut)
                 count += 1
             await js.publish_async_completed()
     except TimeoutError:
@@ -182,7 +190,46 @@ async def replay_ordered_iter(
     return Timed(count, elapsed)
 
 
-async def fresh_stream(js: JetStreamContext, name: str, subjects: list[str]) -> None:
+async def publish_batched(
+    nc: NATS, subjects: list[str], payload: bytes, n: int, *, batch: int = 64, in_flight: int = 4,
+    time_limit_s: float,
+) -> Timed:
+    """n messages as JetStream atomic batches (ADR-50, what weft's group commit sends) of `batch`,
+    `in_flight` batches at a time: each batch is its messages published with the batch headers
+    and a request on the last (the commit), answered once the whole batch is stored. The stream
+    must allow atomic publishes (`fresh_stream(..., atomic=True)`)."""
+    errors = 0
+    sent = 0
+    ids = iter(range(1 << 62))
+
+    async def one(size: int) -> None:
+        nonlocal errors
+        batch_id = f"b{next(ids):x}"
+        for i in range(1, size + 1):
+            headers = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i)}
+            subject = subjects[i % len(subjects)]
+            if i < size:
+                await nc.publish(subject, payload, headers=headers)
+            else:
+                headers["Nats-Batch-Commit"] = "1"
+                reply = await nc.request(subject, payload, timeout=10, headers=headers)
+                if b'"error"' in reply.data or b'"seq"' not in reply.data:
+                    errors += 1
+
+    async def worker() -> None:
+        nonlocal sent
+        while sent < n:
+            size = min(batch, n - sent)
+            sent += size
+            await one(size)
+
+    start = time.perf_counter()
+    async with asyncio.timeout(time_limit_s):
+        await asyncio.gather(*(worker() for _ in range(in_flight)))
+    return Timed(n, time.perf_counter() - start, errors)
+
+
+async def fresh_stream(js: JetStreamContext, name: str, subjects: list[str], *, atomic: bool = False) -> None:
     try:
         await js.delete_stream(name)
     except Exception:
@@ -194,5 +241,6 @@ async def fresh_stream(js: JetStreamContext, name: str, subjects: list[str]) -> 
             retention=api.RetentionPolicy.LIMITS,
             storage=api.StorageType.FILE,
             num_replicas=1,
+            allow_atomic=atomic or None,
         )
     )

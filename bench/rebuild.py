@@ -59,7 +59,7 @@ class TimedSnapshots(SnapshotStore):
         self.peak_rss_after_fetch_mb = peak_rss_mb()
         return raw
 
-    async def save_snapshot(self, project: str, payload: bytes | bytearray) -> None:
+    async def save_snapshot(self, project: str, payload: bytes | bytearray | memoryview) -> None:
         t = time.perf_counter()
         await super().save_snapshot(project, payload)
         self.save_s += time.perf_counter() - t

@@ -37,6 +37,7 @@ class RestResult:
     first_error: str = ""
     concurrency: int = 0
     time_bounded: bool = False
+    cpu_ms_per_request: float | None = None  # the weft serve process's CPU (user + system) per request
 
     @property
     def rate(self) -> float:
@@ -49,12 +50,25 @@ class RestResult:
         return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
+SERVED_PIDS: dict[str, int] = {}  # base URL -> pid of the `weft serve` behind it (for its CPU time)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (Linux /proc), None if unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def weft_binary() -> Path:
     return Path(sys.executable).parent / "weft"
 
 
 @contextlib.asynccontextmanager
-async def weft_serve(nats_url: str, work_dir: Path, *, profile_to: Path | None = None):  # type: ignore[no-untyped-def]
+async def weft_serve(nats_url: str, work_dir: Path, *, profile_to: Path | None = None,  # type: ignore[no-untyped-def]
+                     extra_env: dict[str, str] | None = None, ready_s: float = 30.0):
     """`weft serve` against the bench's server; with `profile_to`, under cProfile (weft handles
     SIGTERM by shutting down cleanly, so the profile gets written)."""
     exe = weft_binary()
@@ -73,6 +87,7 @@ async def weft_serve(nats_url: str, work_dir: Path, *, profile_to: Path | None =
         LOG_LEVEL="warning",
         WEFT_DATA_DIR=str(work_dir / "weft-data"),
     )
+    env.update(extra_env or {})
     log_path = work_dir / "weft-serve.log"
     with log_path.open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
@@ -81,9 +96,11 @@ async def weft_serve(nats_url: str, work_dir: Path, *, profile_to: Path | None =
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        await _wait_healthy(proc, base, log_path)
+        await _wait_healthy(proc, base, log_path, ready_s)
+        SERVED_PIDS[base] = proc.pid
         yield base
     finally:
+        SERVED_PIDS.pop(base, None)
         await _stop(proc)
 
 
@@ -95,11 +112,11 @@ def _log_tail(path: Path, lines: int = 3) -> str:
     return " | ".join(t.strip() for t in text[-lines:])
 
 
-async def _wait_healthy(proc: asyncio.subprocess.Process, base: str, log_path: Path) -> None:
-    deadline = time.monotonic() + 30.0
+async def _wait_healthy(proc: asyncio.subprocess.Process, base: str, log_path: Path, limit_s: float = 30.0) -> None:
+    deadline = time.monotonic() + limit_s
     timeout = aiohttp.ClientTimeout(total=2.0)
     async with aiohttp.ClientSession(timeout=timeout) as http:
-        for _ in range(300):  # bounded: 300 tries, 30 s
+        for _ in range(int(limit_s * 10)):  # bounded: limit_s at 10 tries a second
             if proc.returncode is not None:
                 raise NotReady(f"weft serve exited with {proc.returncode}: {_log_tail(log_path)}")
             try:
@@ -111,7 +128,7 @@ async def _wait_healthy(proc: asyncio.subprocess.Process, base: str, log_path: P
             if time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.1)
-    raise NotReady(f"GET /health not 200 within 30s: {_log_tail(log_path)}")
+    raise NotReady(f"GET /health not 200 within {limit_s:.0f}s: {_log_tail(log_path)}")
 
 
 async def _stop(proc: asyncio.subprocess.Process) -> None:
@@ -137,12 +154,18 @@ async def fire(base: str, n: int, concurrency: int, *, time_limit_s: float = 45.
         {"X-Weft-Project": project, "Content-Type": "application/json"},
     )
     try:
-        out, seconds, bounded = await httpload.run(
+        pid = SERVED_PIDS.get(base)
+        cpu_before = cpu_seconds(pid) if pid else None
+        out, seconds, bounded = await httpload.run_in_process(
             host, port, request, n, concurrency, time_limit_s=time_limit_s, warmup=min(20, n)
         )
+        cpu_after = cpu_seconds(pid) if pid else None
     except (OSError, httpload.HttpLoadError) as err:
         raise NotReady(f"load generator failed: {err}") from err
     res = RestResult(concurrency=concurrency, seconds=seconds, time_bounded=bounded)
+    if cpu_before is not None and cpu_after is not None and out.done:
+        # Includes the warm-up's few requests: within the /proc tick (10 ms) on thousands of requests.
+        res.cpu_ms_per_request = (cpu_after - cpu_before) * 1000 / out.done
     res.latencies_ms = out.latencies_ms
     res.statuses = {str(k): v for k, v in out.statuses.items()}
     res.ok = sum(v for k, v in out.statuses.items() if 200 <= k < 300)

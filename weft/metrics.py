@@ -55,7 +55,7 @@ log = logging.getLogger("weft.metrics")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 MAX_VALUES = 50  # distinct client-chosen label values (capability, agent type, ...) per project
 OTHER = "_other"
-LOOP_LAG_INTERVAL_S = 0.5  # how often the event-loop probe schedules itself
+LOOP_LAG_INTERVAL_S = 0.1  # how often the event-loop probe schedules itself: a stall of 0.1 s is always seen
 
 # Bucket bounds (seconds) for fast operations (appends, HTTP, loop lag) and for work (wait, run).
 FAST_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
