@@ -96,7 +96,7 @@ async def weft_serve(nats_url: str, work_dir: Path, *, profile_to: Path | None =
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        await _wait_healthy(proc, base, log_path, ready_s)
+        await wait_healthy(base, ready_s, proc=proc, log_path=log_path)
         SERVED_PIDS[base] = proc.pid
         yield base
     finally:
@@ -104,7 +104,9 @@ async def weft_serve(nats_url: str, work_dir: Path, *, profile_to: Path | None =
         await _stop(proc)
 
 
-def _log_tail(path: Path, lines: int = 3) -> str:
+def _log_tail(path: Path | None, lines: int = 3) -> str:
+    if path is None:
+        return ""
     try:
         text = path.read_text(errors="replace").strip().splitlines()
     except OSError:
@@ -112,15 +114,17 @@ def _log_tail(path: Path, lines: int = 3) -> str:
     return " | ".join(t.strip() for t in text[-lines:])
 
 
-async def _wait_healthy(proc: asyncio.subprocess.Process, base: str, log_path: Path, limit_s: float = 30.0) -> None:
+async def wait_healthy(base: str, limit_s: float, path: str = "/health", proc: asyncio.subprocess.Process | None = None,
+                       log_path: Path | None = None) -> None:
+    """Until GET `path` answers 200 (bounded: `limit_s` at 10 tries a second); NotReady otherwise."""
     deadline = time.monotonic() + limit_s
     timeout = aiohttp.ClientTimeout(total=2.0)
     async with aiohttp.ClientSession(timeout=timeout) as http:
         for _ in range(int(limit_s * 10)):  # bounded: limit_s at 10 tries a second
-            if proc.returncode is not None:
+            if proc is not None and proc.returncode is not None:
                 raise NotReady(f"weft serve exited with {proc.returncode}: {_log_tail(log_path)}")
             try:
-                async with http.get(base + "/health") as resp:
+                async with http.get(base + path) as resp:
                     if resp.status == 200:
                         return
             except (aiohttp.ClientError, TimeoutError):
@@ -128,7 +132,7 @@ async def _wait_healthy(proc: asyncio.subprocess.Process, base: str, log_path: P
             if time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.1)
-    raise NotReady(f"GET /health not 200 within {limit_s:.0f}s: {_log_tail(log_path)}")
+    raise NotReady(f"GET {path} not 200 within {limit_s:.0f}s: {_log_tail(log_path)}")
 
 
 async def _stop(proc: asyncio.subprocess.Process) -> None:

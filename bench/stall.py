@@ -9,7 +9,6 @@ shows it; `weft_event_loop_lag_seconds` (a timer every 0.1 s) shows it from insi
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,16 +84,6 @@ def fork_times(log_path: Path) -> list[float]:
     return out
 
 
-async def wait_ready(base: str, limit_s: float) -> None:
-    async with aiohttp.ClientSession() as http:
-        for _ in range(int(limit_s * 10)):  # bounded
-            async with http.get(base + "/health/ready") as resp:
-                if resp.status == 200:
-                    return
-            await asyncio.sleep(0.1)  # polling a readiness endpoint, bounded
-    raise rest.NotReady(f"/health/ready not 200 within {limit_s:.0f} s")
-
-
 async def run_mode(url: str, work_dir: Path, mode: str, items_before: int, requests: int,
                    concurrency: int) -> StallResult:
     # Info as JSON: the replica's "snapshot encoded in a child" lines carry the loop's share (fork_ms).
@@ -103,7 +92,7 @@ async def run_mode(url: str, work_dir: Path, mode: str, items_before: int, reque
     res = StallResult(mode, items_before)
     (work_dir / mode).mkdir(parents=True, exist_ok=True)
     async with rest.weft_serve(url, work_dir / mode, extra_env=env, ready_s=120.0) as base:
-        await wait_ready(base, 120.0)
+        await rest.wait_healthy(base, 120.0, "/health/ready")  # the backlog folded
         before = await scrape(base)
         out = await rest.fire(base, requests, concurrency, time_limit_s=120.0, project=PROJECT)
         after = await scrape(base)

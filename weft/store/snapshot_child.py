@@ -48,10 +48,10 @@ class ChildFailed(RuntimeError):
 
 @dataclass
 class ForkedEncoding:
-    """A finished encoding: `payload` (the snapshot object's bytes) is a view of `buffer`."""
+    """A finished encoding: `payload` (the snapshot object's bytes) and `index` are views of the
+    child's file mapped read-only, which they keep alive."""
 
     cut: SnapshotCut
-    buffer: mmap.mmap
     payload: memoryview
     items_end: int
     index: memoryview  # `projections.worktable.pack_index`'s
@@ -100,7 +100,7 @@ class ForkedEncoder:
         finally:
             self._close()
         view = memoryview(buffer)
-        return ForkedEncoding(self.cut, buffer, view[:payload_len], items_end, view[payload_len:])
+        return ForkedEncoding(self.cut, view[:payload_len], items_end, view[payload_len:])
 
     def _close(self) -> None:
         for fd in (self._fd, self._read):
