@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -192,3 +193,49 @@ async def api(weft_service: WeftService, project: str) -> AsyncIterator[Api]:
     client = await make_client(weft_service)
     yield Api(client, project, weft_service)
     await client.close()
+
+
+# --- a hung test says where it hangs ---------------------------------------------------------------
+
+# Seconds before pytest-timeout's limit at which a still-running test's asyncio tasks are printed:
+# pytest-timeout dumps threads only, and a hung await shows there as the loop idling in select().
+TASK_DUMP_LEAD_S = 10.0
+
+
+def _dump_asyncio_tasks(nodeid: str) -> None:
+    """Print every pending task's coroutine stack to stderr. Runs on a timer thread while the test's
+    loop is stuck awaiting: the suspended frames it reads do not move meanwhile."""
+    for _ in range(3):  # the task set may change size while it is copied
+        try:
+            # every loop's tasks (all_tasks() wants the loop's own thread)
+            tasks = [t for t in list(vars(asyncio.tasks)["_all_tasks"]) if not t.done()]
+            break
+        except RuntimeError:
+            continue
+    else:
+        return
+    out = sys.__stderr__ or sys.stderr
+    print(f"\n+++ {nodeid}: {len(tasks)} pending asyncio tasks, {TASK_DUMP_LEAD_S:.0f} s before the timeout +++",
+          file=out)
+    for task in tasks:
+        try:
+            task.print_stack(limit=12, file=out)
+        except Exception as err:  # a frame that moved under us: the rest are still worth printing
+            print(f"{task!r}: {err}", file=out)
+    out.flush()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    marker = item.get_closest_marker("timeout")
+    limit = float(marker.args[0]) if marker and marker.args else float(item.config.getini("timeout") or 0)
+    timer = None
+    if limit > TASK_DUMP_LEAD_S:
+        timer = threading.Timer(limit - TASK_DUMP_LEAD_S, _dump_asyncio_tasks, args=(item.nodeid,))
+        timer.daemon = True
+        timer.start()
+    try:
+        yield
+    finally:
+        if timer is not None:
+            timer.cancel()

@@ -197,6 +197,42 @@ async def test_a_replica_attached_when_ready_is_caught_up(
     assert view.state.seq >= seq
 
 
+async def test_a_replica_is_ready_when_the_streams_last_messages_were_deleted(
+    store: EventStore, project: str, replicas: ReplicaFactory
+) -> None:
+    """An operator's `nats stream rmm` of the last message, or a purge, leaves the stream's last_seq
+    on a message that is never delivered: start-up waited for it forever."""
+    seq = await append_work(store, project, 3)
+    await store.js.delete_msg(stream_name(project), seq)
+    purged = f"{project}p"
+    await append_work(store, purged, 2)
+    await store.js.purge_stream(stream_name(purged))
+    replica = await replicas(start=True)
+    await replica.wait_ready(WAIT)
+    assert replica.ready
+    assert replica.views[project].state.seq == seq - 1 and set(replica.views[project].state.work) == {"w0", "w1"}
+    assert [ev.seq for ev in await read_all(store, project)] == [1, 2]
+    assert await read_all(store, purged) == []
+
+
+async def test_while_waiting_for_the_backlog_start_up_says_where_each_project_is(
+    store: EventStore, project: str, replicas: ReplicaFactory, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(readmodel_module, "CATCH_UP_REPORT_S", 0.05)
+    await append_work(store, project, 2)
+    replica = await replicas(start=True)
+    await replica.wait_ready(WAIT)
+    view = replica.views[project]
+    view.caught_up.clear()  # as if the tail had stopped short of the stream's end
+    view.target_seq = 99
+    with pytest.raises(TimeoutError):
+        await replica.wait_ready(0.3)
+    reports = [r for r in caplog.records if r.name == "weft.store.readmodel" and r.getMessage().startswith("still")]
+    assert reports and all(getattr(r, "project", None) == project for r in reports)
+    assert reports[0].getMessage() == "still catching up: at seq 2 of 99 (1 projects behind)"
+
+
 # --- optimistic concurrency through the view ----------------------------------------------
 
 

@@ -111,7 +111,7 @@ class EventStore:
     def stream_config(self, project: str) -> api.StreamConfig:
         return api.StreamConfig(
             name=stream_name(project),
-            subjects=[f"weft.{project}.ev.>"],
+            subjects=[self.stream_subject(project)],
             retention=api.RetentionPolicy.LIMITS,
             storage=api.StorageType.FILE,
             num_replicas=self.replicas,
@@ -121,15 +121,32 @@ class EventStore:
             allow_atomic=True,  # group commit (weft.store.groupcommit); ignored by servers before 2.12
         )
 
+    @staticmethod
+    def stream_subject(project: str) -> str:
+        return f"weft.{project}.ev.>"
+
     async def stream_exists(self, project: str) -> bool:
         return await self.resources.stream_exists(stream_name(project))
 
     async def last_seq(self, project: str) -> int:
+        """The sequence of the stream's last message: the point a reader of the whole stream reaches.
+        A deleted message is never delivered, so the stream's `last_seq` is no such point when the
+        last one was deleted (`nats stream rmm`) or all were (a purge): a view waiting for it would
+        never catch up. In those cases the last message still there counts (0 if none)."""
+        name = stream_name(project)
         try:
-            info = await self.js.stream_info(stream_name(project))
+            info = await self.js.stream_info(name)
         except nats.js.errors.NotFoundError:
             return 0
-        return int(info.state.last_seq)
+        state = info.state
+        if not state.messages:
+            return 0
+        if not state.num_deleted:
+            return int(state.last_seq)
+        try:
+            return int((await self.js.get_last_msg(name, self.stream_subject(project))).seq or 0)
+        except nats.js.errors.NotFoundError:  # deleted meanwhile
+            return 0
 
     async def msg_id_at(self, project: str, seq: int) -> str | None:
         """The Nats-Msg-Id (event id) of the message at `seq`, or None if there is none."""

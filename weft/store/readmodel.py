@@ -29,6 +29,8 @@ log = logging.getLogger("weft.store.readmodel")
 
 Listener = Callable[[Event, ProjectState], None]
 REBUILD_GC_PAUSE_LIMIT_S = 300.0
+CATCH_UP_REPORT_S = 10.0  # how often a start-up that waits for the backlog says where it is
+CATCH_UP_REPORT_MAX = 5  # projects named per report
 
 
 class ProjectView:
@@ -173,10 +175,25 @@ class ReadModel:
                 self._tasks.spawn(self.attach(project))
 
     async def wait_ready(self, timeout: float | None = None) -> None:
-        """Wait until every project known at start has been folded up to its last sequence then."""
-        await asyncio.wait_for(
-            asyncio.gather(*(v.caught_up.wait() for v in list(self.views.values()))), timeout
-        )
+        """Wait until every project known at start has been folded up to its last sequence then.
+        Every `CATCH_UP_REPORT_S` meanwhile, logs which projects are behind and where they are: a
+        rebuild of a long stream shows its progress, one that stopped moving shows where."""
+        views = list(self.views.values())
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while pending := [v for v in views if not v.caught_up.is_set()]:
+            step = CATCH_UP_REPORT_S if deadline is None else min(CATCH_UP_REPORT_S, deadline - loop.time())
+            if step <= 0:
+                raise TimeoutError(f"{len(pending)} projects not caught up")
+            waiter = asyncio.ensure_future(asyncio.gather(*(v.caught_up.wait() for v in pending)))
+            try:
+                await asyncio.wait({waiter}, timeout=step)
+            finally:
+                waiter.cancel()
+            behind = [v for v in pending if not v.caught_up.is_set()]
+            for v in behind[:CATCH_UP_REPORT_MAX]:
+                log.warning("still catching up: at seq %d of %d (%d projects behind)", v.state.seq, v.target_seq,
+                            len(behind), extra={"project": v.project, "seq": v.state.seq, "target_seq": v.target_seq})
 
     @property
     def ready(self) -> bool:
