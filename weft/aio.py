@@ -5,22 +5,29 @@ asyncio loop for aiohttp and nats-py in make bench; WEFT_UVLOOP=0 keeps plain as
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 
-async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
-    """Cancel a background task and wait until it has finished, whatever it raised."""
-    if task is None or task.done():
-        if task is not None and not task.cancelled():
-            task.exception()  # retrieve it, so asyncio does not log "never retrieved"
+CANCEL_RETRY_S = 0.5  # how often `cancel_and_wait` repeats a cancellation the task did not act on
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None, *, retry_s: float = CANCEL_RETRY_S) -> None:
+    """Cancel a background task and wait until it has finished, whatever it raised.
+
+    The cancellation is repeated while the task runs on: on Python 3.11 an `asyncio.wait_for`
+    inside it (nats-py's requests use one) can swallow a cancellation that arrives just as its
+    inner await completes (gh-86296), and a task that then goes on to wait for the next message
+    would keep a shutdown waiting forever (seen in CI: a lease watcher, `cancelling` for 110 s)."""
+    if task is None:
         return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=retry_s)
+    if not task.cancelled():
+        task.exception()  # retrieve it, so asyncio does not log "never retrieved"
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> bool:
@@ -54,9 +61,7 @@ class TaskSet:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def cancel(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await self.wait()
+        await asyncio.gather(*(cancel_and_wait(task) for task in list(self._tasks)))
 
 
 def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:

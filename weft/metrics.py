@@ -27,7 +27,6 @@ the rest are reported as `_other`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import weakref
@@ -45,6 +44,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from projections.events import Event, parse_ts
 from projections.state import ProjectState
+from weft.aio import cancel_and_wait
 
 # No `_created` series next to each prometheus_client counter and histogram: OpenTelemetry's
 # exporter writes none, and they would double the hot instruments' series.
@@ -247,10 +247,7 @@ class Metrics:
     async def stop(self) -> None:
         """Stop the event-loop probe (what `start` started)."""
         task, self._loop_task = self._loop_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         # The provider stays: a service may start again, and its registry is its own (nothing global
         # to unregister); it goes with the service.
 

@@ -62,7 +62,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from projections.events import is_valid_project_id
-from weft.aio import wait_event
+from weft.aio import cancel_and_wait, wait_event
 from weft.stamps import utc_now
 from weft.store.resources import JetStreamResources, resources_of
 
@@ -452,10 +452,7 @@ class LeaderElector:
             with contextlib.suppress(*TRANSIENT):
                 await sub.unsubscribe()
         for t in (task, watch, probe):
-            if t is not None:
-                t.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
+            await cancel_and_wait(t)
         async with self._round_lock:
             for project in list(self._leases):
                 await self._transition(project, None)
